@@ -1,0 +1,7 @@
+"""The op layer: validated entry points that fold parameters and pick a backend."""
+from .activation import ACTIVATIONS, apply_activation
+from .conv import conv_bias_act, conv_bn_act, conv_bn_act_maxpool
+from .pool import adaptive_avg_pool2d, avg_pool2d, global_avg_pool, max_pool2d
+
+__all__ = ["ACTIVATIONS", "adaptive_avg_pool2d", "apply_activation", "avg_pool2d", "conv_bias_act", "conv_bn_act",
+           "conv_bn_act_maxpool", "global_avg_pool", "max_pool2d"]

@@ -1,0 +1,97 @@
+"""Pooling: max pool (padding, dilation 1, ceil_mode), average pool, adaptive /
+global average pool. NHWC in and out.
+
+Backend implementations are registered per op name with these signatures
+(arguments already validated, sizes already computed):
+  "max_pool2d":          fn(x, kernel, stride, padding, ceil_mode, out_hw) -> Tensor
+  "avg_pool2d":          fn(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw) -> Tensor
+  "adaptive_avg_pool2d": fn(x, out_hw) -> Tensor          (global pooling is out_hw == (1, 1))
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_activation_tensor, pair
+from ._registry import get_impl, register_impl
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """torch's rule, including ceil_mode's "last window must start inside the padded input"."""
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def _check_window(x, kernel, stride, padding):
+    check_activation_tensor(x)
+    if min(kernel) < 1 or min(stride) < 1:
+        raise ValueError(f"kernel_size and stride must be >= 1, got {kernel} and {stride}")
+    if min(padding) < 0 or padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise ValueError(f"padding must be between 0 and half the kernel size {kernel}, got {padding}")
+
+
+def _window_args(x, kernel_size, stride, padding, ceil_mode):
+    kernel = pair(kernel_size, "kernel_size")
+    stride = kernel if stride is None or stride == [] else pair(stride, "stride")
+    padding = pair(padding, "padding")
+    _check_window(x, kernel, stride, padding)
+    out_hw = tuple(pool_output_size(s, k, st, p, bool(ceil_mode))
+                   for s, k, st, p in zip(x.shape[2:], kernel, stride, padding))
+    if min(out_hw) < 1:
+        raise ValueError(f"input spatial size {tuple(x.shape[2:])} is too small for a {kernel} pool "
+                         f"with padding {padding}")
+    return kernel, stride, padding, out_hw
+
+
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False) -> Tensor:
+    kernel, stride, padding, out_hw = _window_args(x, kernel_size, stride, padding, ceil_mode)
+    _, impl = get_impl("max_pool2d", x.device)
+    return impl(x, kernel, stride, padding, bool(ceil_mode), out_hw)
+
+
+def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True) -> Tensor:
+    kernel, stride, padding, out_hw = _window_args(x, kernel_size, stride, padding, ceil_mode)
+    _, impl = get_impl("avg_pool2d", x.device)
+    return impl(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), out_hw)
+
+
+def adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
+    check_activation_tensor(x)
+    if isinstance(output_size, (tuple, list)) and any(s is None for s in output_size):
+        output_size = tuple(x.shape[2 + i] if s is None else s for i, s in enumerate(output_size))
+    out_hw = pair(output_size, "output_size")
+    if min(out_hw) < 1:
+        raise ValueError(f"output_size must be >= 1, got {out_hw}")
+    _, impl = get_impl("adaptive_avg_pool2d", x.device)
+    return impl(x, out_hw)
+
+
+def global_avg_pool(x: Tensor) -> Tensor:
+    """Mean over H and W: (N, C, H, W) -> (N, C, 1, 1)."""
+    return adaptive_avg_pool2d(x, (1, 1))
+
+
+# --- torch backend ------------------------------------------------------------------------
+
+def _nhwc(y: Tensor) -> Tensor:
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+@register_impl("max_pool2d", "torch")
+def _torch_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw):
+    return _nhwc(F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode))
+
+
+@register_impl("avg_pool2d", "torch")
+def _torch_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw):
+    return _nhwc(F.avg_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad))
+
+
+@register_impl("adaptive_avg_pool2d", "torch")
+def _torch_adaptive_avg_pool2d(x, out_hw):
+    return _nhwc(F.adaptive_avg_pool2d(x, out_hw))

@@ -1,0 +1,146 @@
+"""Convolution + bias + activation (+ residual) as an implicit GEMM over NHWC.
+
+GEMM view, per group g:  out[m, n] = sum_k A[m, k] * B[k, n]
+  m = (batch, oh, ow) output pixel,  n = output channel of group g,
+  k = (kh, kw, c) with c an input channel of group g.
+A is gathered from the input on the fly (no im2col buffer); B is the folded
+weight, logical OIHW with any strides (stored channels_last so c is contiguous).
+Every tensor is addressed through its strides, so the input may be NCHW or
+NHWC and the output may be a channel slice of a larger tensor.
+The group index is the third grid axis: grouped and depthwise convolutions are
+the same kernel with G > 1.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRETED
+from .activation import apply_activation
+
+
+@triton.jit
+def _conv_bias_act_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    N, H, W, C_IN_G, OH, OW, C_OUT_G,
+    sxn, sxc, sxh, sxw,
+    swo, swc, swh, sww,
+    srn, src, srh, srw,
+    son, soc, soh, sow,
+    out_c_offset,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    slope,
+    KH: tl.constexpr, KW: tl.constexpr,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    M = N * OH * OW
+    # Grouped launch order along m keeps a band of weight tiles hot in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_OUT_G, BLOCK_N)
+    pids_in_band = GROUP_M * num_pid_n
+    band = pid // pids_in_band
+    first_m = band * GROUP_M
+    band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_in_band) % band_m
+    pid_n = (pid % pids_in_band) // band_m
+    g = tl.program_id(1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < C_OUT_G
+
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    nb = offs_m // (OW * OH)
+    x_row = nb.to(tl.int64) * sxn + (g * C_IN_G) * sxc
+    oc = g * C_OUT_G + offs_n
+    w_col = oc.to(tl.int64) * swo
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in range(KH):
+        ih = oh * stride_h - pad_h + kh * dil_h
+        row_ok_h = mask_m & (ih >= 0) & (ih < H)
+        for kw in range(KW):
+            iw = ow * stride_w - pad_w + kw * dil_w
+            row_ok = row_ok_h & (iw >= 0) & (iw < W)
+            a_row = x_row + ih * sxh + iw * sxw
+            b_col = w_col + kh * swh + kw * sww
+            for c0 in range(0, C_IN_G, BLOCK_K):
+                c = c0 + offs_k
+                c_ok = c < C_IN_G
+                a = tl.load(x_ptr + a_row[:, None] + c[None, :] * sxc,
+                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + b_col[None, :] + c[:, None] * swc,
+                            mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    acc += tl.load(bias_ptr + oc, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        r_off = nb.to(tl.int64) * srn + oh * srh + ow * srw
+        res = tl.load(res_ptr + r_off[:, None] + oc[None, :] * src, mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    acc = apply_activation(acc, ACT, slope)
+    o_off = nb.to(tl.int64) * son + oh * soh + ow * sow
+    o_ptrs = out_ptr + o_off[:, None] + (out_c_offset + oc)[None, :] * soc
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _block_config(m: int, c_out_g: int, c_in_g: int) -> dict:
+    """One fixed config per problem shape (no autotuning under the interpreter,
+    where each program instance costs milliseconds, so blocks are big)."""
+    if INTERPRETED:
+        return dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_N=_pow2_clamp(c_out_g, 16, 128),
+                    BLOCK_K=_pow2_clamp(c_in_g, 16, 128), GROUP_M=8, num_warps=4, num_stages=1)
+    block_n = _pow2_clamp(c_out_g, 16, 128)
+    block_k = _pow2_clamp(c_in_g, 16, 64)
+    block_m = 128 if m >= 4096 else 64
+    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                num_warps=warps, num_stages=3 if block_k <= 32 else 2)
+
+
+def _launchable(kernel):
+    """wrap_triton makes a launch traceable by torch.compile; interpreted kernels
+    (and older torch that rejects them) are launched directly."""
+    if INTERPRETED:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
+                       act_code, slope, residual, out, out_c_offset, input_precision):
+    """Launch the kernel: writes act(conv(x, weight) + bias [+ residual]) into
+    out[:, out_c_offset : out_c_offset + C_out]. Shapes are validated by the op layer."""
+    n, c_in, h, w = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    oh, ow = out.shape[2], out.shape[3]
+    c_out_g = c_out // groups
+    m = n * oh * ow
+    if m == 0 or c_out == 0:
+        return out
+    cfg = _block_config(m, c_out_g, c_in_g)
+    res = residual if residual is not None else out  # never read when HAS_RES is False
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups)
+    _launchable(_conv_bias_act_kernel)[grid](
+        x, weight, bias, res, out,
+        n, h, w, c_in_g, oh, ow, c_out_g,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
+        res.stride(0), res.stride(1), res.stride(2), res.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        out_c_offset,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        float(slope),
+        KH=kh, KW=kw, ACT=act_code, HAS_RES=residual is not None,
+        INPUT_PRECISION=input_precision, **cfg,
+    )
+    return out
