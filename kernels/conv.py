@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
+from . import INTERPRETED, launcher
 from .activation import apply_activation
 
 
@@ -108,14 +108,6 @@ def _block_config(m: int, c_out_g: int, c_in_g: int) -> dict:
                 num_warps=warps, num_stages=3 if block_k <= 32 else 2)
 
 
-def _launchable(kernel):
-    """wrap_triton makes a launch traceable by torch.compile; interpreted kernels
-    (and older torch that rejects them) are launched directly."""
-    if INTERPRETED:
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
 def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
                        act_code, slope, residual, out, out_c_offset, input_precision):
     """Launch the kernel: writes act(conv(x, weight) + bias [+ residual]) into
@@ -130,7 +122,7 @@ def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
     cfg = _block_config(m, c_out_g, c_in_g)
     res = residual if residual is not None else out  # never read when HAS_RES is False
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups)
-    _launchable(_conv_bias_act_kernel)[grid](
+    launcher(_conv_bias_act_kernel, out)[grid](
         x, weight, bias, res, out,
         n, h, w, c_in_g, oh, ow, c_out_g,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),

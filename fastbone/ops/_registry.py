@@ -40,3 +40,4 @@ def get_impl(op: str, device: torch.device) -> tuple[str, Callable]:
         have = sorted(b for (o, b) in _IMPLS if o == op)
         raise NotImplementedError(
             f"fastbone op {op!r} has no {backend!r} implementation; available: {', '.join(have)}") from None
+

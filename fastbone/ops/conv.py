@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
-from fastbone.kernels import conv as triton_conv
+from fastbone.kernels import conv as triton_conv, kernel_op
 from ._checks import check_activation_tensor, check_kernel_dtype, check_same_device, pair
 from .._backend import resolve_backend
 from ._registry import find_impl, get_impl, register_impl
@@ -108,20 +108,23 @@ def _input_precision(x: Tensor) -> str:
     return "ieee"
 
 
-@torch.library.triton_op("fastbone::triton_conv_bias_act", mutates_args=())
+def _conv_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    oh = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    ow = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return new_activation(x.shape[0], weight.shape[0], oh, ow, x)
+
+
+@kernel_op("fastbone::triton_conv_bias_act", mutates_args=())
 def triton_conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
                          dilation: list[int], groups: int, act: int, slope: float,
                          residual: Optional[Tensor]) -> Tensor:
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    out = new_activation(x.shape[0], weight.shape[0], oh, ow, x)
+    out = _conv_output(x, weight, stride, padding, dilation)
     triton_conv.conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups, act, slope,
                                    residual, out, 0, _input_precision(x))
     return out
 
 
-@torch.library.triton_op("fastbone::triton_conv_bias_act_into", mutates_args=("out",))
+@kernel_op("fastbone::triton_conv_bias_act_into", mutates_args=("out",))
 def triton_conv_bias_act_into(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
                               dilation: list[int], groups: int, act: int, slope: float,
                               residual: Optional[Tensor], out: Tensor, out_channel_offset: int) -> None:
