@@ -1,0 +1,288 @@
+"""conv_bias_act / conv_bn_act: the Triton kernel (through the interpreter on CPU,
+natively on CUDA) against float64 torch references."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastbone
+from fastbone.ops import conv_bias_act, conv_bn_act
+from fastbone.ops.activation import ACTIVATIONS, apply_activation
+from helpers import poisoned_like, rel_err
+
+# Relative-error bounds. float32: the interpreter's dot is exact fp32, so only
+# summation order differs from the float64 reference. float16: the output is
+# rounded to fp16 (2^-11 relative) after fp32 accumulation of fp16-exact inputs.
+# bfloat16 (GPU only): output rounding at 2^-8.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups): non-square,
+# sizes that are no multiple of any block, C_in and C_out over one block, M over one block.
+SHAPES = [
+    (1, 3, 17, 13, 10, (7, 7), 2, 3, 1, 1),        # stem-like, 3 input channels
+    (2, 5, 9, 11, 7, (3, 3), 1, 1, 1, 1),
+    (2, 24, 19, 15, 40, (1, 1), 1, 0, 1, 1),       # 1x1, M = 570 spans several row blocks
+    (2, 12, 11, 9, 18, (3, 3), 2, 1, 1, 3),        # grouped
+    (1, 6, 12, 10, 6, (3, 3), 1, 2, 2, 6),         # depthwise, dilated
+    (2, 19, 8, 9, 33, (1, 3), (2, 1), (0, 1), 1, 1),  # rectangular kernel, per-axis stride/padding
+    (1, 130, 6, 5, 150, (3, 3), 1, 1, 1, 1),       # C_in and C_out over one block each
+]
+
+
+def _shape_id(s):
+    return "n{}c{}h{}w{}o{}k{}s{}p{}d{}g{}".format(*s).replace(" ", "").replace("(", "").replace(")", "").replace(",", "x")
+
+
+def _random_conv(shape, dtype, device="cpu", channels_last=True):
+    n, c_in, h, w, c_out, k, stride, pad, dil, groups = shape
+    x = torch.randn(n, c_in, h, w, device=device).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c_out, c_in // groups, *k, device=device) / (c_in // groups * k[0] * k[1]) ** 0.5).to(dtype)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(c_out, device=device)
+    return x, weight, bias, dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+
+
+def _reference(x, weight, bias, kw, act="identity", residual=None, slope=0.1):
+    y = F.conv2d(x.double(), weight.double(), bias.double(), kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
+    if residual is not None:
+        y = y + residual.double()
+    return apply_activation(y, act, slope)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_triton_conv_matches_float64(shape, dtype):
+    x, weight, bias, kw = _random_conv(shape, dtype)
+    with fastbone.backend("triton"):
+        out = conv_bias_act(x, weight, bias, act="relu", **kw)
+    ref = _reference(x, weight, bias, kw, "relu")
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_triton_conv_every_activation(act, with_residual):
+    shape = (2, 7, 10, 9, 12, (3, 3), 1, 1, 1, 1)
+    x, weight, bias, kw = _random_conv(shape, torch.float32, channels_last=False)  # NCHW input works too
+    residual = torch.randn(2, 12, 10, 9).contiguous(memory_format=torch.channels_last) if with_residual else None
+    with fastbone.backend("triton"):
+        out = conv_bias_act(x, weight, bias, act=act, slope=0.2, residual=residual, **kw)
+    ref = _reference(x, weight, bias, kw, act, residual, slope=0.2)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_channel_slice_output_leaves_other_channels(backend):
+    shape = (2, 9, 7, 11, 13, (3, 3), 2, 1, 1, 1)
+    x, weight, bias, kw = _random_conv(shape, torch.float32)
+    out = poisoned_like((2, 20, 4, 6), torch.float32)
+    out[:, :4] = 1.5
+    out[:, 17:] = -2.5
+    with fastbone.backend(backend):
+        returned = conv_bias_act(x, weight, bias, act="silu", out=out, out_channel_offset=4, **kw)
+    assert returned is out
+    assert rel_err(out[:, 4:17], _reference(x, weight, bias, kw, "silu")) < TOL[torch.float32]
+    assert torch.all(out[:, :4] == 1.5) and torch.all(out[:, 17:] == -2.5)
+
+
+def _random_bn(c, eps=1e-5):
+    bn = nn.BatchNorm2d(c, eps=eps)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.2, 3.0)
+        bn.weight.normal_(1, 0.3)
+        bn.bias.normal_(0, 0.3)
+    return bn.eval()
+
+
+@pytest.mark.parametrize("conv_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])
+def test_conv_bn_act_folds_batchnorm(conv_bias, eps):
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=conv_bias)
+    bn = _random_bn(10, eps)
+    x = torch.randn(2, 6, 13, 9)
+    with fastbone.backend("triton"):
+        out = conv_bn_act(x, conv, bn, "relu6")
+    ref = F.relu6(bn.double()(conv.double()(x.double())))
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_fold_cache_follows_parameter_updates():
+    conv, bn = nn.Conv2d(4, 8, 3, padding=1, bias=False), _random_bn(8)
+    x = torch.randn(1, 4, 6, 7)
+    with fastbone.backend("triton"):
+        first = conv_bn_act(x, conv, bn, "identity")
+        with torch.no_grad():
+            bn.running_var.mul_(4.0)          # in-place: version bump
+        second = conv_bn_act(x, conv, bn, "identity")
+        conv.load_state_dict({"weight": torch.randn_like(conv.weight)})
+        third = conv_bn_act(x, conv, bn, "identity")
+    assert not torch.allclose(first, second) and not torch.allclose(second, third)
+    ref = bn.double()(conv.double()(x.double()))
+    assert rel_err(third, ref) < TOL[torch.float32]
+
+
+def test_fold_large_running_var_in_float16():
+    # A running_var over float16's max (65504) must be folded in float32, not overflow to inf.
+    conv, bn = nn.Conv2d(4, 8, 3, padding=1, bias=False), _random_bn(8)
+    with torch.no_grad():
+        bn.running_var[:4] = 1e6
+        conv.weight.mul_(100.0)
+    x = torch.randn(1, 4, 9, 8).half()
+    with fastbone.backend("triton"):
+        out = conv_bn_act(x, conv, bn, "identity")
+    weight_fp16 = conv.weight.detach().half().double()
+    ref = bn.double()(F.conv2d(x.double(), weight_fp16, None, 1, 1))
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_fold_refuses_batchnorm_without_running_stats():
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="running statistics"):
+        conv_bn_act(torch.randn(1, 3, 5, 5), conv, bn)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_nan_in_input_propagates(backend):
+    x, weight, bias, kw = _random_conv((1, 4, 9, 9, 5, (3, 3), 1, 1, 1, 1), torch.float32)
+    x[0, 2, 4, 4] = float("nan")
+    with fastbone.backend(backend):
+        out = conv_bias_act(x, weight, bias, act="relu", **kw)
+    nan = torch.isnan(out)
+    assert nan[0, :, 3:6, 3:6].all()                       # every output that reads the NaN pixel
+    assert nan.sum() == 5 * 9                               # ...and no other
+    ref = _reference(torch.nan_to_num(x), weight, bias, kw, "relu")
+    assert rel_err(out[~nan], ref[~nan]) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch_gives_empty_output(backend):
+    x, weight, bias, kw = _random_conv((0, 4, 9, 7, 5, (3, 3), 2, 1, 1, 1), torch.float32)
+    with fastbone.backend(backend):
+        out = conv_bias_act(x, weight, bias, **kw)
+    assert out.shape == (0, 5, 5, 4)
+
+
+BAD_INPUTS = [
+    ("3-D input", dict(x=torch.randn(4, 9, 9)), ValueError, "4-D"),
+    ("int dtype", dict(x=torch.ones(1, 4, 9, 9, dtype=torch.int32)), TypeError, "float32, float16, bfloat16"),
+    ("wrong channels", dict(x=torch.randn(1, 5, 9, 9)), ValueError, "5 channels but the convolution expects 4"),
+    ("device mismatch", dict(weight=torch.randn(6, 4, 3, 3, device="meta")), ValueError, "meta"),
+    ("input too small", dict(x=torch.randn(1, 4, 1, 1), padding=0), ValueError, "too small"),
+    ("bad bias", dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
+    ("bad residual", dict(residual=torch.randn(1, 6, 3, 3)), ValueError, "residual has shape"),
+    ("slice too narrow", dict(out=torch.empty(1, 7, 9, 9), out_channel_offset=2), ValueError, "to hold channels"),
+    ("bad activation", dict(act="gelu"), ValueError, "unknown activation 'gelu'"),
+    ("bad stride", dict(stride=0), ValueError, "stride must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_refused_with_a_clear_error(case, backend):
+    _, overrides, exc, message = case
+    args = dict(x=torch.randn(1, 4, 9, 9), weight=torch.randn(6, 4, 3, 3), bias=torch.randn(6), padding=1)
+    args.update(overrides)
+    with fastbone.backend(backend), pytest.raises(exc, match=message):
+        conv_bias_act(**args)
+
+
+def test_float64_is_refused_by_the_kernel_backend_only():
+    x, weight, bias, kw = _random_conv((1, 3, 6, 6, 4, (3, 3), 1, 1, 1, 1), torch.float64)
+    with fastbone.backend("triton"), pytest.raises(TypeError, match="use the torch backend"):
+        conv_bias_act(x, weight, bias, **kw)
+    with fastbone.backend("torch"):
+        assert rel_err(conv_bias_act(x, weight, bias, **kw), _reference(x, weight, bias, kw)) < 1e-12
+
+
+def test_opcheck_triton_ops():
+    x, weight, bias, kw = _random_conv((2, 5, 7, 6, 9, (3, 3), 1, 1, 1, 1), torch.float32)
+    args = (x, weight, bias, [1, 1], [1, 1], [1, 1], 1, ACTIVATIONS["relu"], 0.1, None)
+    torch.library.opcheck(torch.ops.fastbone.triton_conv_bias_act.default, args)
+    residual = torch.randn(2, 9, 7, 6).contiguous(memory_format=torch.channels_last)
+    out = poisoned_like((2, 12, 7, 6), torch.float32)
+    torch.library.opcheck(torch.ops.fastbone.triton_conv_bias_act_into.default,
+                          args[:-1] + (residual, out, 2))
+
+
+def test_backend_selection():
+    assert fastbone.get_backend() == "auto"
+    with fastbone.backend("triton"):
+        assert fastbone.get_backend() == "triton"
+        with fastbone.backend("torch"):
+            assert fastbone.get_backend() == "torch"
+        assert fastbone.get_backend() == "triton"
+    assert fastbone.get_backend() == "auto"
+    with pytest.raises(ValueError, match="expected one of auto, triton, cuda, torch"):
+        fastbone.set_backend("tensorrt")
+    fastbone.set_backend("triton")
+    try:
+        assert fastbone.get_backend() == "triton"
+    finally:
+        fastbone.set_backend("auto")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_through_triton_op():
+    conv, bn = nn.Conv2d(5, 11, 3, padding=1), _random_bn(11)
+    x = torch.randn(2, 5, 9, 7)
+
+    def block(x):
+        y = conv_bn_act(x, conv, bn, "relu")
+        return conv_bn_act(y, conv2, None, "identity", residual=y)
+
+    conv2 = nn.Conv2d(11, 11, 1)
+    with fastbone.backend("triton"):
+        compiled = torch.compile(block, fullgraph=True)(x)
+        eager = block(x)
+    ref = conv2.double()(F.relu(bn.double()(conv.double()(x.double()))))
+    ref = ref + F.relu(bn.double()(conv.double()(x.double())))
+    assert rel_err(compiled, ref) < TOL[torch.float32]
+    assert torch.equal(compiled, eager)
+
+
+# --- CUDA: the same checks at ResNet-50 layer sizes -------------------------------------------------
+
+GPU_SHAPES = [
+    (32, 3, 224, 224, 64, (7, 7), 2, 3, 1, 1),
+    (32, 64, 56, 56, 64, (3, 3), 1, 1, 1, 1),
+    (32, 256, 56, 56, 128, (1, 1), 1, 0, 1, 1),
+    (32, 128, 56, 56, 128, (3, 3), 2, 1, 1, 1),
+    (32, 512, 14, 14, 1024, (1, 1), 1, 0, 1, 1),
+    (7, 96, 17, 23, 72, (3, 3), 1, 2, 2, 4),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_shape_id)
+def test_gpu_triton_conv_matches_float64(shape, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 stays IEEE
+    x, weight, bias, kw = _random_conv(shape, dtype, device="cuda")
+    n, c_out = shape[0], shape[4]
+    residual = None
+    with fastbone.backend("triton"):
+        probe = conv_bias_act(x, weight, bias, **kw)
+        residual = torch.randn_like(probe)
+        out = poisoned_like((n, c_out + 8, *probe.shape[2:]), dtype, "cuda")
+        conv_bias_act(x, weight, bias, act="relu", residual=residual, out=out, out_channel_offset=5, **kw)
+    ref = _reference(x, weight, bias, kw, "relu", residual)
+    assert rel_err(out[:, 5:5 + c_out], ref) < TOL[dtype]
+    assert torch.isnan(out[:, :5]).all() and torch.isnan(out[:, 5 + c_out:]).all()
+
+
+@pytest.mark.gpu
+def test_gpu_float32_follows_allow_tf32(monkeypatch):
+    x, weight, bias, kw = _random_conv((8, 256, 28, 28, 256, (3, 3), 1, 1, 1, 1), torch.float32, device="cuda")
+    ref = _reference(x, weight, bias, kw)
+    with fastbone.backend("triton"):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        ieee = rel_err(conv_bias_act(x, weight, bias, **kw), ref)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+        tf32 = rel_err(conv_bias_act(x, weight, bias, **kw), ref)
+    assert ieee < 1e-5 < tf32 < 5e-3
