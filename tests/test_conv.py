@@ -286,3 +286,9 @@ def test_gpu_float32_follows_allow_tf32(monkeypatch):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
         tf32 = rel_err(conv_bias_act(x, weight, bias, **kw), ref)
     assert ieee < 1e-5 < tf32 < 5e-3
+
+
+def test_bfloat16_on_the_interpreter_is_refused():
+    x, weight, bias, kw = _random_conv((1, 3, 6, 6, 4, (3, 3), 1, 1, 1, 1), torch.bfloat16)
+    with fastbone.backend("triton"), pytest.raises(TypeError, match="bfloat16 needs a CUDA device"):
+        conv_bias_act(x, weight, bias, **kw)

@@ -28,6 +28,10 @@ def check_kernel_dtype(x: torch.Tensor, backend: str) -> None:
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"the {backend} backend runs float32, float16 and bfloat16; got {x.dtype} "
                         "(use the torch backend for other dtypes)")
+    if backend == "triton" and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        # Triton's interpreter gives silently wrong bfloat16 dots (DESIGN.md): refuse rather than mislead.
+        raise TypeError("the triton backend on CPU (Triton's interpreter) runs float32 and float16 only; "
+                        "bfloat16 needs a CUDA device, or use the torch backend")
 
 
 def check_same_device(x: torch.Tensor, **others) -> None:

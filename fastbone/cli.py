@@ -1,0 +1,101 @@
+"""The `fastbone` command: `fastbone verify` and `fastbone list`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ._backend import BACKENDS
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_verify(args) -> int:
+    from tqdm import tqdm
+
+    from .registry import list_models
+    from .verify import verify_model
+
+    names = args.models or list_models()
+    known = set(list_models())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"fastbone verify: unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+              file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("fastbone verify: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    size = args.size or (64 if args.device == "cpu" else 224)
+    print(f"fastbone verify: {len(names)} model(s), backend={args.backend}, device={args.device}, "
+          f"dtype={args.dtype}, input {args.batch}x3x{size}x{size}; reference in float64 on the CPU")
+    results = []
+    for name in tqdm(names, desc="verify", unit="model", file=sys.stderr, disable=args.quiet):
+        results.append(verify_model(name, backend=args.backend, device=args.device, size=size,
+                                    batch=args.batch, dtype=args.dtype, seed=args.seed))
+    rows = [[r.model, r.backend, r.dtype, f"{r.max_abs_err:.3g}", f"{r.rel_err:.3g}", f"{r.tolerance:.0e}",
+             "pass" if r.passed else "FAIL", f"{r.seconds:.2f}s"] for r in results]
+    print(_table(["model", "backend", "dtype", "max abs err", "rel err", "tolerance", "result", "time"], rows))
+    for r in results:
+        if r.error:
+            print(f"{r.model}: {r.error}", file=sys.stderr)
+    failed = [r.model for r in results if not r.passed]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_list(args) -> int:
+    from .flops import count_macs, count_parameters
+    from .registry import list_models, model_info
+
+    rows = []
+    for name in list_models():
+        info = model_info(name)
+        with torch.device("meta"):
+            model = info.builder()
+        rows.append([name, f"{count_parameters(model) / 1e6:.2f}M",
+                     f"{count_macs(model, info.default_input_size) / 1e9:.2f}G",
+                     str(info.default_input_size), info.reference])
+    print(_table(["model", "params", "MACs", "input", "reference"], rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastbone", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="check models against their references")
+    v.add_argument("models", nargs="*", help="model names (default: every model)")
+    v.add_argument("--backend", choices=[b for b in BACKENDS if b != "auto"], default="triton")
+    v.add_argument("--device", default=_default_device(), help="cpu or cuda[:N] (default: cuda if present)")
+    v.add_argument("--size", type=int, default=None, help="input height and width (default 64 on CPU, 224 on CUDA)")
+    v.add_argument("--batch", type=int, default=2)
+    v.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_verify)
+    ls = sub.add_parser("list", help="every model with its size, work and reference")
+    ls.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "verify":
+        if args.size is not None and args.size < 32:
+            build_parser().error("--size must be at least 32 (the backbones downsample by 32)")
+        if args.batch < 1:
+            build_parser().error("--batch must be at least 1")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

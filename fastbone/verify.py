@@ -1,0 +1,89 @@
+"""Numerical agreement of fastbone's models with their references.
+
+The reference (torchvision, else timm, else our eager model) and fastbone get the
+same random weights and randomised BatchNorm statistics; the reference runs in
+float64 on the CPU, fastbone in the requested dtype, device and backend.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import fastbone
+from .registry import create_model, model_info
+
+# Relative error ||out - ref|| / ||ref|| of the logits that counts as agreement. float32
+# differs from the float64 reference only by summation order over ~50-150 layers; float16 and
+# bfloat16 round every activation (2^-11, 2^-8 relative) and the errors compound with depth.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 8e-2}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class VerifyResult:
+    model: str
+    backend: str
+    device: str
+    dtype: str
+    max_abs_err: float
+    rel_err: float
+    tolerance: float
+    seconds: float
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.rel_err <= self.tolerance
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
+    """Give every BatchNorm non-trivial statistics and affine parameters, so that
+    folding is really exercised (fresh BNs fold to the identity)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=generator) * 0.4 + 0.8)
+                    m.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+
+
+def reference_pair(name: str, seed: int = 0, **kwargs) -> tuple[nn.Module, nn.Module]:
+    """(reference, fastbone model) with identical random weights, both in eval mode."""
+    torch.manual_seed(seed)
+    reference = model_info(name).reference_builder(**kwargs)
+    randomize_batchnorm(reference, torch.Generator().manual_seed(seed + 1))
+    model = create_model(name, **kwargs)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    return reference.eval(), model.eval()
+
+
+def verify_model(name: str, *, backend: str = "triton", device: str = "cpu", size: int = 64, batch: int = 2,
+                 dtype: str = "float32", seed: int = 0) -> VerifyResult:
+    torch_dtype = DTYPES[dtype]
+    result = VerifyResult(name, backend, device, dtype, float("nan"), float("nan"), TOLERANCE[torch_dtype], 0.0)
+    try:
+        reference, model = reference_pair(name, seed)
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 2))
+        with torch.no_grad():
+            expected = reference.double()(x.double())
+            del reference
+            model = model.to(device=device, dtype=torch_dtype)
+            x_run = x.to(device=device, dtype=torch_dtype)
+            with fastbone.backend(backend):
+                start = time.perf_counter()
+                out = model(x_run)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                result.seconds = time.perf_counter() - start
+        out = out.double().cpu()
+        result.max_abs_err = (out - expected).abs().max().item()
+        result.rel_err = ((out - expected).norm() / expected.norm()).item()
+    except Exception as e:  # one model's failure is reported in the table, not a crash of the run
+        result.error = f"{type(e).__name__}: {e}"
+    return result
