@@ -94,18 +94,21 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _block_config(m: int, c_out_g: int, c_in_g: int) -> dict:
-    """One fixed config per problem shape (no autotuning under the interpreter,
-    where each program instance costs milliseconds, so blocks are big)."""
+def _block_config(m: int, c_out_g: int, c_in_g: int, elem_bytes: int = 2) -> dict:
+    """One fixed config per problem shape. Under the interpreter each program instance
+    costs milliseconds, so blocks are big and there is no autotuning. On the GPU the
+    pipelined tiles must fit ~96 KiB of shared memory (sm_86/sm_89 allow 99 KiB)."""
     if INTERPRETED:
         return dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_N=_pow2_clamp(c_out_g, 16, 128),
                     BLOCK_K=_pow2_clamp(c_in_g, 16, 128), GROUP_M=8, num_warps=4, num_stages=1)
     block_n = _pow2_clamp(c_out_g, 16, 128)
-    block_k = _pow2_clamp(c_in_g, 16, 64)
+    block_k = _pow2_clamp(c_in_g, 16, 64 if elem_bytes <= 2 else 32)
     block_m = 128 if m >= 4096 else 64
+    stages = 3 if block_k <= 32 else 2
+    while stages > 1 and stages * (block_m + block_n) * block_k * elem_bytes > 96 * 1024:
+        stages -= 1
     warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                num_warps=warps, num_stages=3 if block_k <= 32 else 2)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
 def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
@@ -119,7 +122,7 @@ def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
     m = n * oh * ow
     if m == 0 or c_out == 0:
         return out
-    cfg = _block_config(m, c_out_g, c_in_g)
+    cfg = _block_config(m, c_out_g, c_in_g, x.element_size())
     res = residual if residual is not None else out  # never read when HAS_RES is False
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups)
     launcher(_conv_bias_act_kernel, out)[grid](
