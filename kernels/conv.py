@@ -29,7 +29,7 @@ def _conv_bias_act_kernel(
     out_c_offset,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     slope,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
     ACT: tl.constexpr, HAS_RES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -61,22 +61,40 @@ def _conv_bias_act_kernel(
     w_col = oc.to(tl.int64) * swo
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
-        ih = oh * stride_h - pad_h + kh * dil_h
-        row_ok_h = mask_m & (ih >= 0) & (ih < H)
-        for kw in range(KW):
-            iw = ow * stride_w - pad_w + kw * dil_w
-            row_ok = row_ok_h & (iw >= 0) & (iw < W)
-            a_row = x_row + ih * sxh + iw * sxw
-            b_col = w_col + kh * swh + kw * sww
-            for c0 in range(0, C_IN_G, BLOCK_K):
-                c = c0 + offs_k
-                c_ok = c < C_IN_G
-                a = tl.load(x_ptr + a_row[:, None] + c[None, :] * sxc,
-                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + b_col[None, :] + c[:, None] * swc,
-                            mask=c_ok[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if FLAT_K:
+        # Few input channels (the stem's 3, depthwise's 1): one K axis over (kh, kw, c),
+        # decoded per element, so a block is not mostly padding of a tiny channel count.
+        k_total = KH * KW * C_IN_G
+        for k0 in range(0, k_total, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < k_total
+            c = k % C_IN_G
+            kw_ = (k // C_IN_G) % KW
+            kh_ = k // (C_IN_G * KW)
+            ih = oh[:, None] * stride_h - pad_h + kh_[None, :] * dil_h
+            iw = ow[:, None] * stride_w - pad_w + kw_[None, :] * dil_w
+            a_ok = mask_m[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_ptr + x_row[:, None] + ih * sxh + iw * sxw + c[None, :] * sxc, mask=a_ok, other=0.0)
+            b_off = kh_ * swh + kw_ * sww + c * swc
+            b = tl.load(w_ptr + w_col[None, :] + b_off[:, None], mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        for kh in range(KH):
+            ih = oh * stride_h - pad_h + kh * dil_h
+            row_ok_h = mask_m & (ih >= 0) & (ih < H)
+            for kw in range(KW):
+                iw = ow * stride_w - pad_w + kw * dil_w
+                row_ok = row_ok_h & (iw >= 0) & (iw < W)
+                a_row = x_row + ih * sxh + iw * sxw
+                b_col = w_col + kh * swh + kw * sww
+                for c0 in range(0, C_IN_G, BLOCK_K):
+                    c = c0 + offs_k
+                    c_ok = c < C_IN_G
+                    a = tl.load(x_ptr + a_row[:, None] + c[None, :] * sxc,
+                                mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                    b = tl.load(w_ptr + b_col[None, :] + c[:, None] * swc,
+                                mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     acc += tl.load(bias_ptr + oc, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -94,21 +112,29 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _block_config(m: int, c_out_g: int, c_in_g: int, elem_bytes: int = 2) -> dict:
-    """One fixed config per problem shape. Under the interpreter each program instance
-    costs milliseconds, so blocks are big and there is no autotuning. On the GPU the
-    pipelined tiles must fit ~96 KiB of shared memory (sm_86/sm_89 allow 99 KiB)."""
+# Below this many input channels per group the K loop runs over (kh, kw, c) flattened.
+FLAT_K_MAX_CHANNELS = 16
+
+
+def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: int = 2) -> dict:
+    """One fixed config per problem shape. Under the interpreter each program instance and
+    each loop step costs milliseconds whatever the block size, so blocks are as big as the
+    problem allows and there is no autotuning. On the GPU the pipelined tiles must fit
+    ~96 KiB of shared memory (sm_86/sm_89 allow 99 KiB)."""
+    flat_k = c_in_g < FLAT_K_MAX_CHANNELS
+    k_extent = c_in_g * k_area if flat_k else c_in_g
     if INTERPRETED:
-        return dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_N=_pow2_clamp(c_out_g, 16, 128),
-                    BLOCK_K=_pow2_clamp(c_in_g, 16, 128), GROUP_M=8, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_N=_pow2_clamp(c_out_g, 16, 256),
+                    BLOCK_K=_pow2_clamp(k_extent, 16, 256), GROUP_M=8, FLAT_K=flat_k, num_warps=4, num_stages=1)
     block_n = _pow2_clamp(c_out_g, 16, 128)
-    block_k = _pow2_clamp(c_in_g, 16, 64 if elem_bytes <= 2 else 32)
+    block_k = _pow2_clamp(k_extent, 16, 64 if elem_bytes <= 2 else 32)
     block_m = 128 if m >= 4096 else 64
     stages = 3 if block_k <= 32 else 2
     while stages > 1 and stages * (block_m + block_n) * block_k * elem_bytes > 96 * 1024:
         stages -= 1
     warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, FLAT_K=flat_k,
+                num_warps=warps, num_stages=stages)
 
 
 def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
@@ -122,7 +148,7 @@ def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
     m = n * oh * ow
     if m == 0 or c_out == 0:
         return out
-    cfg = _block_config(m, c_out_g, c_in_g, x.element_size())
+    cfg = _block_config(m, c_out_g, c_in_g, kh * kw, x.element_size())
     res = residual if residual is not None else out  # never read when HAS_RES is False
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups)
     launcher(_conv_bias_act_kernel, out)[grid](
