@@ -33,23 +33,24 @@ def count_macs(model: nn.Module, input_size: int, in_chans: int = 3) -> int:
 
     def on_conv(mod, inputs, output):
         nonlocal macs
-        macs += conv_macs(mod.in_channels, mod.out_channels, mod.kernel_size, tuple(output.shape[2:]), mod.groups)
+        macs += conv_macs(mod.in_channels, mod.out_channels, mod.kernel_size, tuple(output.shape[2:]), mod.groups) * output.shape[0]
 
     def on_linear(mod, inputs, output):
         nonlocal macs
-        macs += mod.in_features * mod.out_features * (output.numel() // output.shape[-1] // output.shape[0])
+        macs += mod.in_features * mod.out_features * (output.numel() // output.shape[-1])
 
     meta = _meta_copy(model)
+    batch = 2  # train-mode BatchNorm needs more than one value per channel on 1x1 maps
     hooks = [m.register_forward_hook(on_conv if isinstance(m, nn.Conv2d) else on_linear)
              for m in meta.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         meta.train()
         with torch.no_grad():
-            meta(torch.empty(1, in_chans, input_size, input_size, device="meta"))
+            meta(torch.empty(batch, in_chans, input_size, input_size, device="meta"))
     finally:
         for h in hooks:
             h.remove()
-    return macs
+    return macs // batch
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:

@@ -59,7 +59,3 @@ def kernel_op(name: str, *, mutates_args):
         return op
     return deco
 
-
-def launcher(kernel, *tensors):
-    """`launchable(kernel)`; the tensors are accepted for callers that name the output."""
-    return launchable(kernel)

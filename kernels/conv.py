@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, launcher
+from . import INTERPRETED, launchable
 from .activation import apply_activation
 
 
@@ -151,7 +151,7 @@ def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
     cfg = _block_config(m, c_out_g, c_in_g, kh * kw, x.element_size())
     res = residual if residual is not None else out  # never read when HAS_RES is False
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups)
-    launcher(_conv_bias_act_kernel, out)[grid](
+    launchable(_conv_bias_act_kernel)[grid](
         x, weight, bias, res, out,
         n, h, w, c_in_g, oh, ow, c_out_g,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),

@@ -6,6 +6,11 @@ Backend implementations are registered per op name with these signatures
   "max_pool2d":          fn(x, kernel, stride, padding, ceil_mode, out_hw) -> Tensor
   "avg_pool2d":          fn(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw) -> Tensor
   "adaptive_avg_pool2d": fn(x, out_hw) -> Tensor          (global pooling is out_hw == (1, 1))
+
+Registered operators (torch.library, triton backend; arguments already validated):
+  fastbone::triton_max_pool2d(x, kernel, stride, padding, ceil_mode) -> Tensor
+  fastbone::triton_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad) -> Tensor
+  fastbone::triton_adaptive_avg_pool2d(x, output_size) -> Tensor
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_activation_tensor, pair
+from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
+from fastbone.kernels import kernel_op, pool as triton_pool
+from ._checks import check_activation_tensor, check_kernel_dtype, pair
 from ._registry import get_impl, register_impl
 
 
@@ -67,6 +74,8 @@ def adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
     out_hw = pair(output_size, "output_size")
     if min(out_hw) < 1:
         raise ValueError(f"output_size must be >= 1, got {out_hw}")
+    if min(x.shape[2:]) < 1:
+        raise ValueError(f"adaptive pooling needs a non-empty input, got spatial size {tuple(x.shape[2:])}")
     _, impl = get_impl("adaptive_avg_pool2d", x.device)
     return impl(x, out_hw)
 
@@ -95,3 +104,64 @@ def _torch_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, 
 @register_impl("adaptive_avg_pool2d", "torch")
 def _torch_adaptive_avg_pool2d(x, out_hw):
     return _nhwc(F.adaptive_avg_pool2d(x, out_hw))
+
+
+# --- triton backend -----------------------------------------------------------------------
+
+def _new_output(x: Tensor, out_hw) -> Tensor:
+    return torch.empty((x.shape[0], x.shape[1], out_hw[0], out_hw[1]), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def _window_output(x: Tensor, kernel, stride, padding, ceil_mode) -> Tensor:
+    out_hw = [pool_output_size(s, k, st, p, ceil_mode) for s, k, st, p in zip(x.shape[2:], kernel, stride, padding)]
+    return _new_output(x, out_hw)
+
+
+@kernel_op("fastbone::triton_max_pool2d", mutates_args=())
+def triton_max_pool2d(x: Tensor, kernel: list[int], stride: list[int], padding: list[int],
+                      ceil_mode: bool) -> Tensor:
+    out = _window_output(x, kernel, stride, padding, ceil_mode)
+    triton_pool.max_pool2d_into(x, out, kernel, stride, padding)
+    return out
+
+
+@kernel_op("fastbone::triton_avg_pool2d", mutates_args=())
+def triton_avg_pool2d(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
+                      count_include_pad: bool) -> Tensor:
+    out = _window_output(x, kernel, stride, padding, ceil_mode)
+    triton_pool.avg_pool2d_into(x, out, kernel, stride, padding, count_include_pad)
+    return out
+
+
+@kernel_op("fastbone::triton_adaptive_avg_pool2d", mutates_args=())
+def triton_adaptive_avg_pool2d(x: Tensor, output_size: list[int]) -> Tensor:
+    out = _new_output(x, output_size)
+    triton_pool.adaptive_avg_pool2d_into(x, out)
+    return out
+
+
+def _check_triton_input(x: Tensor) -> None:
+    check_kernel_dtype(x, "triton")
+    if x.device.type == "cpu" and not triton_pool.INTERPRETED:
+        raise RuntimeError("the triton backend got CPU tensors but Triton's interpreter is off "
+                           "(a GPU is present); move the tensors to CUDA or use the torch backend")
+
+
+@register_impl("max_pool2d", "triton")
+def _triton_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw):
+    _check_triton_input(x)
+    return torch.ops.fastbone.triton_max_pool2d(x, list(kernel), list(stride), list(padding), ceil_mode)
+
+
+@register_impl("avg_pool2d", "triton")
+def _triton_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw):
+    _check_triton_input(x)
+    return torch.ops.fastbone.triton_avg_pool2d(x, list(kernel), list(stride), list(padding), ceil_mode,
+                                                count_include_pad)
+
+
+@register_impl("adaptive_avg_pool2d", "triton")
+def _triton_adaptive_avg_pool2d(x, out_hw):
+    _check_triton_input(x)
+    return torch.ops.fastbone.triton_adaptive_avg_pool2d(x, list(out_hw))

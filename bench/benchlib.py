@@ -1,0 +1,309 @@
+"""Shared pieces of fastbone's benchmarks (the pytest microbenchmarks and bench_models.py).
+
+- conv_layers(): every conv layer of a registered model, found by forward hooks on a
+  meta-device forward (no memory, no arithmetic), so shapes are never typed in;
+- clocks and measure(): CUDA-event timing on GPU (perf_counter on CPU), rounds of
+  `iterations` calls on rotating inputs, per-call seconds per round;
+- matmul_rate() / copy_bandwidth(): the two peaks the roofline uses, measured in the run;
+- environment(): the card, versions and date that go into every record.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+import fastbone
+from fastbone.flops import conv_macs, conv_min_bytes
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --- model structure ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One conv layer as the model runs it on a batch of one image."""
+    name: str
+    c_in: int
+    c_out: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+
+    @property
+    def shape_key(self) -> tuple:
+        """What makes two layers the same benchmark (the name does not)."""
+        return (self.c_in, self.c_out, self.kernel, self.stride, self.padding, self.dilation, self.groups,
+                self.in_hw)
+
+    @property
+    def shape_id(self) -> str:
+        """A short readable test id, e.g. 64x256-1x1s1-56x56."""
+        g = f"g{self.groups}" if self.groups != 1 else ""
+        d = f"d{self.dilation[0]}" if self.dilation != (1, 1) else ""
+        return (f"{self.c_in}x{self.c_out}-{self.kernel[0]}x{self.kernel[1]}s{self.stride[0]}{d}{g}"
+                f"-{self.in_hw[0]}x{self.in_hw[1]}")
+
+    def flops(self, batch: int) -> int:
+        """2 * multiply-adds of the convolution (BN and activation are not counted)."""
+        return 2 * batch * conv_macs(self.c_in, self.c_out, self.kernel, self.out_hw, self.groups)
+
+    def min_bytes(self, batch: int, elem_bytes: int) -> int:
+        return conv_min_bytes(batch, self.c_in, self.in_hw, self.c_out, self.kernel, self.out_hw, self.groups,
+                              elem_bytes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def conv_layers(model_name: str, size: int, in_chans: int = 3) -> list[ConvLayer]:
+    """Every nn.Conv2d call of `model_name` on a size x size input, in forward order."""
+    with torch.device("meta"):
+        model = fastbone.create_model(model_name)
+    names = {m: n for n, m in model.named_modules()}
+    found: list[ConvLayer] = []
+
+    def on_conv(mod: nn.Conv2d, inputs, output):
+        if isinstance(mod.padding, str):
+            raise ValueError(f"{names[mod]}: string padding {mod.padding!r} is not handled by the benchmark")
+        found.append(ConvLayer(names[mod], mod.in_channels, mod.out_channels, tuple(mod.kernel_size),
+                               tuple(mod.stride), tuple(mod.padding), tuple(mod.dilation), mod.groups,
+                               tuple(inputs[0].shape[2:]), tuple(output.shape[2:])))
+
+    hooks = [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        model.train()  # the plain torch path calls each nn.Conv2d, so the hooks see every layer
+        with torch.no_grad():
+            # batch 2: train-mode BatchNorm refuses one value per channel (1x1 maps at small sizes)
+            model(torch.empty(2, in_chans, size, size, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def distinct_conv_layers(model_name: str, size: int) -> list[tuple[ConvLayer, list[str]]]:
+    """The distinct conv shapes of a model, first occurrence first, each with the names of
+    all layers that share it."""
+    by_key: dict[tuple, tuple[ConvLayer, list[str]]] = {}
+    for layer in conv_layers(model_name, size):
+        by_key.setdefault(layer.shape_key, (layer, []))[1].append(layer.name)
+    return list(by_key.values())
+
+
+def make_conv_bn(layer: ConvLayer, device, dtype: torch.dtype) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    """Conv (no bias, as in the backbones) + BatchNorm with random, non-trivial running statistics,
+    in eval mode, on `device` in `dtype`, weights channels_last like the activations."""
+    conv = nn.Conv2d(layer.c_in, layer.c_out, layer.kernel, layer.stride, layer.padding, layer.dilation,
+                     layer.groups, bias=False)
+    bn = nn.BatchNorm2d(layer.c_out)
+    with torch.no_grad():
+        bn.running_mean.normal_(0.0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0.0, 0.1)
+    conv = conv.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+    return conv, bn.to(device=device, dtype=dtype).eval()
+
+
+def random_inputs(count: int, batch: int, channels: int, hw: Sequence[int], device, dtype) -> list[torch.Tensor]:
+    return [torch.randn(batch, channels, *hw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            for _ in range(count)]
+
+
+def rotation_count(input_bytes: int, device: torch.device, target_bytes: int = 256 << 20,
+                   lo: int = 2, hi: int = 16) -> int:
+    """How many distinct inputs to cycle through: on GPU enough that together they are
+    several times the L2 cache (so a later call does not find its input cached), within
+    [lo, hi]; on CPU `lo` (timing there is a smoke check, not a measurement)."""
+    if device.type != "cuda":
+        return lo
+    return max(lo, min(hi, math.ceil(target_bytes / max(input_bytes, 1))))
+
+
+class Rotating:
+    """fn(inputs[i]) with i advancing on every call: successive calls read different memory."""
+
+    def __init__(self, fn: Callable, inputs: Sequence):
+        self.fn, self.inputs, self.i = fn, list(inputs), 0
+
+    def __call__(self):
+        x = self.inputs[self.i]
+        self.i = (self.i + 1) % len(self.inputs)
+        return self.fn(x)
+
+
+# --- timing -------------------------------------------------------------------------------
+
+def cuda_event_clock(device: torch.device) -> Callable[[], float]:
+    """A clock in seconds read off the GPU's own timeline: each reading records a CUDA event
+    and waits for it, and returns its time since an origin event. The difference of two
+    readings is the GPU time of the work enqueued between them (the CUDA-event method)."""
+    with torch.cuda.device(device):
+        origin = torch.cuda.Event(enable_timing=True)
+        origin.record()
+
+    def cuda_event_clock() -> float:
+        with torch.cuda.device(device):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            event.synchronize()
+            return origin.elapsed_time(event) / 1e3
+
+    return cuda_event_clock
+
+
+def clock_for(device: torch.device) -> Callable[[], float]:
+    return cuda_event_clock(device) if device.type == "cuda" else time.perf_counter
+
+
+def measure(fn: Callable[[], object], clock: Callable[[], float], rounds: int, iterations: int = 1,
+            warmup_rounds: int = 0) -> list[float]:
+    """Per-call seconds of each round: a round is `iterations` back-to-back calls between
+    two clock readings (the same scheme as pytest-benchmark's pedantic mode)."""
+    for _ in range(warmup_rounds):
+        for _ in range(iterations):
+            fn()
+    times = []
+    for _ in range(rounds):
+        start = clock()
+        for _ in range(iterations):
+            fn()
+        times.append((clock() - start) / iterations)
+    return times
+
+
+def calibrate_iterations(fn: Callable[[], object], clock: Callable[[], float], min_round_s: float,
+                         max_iterations: int = 1000) -> int:
+    """Calls per round so that one round lasts at least min_round_s (clock resolution and
+    launch jitter then stay small next to the measured time)."""
+    one = statistics.median(measure(fn, clock, rounds=3, iterations=1, warmup_rounds=1))
+    return max(1, min(max_iterations, math.ceil(min_round_s / max(one, 1e-9))))
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def capture_cuda_graphs(fn: Callable, inputs: Sequence[torch.Tensor], warmup: int = 3) -> list[tuple]:
+    """(graph, output) per input: the graph holds fn(input), replaying graph i reruns fn on
+    inputs[i] and rewrites output i (read it right after that replay).
+    Warm-up runs on a side stream first (lazy initialisation, BN folding and Triton
+    compilation must happen before capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            for x in inputs:
+                fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for x in inputs:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fn(x)
+        graphs.append((g, out))
+    torch.cuda.synchronize()
+    return graphs
+
+
+# --- the two peaks of the roofline --------------------------------------------------------
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, rounds: int = 10) -> dict:
+    """FLOP/s of a large square torch.mm in `dtype` (float32 follows cuDNN's TF32 flag, since
+    that is what the convolutions use)."""
+    n = n or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    clock = clock_for(device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        seconds = median(measure(lambda: torch.mm(a, b), clock, rounds=rounds, iterations=1, warmup_rounds=2))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return {"flop_per_s": 2 * n ** 3 / seconds, "n": n, "dtype": str(dtype).replace("torch.", ""),
+            "tf32": bool(dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32)}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, rounds: int = 10) -> dict:
+    """Bytes/s of a large device-to-device tensor copy, counting the read and the write."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (32 << 20))
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    seconds = median(measure(lambda: dst.copy_(src), clock_for(device), rounds=rounds, iterations=1,
+                             warmup_rounds=2))
+    return {"bytes_per_s": 2 * src.numel() * 4 / seconds, "bytes": src.numel() * 4}
+
+
+def roofline_seconds(flops: float, nbytes: float, flop_per_s: float, bytes_per_s: float) -> float:
+    """The least time a layer can take: bound by arithmetic or by memory traffic."""
+    return max(flops / flop_per_s, nbytes / bytes_per_s)
+
+
+# --- what goes into every record ----------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "fastbone": fastbone.__version__,
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), sm_count=props.multi_processor_count,
+                   compute_capability=f"{props.major}.{props.minor}")
+    return env
+
+
+def resolved_backend(requested: str, device: torch.device) -> str:
+    from fastbone._backend import resolve_backend
+
+    with fastbone.backend(requested):
+        return resolve_backend(device)

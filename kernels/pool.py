@@ -1,0 +1,195 @@
+"""Pooling over NHWC activations: max / average pooling with padding and
+ceil_mode, adaptive average pooling, and global average pooling.
+
+Every tensor is addressed through its strides (logical NCHW shape), so the input
+may be NCHW or channels_last; the output is whatever the caller allocated
+(a channels_last tensor from the op layer). Output sizes come from `out`: the
+op layer computes them (ceil_mode only changes the output size; the windows
+themselves are clipped at the padded border, as torch does).
+
+One kernel serves the three windowed pools, parametrised by MODE:
+  max:      windows of KH x KW at stride, padded positions never chosen,
+            a NaN anywhere in a window gives NaN (torch's rule).
+  avg:      sum / divisor, the divisor counts the window clipped at the padded
+            border (count_include_pad) or clipped at the input (not).
+  adaptive: torch's bins, start = floor(i*H/OH), end = ceil((i+1)*H/OH);
+            KH x KW is then the largest bin, smaller bins are masked.
+Global average pooling (output 1x1) has its own kernel: one program reduces
+all H*W positions of a block of channels.
+Sums are in float32; results are stored in the output's dtype.
+"""
+import triton
+import triton.language as tl
+
+from . import INTERPRETED, launchable
+
+# The kernel's MODE (compared as literals inside the kernel).
+MAX, AVG, ADAPTIVE_AVG = 0, 1, 2
+
+
+@triton.jit
+def _window_pool_kernel(
+    x_ptr, out_ptr,
+    C, H, W, OH, OW, P,
+    sxn, sxc, sxh, sxw,
+    son, soc, soh, sow,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    MODE: tl.constexpr, COUNT_INCLUDE_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # MODE: 0 max, 1 avg, 2 adaptive avg. Rows: output pixels (n, oh, ow) flattened,
+    # P = N*OH*OW. Columns: channels (contiguous in NHWC, so loads and stores coalesce).
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < P
+    mask_c = offs_c < C
+    ow = offs_p % OW
+    oh = (offs_p // OW) % OH
+    nb = offs_p // (OW * OH)
+
+    if MODE == 2:
+        h0 = (oh * H) // OH
+        h1 = ((oh + 1) * H + OH - 1) // OH
+        w0 = (ow * W) // OW
+        w1 = ((ow + 1) * W + OW - 1) // OW
+    else:
+        h0 = oh * stride_h - pad_h
+        w0 = ow * stride_w - pad_w
+        # The window ends at the padded border (reached only with ceil_mode).
+        h1 = tl.minimum(h0 + KH, H + pad_h)
+        w1 = tl.minimum(w0 + KW, W + pad_w)
+
+    x_row = nb.to(tl.int64) * sxn
+    x_col = offs_c * sxc
+    if MODE == 0:
+        acc = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for kh in range(KH):
+        ih = h0 + kh
+        ok_h = mask_p & (ih >= 0) & (ih < H) & (ih < h1)
+        for kw in range(KW):
+            iw = w0 + kw
+            ok = ok_h & (iw >= 0) & (iw < W) & (iw < w1)
+            ptrs = x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + x_col[None, :]
+            m = ok[:, None] & mask_c[None, :]
+            if MODE == 0:
+                v = tl.load(ptrs, mask=m, other=float("-inf")).to(tl.float32)
+                # v != v: a NaN is taken and then kept (nothing compares greater).
+                acc = tl.where((v > acc) | (v != v), v, acc)
+            else:
+                acc += tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+
+    if MODE != 0:
+        if MODE == 1 and not COUNT_INCLUDE_PAD:
+            h0 = tl.maximum(h0, 0)
+            w0 = tl.maximum(w0, 0)
+            h1 = tl.minimum(h1, H)
+            w1 = tl.minimum(w1, W)
+        acc = acc / ((h1 - h0) * (w1 - w0)).to(tl.float32)[:, None]
+
+    o_ptrs = out_ptr + (nb.to(tl.int64) * son + oh * soh + ow * sow)[:, None] + (offs_c * soc)[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _global_avg_pool_kernel(
+    x_ptr, out_ptr,
+    C, W, HW, NUM_C_BLOCKS,
+    sxn, sxc, sxh, sxw,
+    son, soc,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nb = pid // NUM_C_BLOCKS
+    offs_c = (pid % NUM_C_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    x_base = x_ptr + nb.to(tl.int64) * sxn
+    x_col = offs_c * sxc
+    acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    for s0 in range(0, HW, BLOCK_HW):
+        s = s0 + tl.arange(0, BLOCK_HW)
+        pos = (s // W) * sxh + (s % W) * sxw
+        m = (s < HW)[:, None] & mask_c[None, :]
+        acc += tl.load(x_base + pos[:, None] + x_col[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / HW
+    tl.store(out_ptr + nb.to(tl.int64) * son + offs_c * soc,
+             mean.to(out_ptr.dtype.element_ty), mask=mask_c)
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+# Under the interpreter each program instance costs milliseconds while a numpy op
+# on a tile of this many elements costs microseconds, so tiles are big.
+_INTERPRETED_TILE = 16384
+
+
+def _tile(rows: int, channels: int) -> tuple[int, int]:
+    """One fixed (rows, channels) block per shape; channels are the contiguous axis."""
+    if INTERPRETED:
+        block_c = _pow2_clamp(channels, 1, 256)
+        return _pow2_clamp(rows, 1, _INTERPRETED_TILE // block_c), block_c
+    block_c = _pow2_clamp(channels, 8, 64)
+    return 2048 // block_c, block_c
+
+
+_NUM_WARPS = 4
+
+
+def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=False):
+    n, c, h, w = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    p = n * oh * ow
+    if out.numel() == 0:
+        return out
+    block_p, block_c = _tile(p, c)
+    grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
+    launchable(_window_pool_kernel)[grid](
+        x, out,
+        c, h, w, oh, ow, p,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        stride[0], stride[1], padding[0], padding[1],
+        KH=kernel[0], KW=kernel[1], MODE=mode, COUNT_INCLUDE_PAD=bool(count_include_pad),
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def max_pool2d_into(x, out, kernel, stride, padding):
+    """out <- max pool of x; out's H, W set the output size (ceil_mode decided there)."""
+    return _window_pool_into(x, out, kernel, stride, padding, MAX)
+
+
+def avg_pool2d_into(x, out, kernel, stride, padding, count_include_pad):
+    """out <- average pool of x with torch's divisor rules; out's H, W set the output size."""
+    return _window_pool_into(x, out, kernel, stride, padding, AVG, count_include_pad)
+
+
+def _largest_bin(size: int, out_size: int) -> int:
+    """The most input rows any of torch's adaptive bins [floor(i*size/out), ceil((i+1)*size/out)) spans."""
+    return max(((i + 1) * size + out_size - 1) // out_size - (i * size) // out_size for i in range(out_size))
+
+
+def adaptive_avg_pool2d_into(x, out):
+    """out <- adaptive average pool of x to out's H, W (a global pool when that is 1x1)."""
+    n, c, h, w = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    if out.numel() == 0:
+        return out
+    if (oh, ow) != (1, 1):
+        kernel = (_largest_bin(h, oh), _largest_bin(w, ow))
+        return _window_pool_into(x, out, kernel, (1, 1), (0, 0), ADAPTIVE_AVG)
+    block_hw, block_c = _tile(h * w, c)
+    num_c_blocks = triton.cdiv(c, block_c)
+    launchable(_global_avg_pool_kernel)[(n * num_c_blocks,)](
+        x, out,
+        c, w, h * w, num_c_blocks,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        out.stride(0), out.stride(1),
+        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+    )
+    return out

@@ -1,0 +1,127 @@
+"""The benchmarks stay runnable: both run here in their CPU smoke mode (tiny sizes, few
+runs). Nothing about the measured times is asserted, only that the records are complete."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def load_bench_models(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # bench_models imports its sibling benchlib
+    spec = importlib.util.spec_from_file_location("bench_models", BENCH / "bench_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_benchmark_cpu_smoke(tmp_path, monkeypatch):
+    import torch
+
+    bench_models = load_bench_models(monkeypatch)
+    try:
+        result = bench_models.main(["--device", "cpu", "--models", "resnet18", "--size", "64", "--batch", "1",
+                                    "--runs", "2", "--out", str(tmp_path)])
+    finally:
+        torch._dynamo.reset()  # drop the compiled reference model from this test process
+
+    json_path, png_path = Path(result["json"]), Path(result["png"])
+    assert json_path.parent == tmp_path and "-cpu-smoke" in json_path.name  # gitignored name
+    assert png_path.is_file() and png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads(json_path.read_text())
+    env = record["environment"]
+    for key in ("device_name", "torch", "triton", "cuda", "date"):
+        assert key in env, key
+    assert record["args"]["batch"] == 1 and record["args"]["size"] == 64 and record["args"]["device"] == "cpu"
+    assert record["compile"]["mode"] != "max-autotune" and record["compile"]["note"]
+    assert record["peaks"]["matmul_tflops"] > 0 and record["peaks"]["copy_gbps"] > 0
+
+    model = record["models"]["resnet18"]
+    assert model["conv_layers"] == 20  # 1 stem + 8 blocks x 2 + 3 downsamples
+    assert model["roofline_ms"] > 0
+    variants = model["variants"]
+    assert "CUDA" in variants["fastbone_cuda_graphs"]["skipped"]
+    for name in ("torchvision_eager", "torch_compile", "fastbone"):
+        v = variants[name]
+        assert "error" not in v, v.get("error")
+        assert v["runs"] == 2 and v["median_ms"] > 0 and math.isfinite(v["speedup_vs_torchvision_eager"])
+        assert v["rel_error_vs_torchvision"] < 1e-3, name  # float32 everywhere on CPU
+    assert variants["torchvision_eager"]["speedup_vs_torchvision_eager"] == 1.0
+    assert not bench_models.has_errors(record)
+
+
+def run_microbenchmarks(tmp_path, *options) -> list[dict]:
+    """`pytest bench` in a subprocess (as a user runs it, picking up bench/pytest.ini, which
+    must make pytest-benchmark time); returns its JSON records after checking them."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", *options,
+           f"--benchmark-json={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = json.loads(out.read_text())["benchmarks"]
+    for r in records:
+        info = r["extra_info"]
+        for key in ("device_name", "torch", "triton", "flops", "min_bytes", "tflops", "gbps", "roofline_s",
+                    "layers", "shape"):
+            assert key in info, key
+        assert r["stats"]["median"] > 0 and info["fastbone_median_s"] == r["stats"]["median"]
+        assert info["torch_median_s"] > 0 and info["speedup_vs_torch"] > 0
+    return records
+
+
+def test_microbenchmarks_cpu_smoke(tmp_path):
+    # Two small ResNet-50 shapes (the 7x7 stem is deselected: through Triton's interpreter it
+    # alone takes seconds). The interpreter is on only where CUDA is absent (fastbone/_triton_env.py);
+    # on a GPU machine the CPU run uses the torch backend and the GPU run is the test below.
+    import torch
+
+    backend = "torch" if torch.cuda.is_available() else "triton"
+    records = run_microbenchmarks(tmp_path, "--bench-device", "cpu", "--bench-backend", backend,
+                                  "--bench-shapes", "3", "-k", "not 7x7", "--bench-rounds", "2")
+    assert len(records) == 2
+    for r in records:
+        info = r["extra_info"]
+        assert info["backend_resolved"] == backend and info["dtype"] == "float32" and info["batch"] == 1
+        assert r["stats"]["rounds"] == 2 and info["timer"] == "perf_counter"
+        assert info["check_rel_error"] < 1e-4  # float32 on both sides
+
+
+@pytest.mark.gpu
+def test_microbenchmarks_gpu_smoke(tmp_path):
+    records = run_microbenchmarks(tmp_path, "--bench-device", "cuda", "--bench-batch", "2", "--bench-size", "64",
+                                  "--bench-shapes", "2", "--bench-rounds", "5")
+    assert len(records) == 2
+    for r in records:
+        info = r["extra_info"]
+        assert info["timer"] == "cuda_events" and info["dtype"] == "float16" and info["backend_resolved"] == "triton"
+        assert r["stats"]["rounds"] == 5
+
+
+@pytest.mark.gpu
+def test_microbenchmarks_gpu_cuda_graphs_smoke(tmp_path):
+    records = run_microbenchmarks(tmp_path, "--bench-device", "cuda", "--bench-batch", "2", "--bench-size", "64",
+                                  "--bench-shapes", "2", "--bench-rounds", "5", "--bench-cuda-graphs")
+    assert len(records) == 2 and all(r["extra_info"]["cuda_graphs"] for r in records)
+
+
+@pytest.mark.gpu
+def test_model_benchmark_gpu_smoke(tmp_path, monkeypatch):
+    # torch.compile is skipped here (max-autotune takes minutes); its code path runs in the CPU test.
+    bench_models = load_bench_models(monkeypatch)
+    result = bench_models.main(["--device", "cuda", "--models", "resnet18", "--size", "64", "--batch", "2",
+                                "--runs", "5", "--skip", "torch_compile", "--out", str(tmp_path)])
+    record = result["record"]
+    assert not bench_models.has_errors(record)
+    assert "-cpu-smoke" not in Path(result["json"]).name and Path(result["png"]).is_file()
+    variants = record["models"]["resnet18"]["variants"]
+    for name in ("torchvision_eager", "fastbone", "fastbone_cuda_graphs"):
+        assert variants[name]["runs"] == 5 and variants[name]["median_ms"] > 0, name
+    assert record["timer"] == "cuda_events" and record["environment"]["device_name"]
