@@ -67,10 +67,28 @@ def conv_cases():
     return cases
 
 
+def pool_cases():
+    from fastbone.kernels import pool as kp
+
+    cases = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        block_p, block_c = kp._tile(32 * 56 * 56, 64)
+        for mode in (kp.MAX, kp.AVG, kp.ADAPTIVE_AVG):
+            cases.append((f"pool {dtype} mode={mode}", kp._window_pool_kernel,
+                          dict(pointers=dict(x_ptr=dtype, out_ptr=dtype),
+                               constexprs=dict(KH=3, KW=3, MODE=mode, COUNT_INCLUDE_PAD=mode == kp.AVG,
+                                               BLOCK_P=block_p, BLOCK_C=block_c), num_warps=kp._NUM_WARPS)))
+        block_hw, block_c = kp._tile(7 * 7, 2048)
+        cases.append((f"global pool {dtype}", kp._global_avg_pool_kernel,
+                      dict(pointers=dict(x_ptr=dtype, out_ptr=dtype),
+                           constexprs=dict(BLOCK_HW=block_hw, BLOCK_C=block_c), num_warps=kp._NUM_WARPS)))
+    return cases
+
+
 def main(arch: int) -> int:
     assert not INTERPRETED, "run with TRITON_INTERPRET=0"
     failures = 0
-    for name, fn, kwargs in conv_cases():
+    for name, fn, kwargs in conv_cases() + pool_cases():
         try:
             info = compile_kernel(fn, arch=arch, **kwargs)
             print(json.dumps({"kernel": name, "ok": True, **info}), flush=True)
