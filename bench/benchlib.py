@@ -17,84 +17,24 @@ import re
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 import fastbone
-from fastbone.flops import conv_macs, conv_min_bytes
+from fastbone.flops import ConvLayer, trace_layers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # --- model structure ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ConvLayer:
-    """One conv layer as the model runs it on a batch of one image."""
-    name: str
-    c_in: int
-    c_out: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
-    in_hw: tuple[int, int]
-    out_hw: tuple[int, int]
-
-    @property
-    def shape_key(self) -> tuple:
-        """What makes two layers the same benchmark (the name does not)."""
-        return (self.c_in, self.c_out, self.kernel, self.stride, self.padding, self.dilation, self.groups,
-                self.in_hw)
-
-    @property
-    def shape_id(self) -> str:
-        """A short readable test id, e.g. 64x256-1x1s1-56x56."""
-        g = f"g{self.groups}" if self.groups != 1 else ""
-        d = f"d{self.dilation[0]}" if self.dilation != (1, 1) else ""
-        return (f"{self.c_in}x{self.c_out}-{self.kernel[0]}x{self.kernel[1]}s{self.stride[0]}{d}{g}"
-                f"-{self.in_hw[0]}x{self.in_hw[1]}")
-
-    def flops(self, batch: int) -> int:
-        """2 * multiply-adds of the convolution (BN and activation are not counted)."""
-        return 2 * batch * conv_macs(self.c_in, self.c_out, self.kernel, self.out_hw, self.groups)
-
-    def min_bytes(self, batch: int, elem_bytes: int) -> int:
-        return conv_min_bytes(batch, self.c_in, self.in_hw, self.c_out, self.kernel, self.out_hw, self.groups,
-                              elem_bytes)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def conv_layers(model_name: str, size: int, in_chans: int = 3) -> list[ConvLayer]:
     """Every nn.Conv2d call of `model_name` on a size x size input, in forward order."""
     with torch.device("meta"):
         model = fastbone.create_model(model_name)
-    names = {m: n for n, m in model.named_modules()}
-    found: list[ConvLayer] = []
-
-    def on_conv(mod: nn.Conv2d, inputs, output):
-        if isinstance(mod.padding, str):
-            raise ValueError(f"{names[mod]}: string padding {mod.padding!r} is not handled by the benchmark")
-        found.append(ConvLayer(names[mod], mod.in_channels, mod.out_channels, tuple(mod.kernel_size),
-                               tuple(mod.stride), tuple(mod.padding), tuple(mod.dilation), mod.groups,
-                               tuple(inputs[0].shape[2:]), tuple(output.shape[2:])))
-
-    hooks = [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        model.train()  # the plain torch path calls each nn.Conv2d, so the hooks see every layer
-        with torch.no_grad():
-            # batch 2: train-mode BatchNorm refuses one value per channel (1x1 maps at small sizes)
-            model(torch.empty(2, in_chans, size, size, device="meta"))
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
+    return trace_layers(model, size, in_chans)[0]
 
 
 def distinct_conv_layers(model_name: str, size: int) -> list[tuple[ConvLayer, list[str]]]:
