@@ -2,7 +2,12 @@
 from . import _triton_env  # noqa: F401  (must run before any Triton kernel is defined)
 from ._backend import BACKENDS, backend, get_backend, set_backend
 from . import ops
+from .registry import ModelInfo, convert, create_model, list_models, model_info
+from . import backbones  # noqa: E402  (registers the models; needs ops and registry loaded first)
+from .backbones import resnet18, resnet34, resnet50, resnet101, resnet152, vgg16, vgg16_bn, vgg19, vgg19_bn
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backend", "get_backend", "set_backend", "ops", "__version__"]
+__all__ = ["BACKENDS", "ModelInfo", "backend", "backbones", "convert", "create_model", "get_backend",
+           "list_models", "model_info", "ops", "set_backend", "__version__",
+           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]

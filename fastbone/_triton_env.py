@@ -36,5 +36,42 @@ def _use_blas_for_interpreted_dots() -> None:
     builder.create_dot = create_dot
 
 
+def _interpret_preloaded_triton_library() -> None:
+    """torchvision (and timm, and torch.compile) import triton on their own. When that
+    happened before us, triton's library functions (tl.zeros, tl.cdiv, tl.sum, the
+    tensor methods...) were decorated as GPU JITFunctions, which the interpreter refuses
+    to call. Re-wrap each of them, once, as the interpreter's function, exactly as
+    decorating them now would have."""
+    import sys
+
+    if "triton.language" not in sys.modules:
+        return  # imported later, with the interpreter already on
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    replaced: dict[int, InterpretedFunction] = {}
+
+    def interpreted(obj):
+        if id(obj) not in replaced:
+            replaced[id(obj)] = InterpretedFunction(obj.fn)
+        return replaced[id(obj)]
+
+    import triton.language as tl
+
+    namespaces = [m.__dict__ for name, m in list(sys.modules.items())
+                  if m is not None and (name == "triton.language" or name.startswith("triton.language."))]
+    for cls in (tl.core.tensor,):
+        namespaces.append(cls)
+    for ns in namespaces:
+        items = list(ns.__dict__.items()) if isinstance(ns, type) else list(ns.items())
+        for attr, value in items:
+            if isinstance(value, JITFunction):
+                if isinstance(ns, type):
+                    setattr(ns, attr, interpreted(value))
+                else:
+                    ns[attr] = interpreted(value)
+
+
 if INTERPRETED:
+    _interpret_preloaded_triton_library()
     _use_blas_for_interpreted_dots()

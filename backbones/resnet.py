@@ -1,0 +1,300 @@
+"""ResNet (He et al., 2015) with torchvision's module names and constructor keywords,
+so `load_state_dict(torchvision_model.state_dict())` works unchanged.
+
+Eval mode runs fastbone's fused operators: the stem as one conv+BN+ReLU+max-pool,
+each block's last conv with the residual add and ReLU in its epilogue, the
+downsample as conv+BN; then global average pooling and the linear classifier.
+Train mode runs the plain torch modules.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastbone import ops
+from fastbone.registry import register_converter, register_model
+from fastbone.ops.activation import DEFAULT_LEAKY_SLOPE
+from .layers import (FeatureSpec, FeaturesMixin, activation_name, check_norm_layer, check_weights, conv_norm_act,
+                     max_pool, to_channels_last)
+
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def _downsample(x: Tensor, downsample: nn.Module | None, fused: bool) -> Tensor:
+    if downsample is None:
+        return x
+    if fused and isinstance(downsample, nn.Sequential) and len(downsample) == 2 \
+            and isinstance(downsample[0], nn.Conv2d):
+        return conv_norm_act(x, downsample[0], downsample[1], None, fused=True)
+    if fused:
+        raise TypeError("the fused path expects downsample = Sequential(Conv2d, BatchNorm2d) as torchvision "
+                        f"builds it; got {downsample!r}")
+    return downsample(x)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Callable[..., nn.Module] | None = None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and width_per_group=64 "
+                             f"(got groups={groups}, width_per_group={base_width})")
+        if dilation > 1:
+            raise NotImplementedError("dilation > 1 is not supported in BasicBlock (as in torchvision); "
+                                      "use replace_stride_with_dilation with a Bottleneck ResNet")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        fused = not self.training
+        identity = _downsample(x, self.downsample, fused)
+        out = conv_norm_act(x, self.conv1, self.bn1, self.relu, fused=fused)
+        return conv_norm_act(out, self.conv2, self.bn2, self.relu, fused=fused, residual=identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4  # the stride sits on the 3x3 conv (ResNet v1.5), as in torchvision
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Callable[..., nn.Module] | None = None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        fused = not self.training
+        identity = _downsample(x, self.downsample, fused)
+        out = conv_norm_act(x, self.conv1, self.bn1, self.relu, fused=fused)
+        out = conv_norm_act(out, self.conv2, self.bn2, self.relu, fused=fused)
+        return conv_norm_act(out, self.conv3, self.bn3, self.relu, fused=fused, residual=identity)
+
+
+class ResNet(FeaturesMixin, nn.Module):
+    head_modules = ("avgpool", "fc")
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: Sequence[int], num_classes: int = 1000,
+                 zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
+                 replace_stride_with_dilation: Sequence[bool] | None = None,
+                 norm_layer: Callable[..., nn.Module] | None = None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        check_norm_layer(norm_layer)
+        if len(layers) != 4:
+            raise ValueError(f"layers must give the block count of the 4 stages, got {layers!r}")
+        if replace_stride_with_dilation is None:
+            replace_stride_with_dilation = [False, False, False]
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation should be None or a 3-element tuple, "
+                             f"got {replace_stride_with_dilation}")
+        self._norm_layer = norm_layer
+        self.inplanes = 64
+        self.dilation = 1
+        self.groups = groups
+        self.base_width = width_per_group
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self._strides = [2, 4] + [4 * 2 ** sum(not d for d in replace_stride_with_dilation[:i + 1])
+                                  for i in range(3)]
+        self._stage_channels = [64] + [c * block.expansion for c in (64, 128, 256, 512)]
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                    nn.init.constant_(m.bn3.weight, 0)
+                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                    nn.init.constant_(m.bn2.weight, 0)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       norm_layer(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
+                        previous_dilation, norm_layer)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
+                                dilation=self.dilation, norm_layer=norm_layer))
+        return nn.Sequential(*layers)
+
+    # --- features_only (timm's convention: stem activation, then layer1..layer4) ---
+
+    def feature_specs(self) -> list[FeatureSpec]:
+        names = ["act1", "layer1", "layer2", "layer3", "layer4"]
+        return [FeatureSpec(c, r, n) for c, r, n in zip(self._stage_channels, self._strides, names)]
+
+    def forward_intermediates(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        fused = not self.training
+        if fused:
+            x = to_channels_last(x)
+        feats = []
+        last = max(indices)
+        if 0 in indices:  # the stem's activation is wanted: run the pool separately
+            x = conv_norm_act(x, self.conv1, self.bn1, self.relu, fused=fused)
+            feats.append(x)
+            if last == 0:
+                return feats
+            x = max_pool(x, self.maxpool, fused=fused)
+        else:
+            x = self._stem(x, fused)
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
+            x = layer(x)
+            if i in indices:
+                feats.append(x)
+            if i == last:
+                break
+        return feats
+
+    def _stem(self, x: Tensor, fused: bool) -> Tensor:
+        pool = self.maxpool
+        if not fused:
+            return pool(self.relu(self.bn1(self.conv1(x))))
+        act, slope = activation_name(self.relu)
+        if slope != DEFAULT_LEAKY_SLOPE or pool.dilation not in (1, (1, 1)) or pool.return_indices:
+            # Outside what the one-op stem takes: run the conv and the pool one after the other.
+            return max_pool(conv_norm_act(x, self.conv1, self.bn1, self.relu, fused=True), pool, fused=True)
+        return ops.conv_bn_act_maxpool(x, self.conv1, self.bn1, act, pool_kernel=pool.kernel_size,
+                                       pool_stride=pool.stride, pool_padding=pool.padding,
+                                       ceil_mode=pool.ceil_mode)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.feature_indices is not None:
+            return self.forward_intermediates(x, self.feature_indices)
+        fused = not self.training
+        if fused:
+            x = to_channels_last(x)
+        x = self._stem(x, fused)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        if fused and isinstance(self.avgpool, nn.AdaptiveAvgPool2d) and self.avgpool.output_size in (1, (1, 1)):
+            x = ops.global_avg_pool(x)
+        else:
+            x = self.avgpool(x)
+        return self.fc(torch.flatten(x, 1))
+
+
+def _resnet(name: str, block, layers, weights, kwargs) -> ResNet:
+    check_weights(name, weights, kwargs)
+    return ResNet(block, layers, **kwargs)
+
+
+@register_model(reference="torchvision.models.resnet18", family="resnet")
+def resnet18(*, weights=None, **kwargs) -> ResNet:
+    """ResNet-18 (BasicBlock, [2, 2, 2, 2]); keywords as torchvision.models.resnet18."""
+    return _resnet("resnet18", BasicBlock, [2, 2, 2, 2], weights, kwargs)
+
+
+@register_model(reference="torchvision.models.resnet34", family="resnet")
+def resnet34(*, weights=None, **kwargs) -> ResNet:
+    """ResNet-34 (BasicBlock, [3, 4, 6, 3]); keywords as torchvision.models.resnet34."""
+    return _resnet("resnet34", BasicBlock, [3, 4, 6, 3], weights, kwargs)
+
+
+@register_model(reference="torchvision.models.resnet50", family="resnet")
+def resnet50(*, weights=None, **kwargs) -> ResNet:
+    """ResNet-50 (Bottleneck, [3, 4, 6, 3]); keywords as torchvision.models.resnet50."""
+    return _resnet("resnet50", Bottleneck, [3, 4, 6, 3], weights, kwargs)
+
+
+@register_model(reference="torchvision.models.resnet101", family="resnet")
+def resnet101(*, weights=None, **kwargs) -> ResNet:
+    """ResNet-101 (Bottleneck, [3, 4, 23, 3]); keywords as torchvision.models.resnet101."""
+    return _resnet("resnet101", Bottleneck, [3, 4, 23, 3], weights, kwargs)
+
+
+@register_model(reference="torchvision.models.resnet152", family="resnet")
+def resnet152(*, weights=None, **kwargs) -> ResNet:
+    """ResNet-152 (Bottleneck, [3, 8, 36, 3]); keywords as torchvision.models.resnet152."""
+    return _resnet("resnet152", Bottleneck, [3, 8, 36, 3], weights, kwargs)
+
+
+_RESNET_NAMES = {
+    ("basic", (2, 2, 2, 2)): "resnet18",
+    ("basic", (3, 4, 6, 3)): "resnet34",
+    ("bottleneck", (3, 4, 6, 3)): "resnet50",
+    ("bottleneck", (3, 4, 23, 3)): "resnet101",
+    ("bottleneck", (3, 8, 36, 3)): "resnet152",
+}
+
+
+@register_converter
+def recognise_resnet(model: nn.Module) -> tuple[str, dict] | None:
+    """torchvision's ResNet, recognised by its structure: the stem, four stages of
+    blocks (Bottleneck when blocks have a conv3), the classifier. None when it is no ResNet."""
+    stem = ("conv1", "bn1", "relu", "maxpool", "avgpool", "fc")
+    stages = [getattr(model, f"layer{i}", None) for i in range(1, 5)]
+    if not all(isinstance(getattr(model, n, None), nn.Module) for n in stem) \
+            or not all(isinstance(s, nn.Sequential) and len(s) > 0 for s in stages):
+        return None
+    first = stages[0][0]
+    kind = "bottleneck" if hasattr(first, "conv3") else "basic"
+    counts = tuple(len(s) for s in stages)
+    name = _RESNET_NAMES.get((kind, counts))
+    if name is None:
+        known = ", ".join(f"{n} ({k}, {list(c)})" for (k, c), n in _RESNET_NAMES.items())
+        raise ValueError(f"convert: a ResNet with {kind} blocks and stage depths {list(counts)} has no fastbone "
+                         f"builder; supported: {known}")
+    if not isinstance(model.fc, nn.Linear):
+        raise ValueError(f"convert: the ResNet's fc is {type(model.fc).__name__}, expected nn.Linear")
+    bad_norm = [p for p, m in model.named_modules()
+                if p.split(".")[-1].startswith("bn") and not isinstance(m, nn.BatchNorm2d)]
+    if bad_norm:
+        raise ValueError(f"convert: fastbone's ResNet folds nn.BatchNorm2d; {bad_norm[0]} is "
+                         f"{type(model.get_submodule(bad_norm[0])).__name__}")
+    kwargs: dict = {"num_classes": model.fc.out_features}
+    if kind == "bottleneck":
+        groups = first.conv2.groups
+        kwargs.update(groups=groups, width_per_group=first.conv1.out_channels // groups)
+        strided = [s[0].conv2 for s in stages[1:]]
+    else:
+        strided = [s[0].conv1 for s in stages[1:]]
+    kwargs["replace_stride_with_dilation"] = [tuple(c.stride) == (1, 1) for c in strided]
+    return name, kwargs

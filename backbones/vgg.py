@@ -1,0 +1,223 @@
+"""VGG (Simonyan & Zisserman, 2014) with torchvision's module names (features.N,
+classifier.N) and constructor keywords.
+
+Eval mode runs each conv (+BN) + ReLU as one fused operator and the pools through
+fastbone's pooling operators; the classifier is torch's Linear/ReLU (dropout is the
+identity in eval). Train mode runs the plain torch modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastbone.registry import register_converter, register_model
+from .layers import (FeatureSpec, FeaturesMixin, adaptive_avg_pool, check_weights, conv_norm_act, max_pool,
+                     to_channels_last)
+
+__all__ = ["VGG", "make_layers", "CFGS", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+
+# Conv widths per configuration; "M" is a 2x2 max pool (the paper's tables A, B, D, E).
+CFGS: dict[str, list[int | str]] = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+def make_layers(cfg: Sequence[int | str], batch_norm: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        layers.append(nn.Conv2d(in_channels, v, kernel_size=3, padding=1))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(v))
+        layers.append(nn.ReLU(inplace=True))
+        in_channels = v
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class ConvUnit:
+    """Indices into `features` of one conv, its optional norm and its optional activation."""
+    conv: int
+    norm: int | None
+    act: int | None
+
+
+def parse_features(features: nn.Sequential) -> list[tuple[list[ConvUnit], int | None]]:
+    """Split `features` into stages: (conv units, index of the max pool closing the stage)."""
+    stages: list[tuple[list[ConvUnit], int | None]] = []
+    units: list[ConvUnit] = []
+    mods = list(features)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, nn.MaxPool2d):
+            stages.append((units, i))
+            units = []
+            i += 1
+        elif isinstance(m, nn.Conv2d):
+            norm = act = None
+            j = i + 1
+            if j < len(mods) and isinstance(mods[j], nn.modules.batchnorm._BatchNorm):
+                norm, j = j, j + 1
+            if j < len(mods) and isinstance(mods[j], (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish)):
+                act, j = j, j + 1
+            units.append(ConvUnit(i, norm, act))
+            i = j
+        else:
+            raise TypeError(f"VGG features may hold Conv2d, BatchNorm2d, activations and MaxPool2d; "
+                            f"features[{i}] is {type(m).__name__}")
+    if units:
+        stages.append((units, None))
+    return stages
+
+
+class VGG(FeaturesMixin, nn.Module):
+    head_modules = ("avgpool", "classifier")
+
+    def __init__(self, features: nn.Sequential, num_classes: int = 1000, init_weights: bool = True,
+                 dropout: float = 0.5):
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(p=dropout),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(p=dropout),
+            nn.Linear(4096, num_classes),
+        )
+        self._stages = parse_features(features)
+        if init_weights:
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    if m.bias is not None:
+                        nn.init.constant_(m.bias, 0)
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.constant_(m.weight, 1)
+                    nn.init.constant_(m.bias, 0)
+                elif isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, 0, 0.01)
+                    nn.init.constant_(m.bias, 0)
+
+    def _run_units(self, x: Tensor, units: list[ConvUnit], fused: bool) -> Tensor:
+        f = self.features
+        for u in units:
+            x = conv_norm_act(x, f[u.conv], None if u.norm is None else f[u.norm],
+                              None if u.act is None else f[u.act], fused=fused)
+        return x
+
+    def _features(self, x: Tensor, fused: bool) -> Tensor:
+        for units, pool in self._stages:
+            x = self._run_units(x, units, fused)
+            if pool is not None:
+                x = max_pool(x, self.features[pool], fused=fused)
+        return x
+
+    # --- features_only (timm's convention: the map before each max pool, then the last pool's output) ---
+
+    def feature_specs(self) -> list[FeatureSpec]:
+        specs, reduction = [], 1
+        for units, pool in self._stages:
+            last = units[-1]
+            channels = self.features[last.conv].out_channels
+            name = max(i for i in (last.conv, last.norm, last.act) if i is not None)
+            specs.append(FeatureSpec(channels, reduction, f"features.{name}"))
+            if pool is not None:
+                reduction *= 2
+        last_pool = self._stages[-1][1]
+        if last_pool is not None:
+            specs.append(FeatureSpec(specs[-1].channels, reduction, f"features.{last_pool}"))
+        return specs
+
+    def forward_intermediates(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        fused = not self.training
+        if fused:
+            x = to_channels_last(x)
+        feats, last = [], max(indices)
+        for i, (units, pool) in enumerate(self._stages):
+            x = self._run_units(x, units, fused)
+            if i in indices:
+                feats.append(x)
+            if i == last:
+                return feats
+            if pool is not None:
+                x = max_pool(x, self.features[pool], fused=fused)
+        feats.append(x)  # the last pool's output
+        return feats
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.feature_indices is not None:
+            return self.forward_intermediates(x, self.feature_indices)
+        fused = not self.training
+        if fused:
+            x = to_channels_last(x)
+        x = self._features(x, fused)
+        x = adaptive_avg_pool(x, self.avgpool, fused=fused)
+        # flatten of the logical (N, C, H, W) shape is torchvision's NCHW order whatever the memory layout.
+        return self.classifier(torch.flatten(x, 1))
+
+
+def _vgg(name: str, cfg: str, batch_norm: bool, weights, kwargs) -> VGG:
+    check_weights(name, weights, kwargs)
+    return VGG(make_layers(CFGS[cfg], batch_norm=batch_norm), **kwargs)
+
+
+@register_model(reference="torchvision.models.vgg16", family="vgg")
+def vgg16(*, weights=None, **kwargs) -> VGG:
+    """VGG-16 (configuration D); keywords as torchvision.models.vgg16."""
+    return _vgg("vgg16", "D", False, weights, kwargs)
+
+
+@register_model(reference="torchvision.models.vgg16_bn", family="vgg")
+def vgg16_bn(*, weights=None, **kwargs) -> VGG:
+    """VGG-16 with BatchNorm (configuration D); keywords as torchvision.models.vgg16_bn."""
+    return _vgg("vgg16_bn", "D", True, weights, kwargs)
+
+
+@register_model(reference="torchvision.models.vgg19", family="vgg")
+def vgg19(*, weights=None, **kwargs) -> VGG:
+    """VGG-19 (configuration E); keywords as torchvision.models.vgg19."""
+    return _vgg("vgg19", "E", False, weights, kwargs)
+
+
+@register_model(reference="torchvision.models.vgg19_bn", family="vgg")
+def vgg19_bn(*, weights=None, **kwargs) -> VGG:
+    """VGG-19 with BatchNorm (configuration E); keywords as torchvision.models.vgg19_bn."""
+    return _vgg("vgg19_bn", "E", True, weights, kwargs)
+
+
+_VGG_NAMES = {("D", False): "vgg16", ("D", True): "vgg16_bn", ("E", False): "vgg19", ("E", True): "vgg19_bn"}
+
+
+@register_converter
+def recognise_vgg(model: nn.Module) -> tuple[str, dict] | None:
+    """torchvision's VGG, recognised by its structure: `features` (convs and max pools,
+    whose widths give the configuration), `avgpool`, a 7-layer `classifier`. None when it is no VGG."""
+    features, classifier = getattr(model, "features", None), getattr(model, "classifier", None)
+    if not (isinstance(features, nn.Sequential) and isinstance(classifier, nn.Sequential)
+            and isinstance(getattr(model, "avgpool", None), nn.Module)):
+        return None
+    if not any(isinstance(m, nn.MaxPool2d) for m in features) or len(classifier) != 7:
+        return None
+    cfg: list[int | str] = []
+    for m in features:
+        if isinstance(m, nn.Conv2d):
+            cfg.append(m.out_channels)
+        elif isinstance(m, nn.MaxPool2d):
+            cfg.append("M")
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in features)
+    key = next((k for k, c in CFGS.items() if c == cfg), None)
+    name = _VGG_NAMES.get((key, batch_norm))
+    if name is None:
+        raise ValueError(f"convert: VGG features {cfg} (batch_norm={batch_norm}) match no fastbone builder; "
+                         f"supported: {', '.join(_VGG_NAMES.values())}")
+    dropout = next((m.p for m in classifier if isinstance(m, nn.Dropout)), 0.5)
+    return name, {"num_classes": classifier[-1].out_features, "dropout": dropout, "init_weights": False}
