@@ -64,7 +64,9 @@ def run_microbenchmarks(tmp_path, *options) -> list[dict]:
     cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", *options,
            f"--benchmark-json={out}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"})
+                          # Not this run's PYTEST_* variables: PYTEST_XDIST_WORKER makes pytest-benchmark
+                          # believe it runs under xdist and silently disable timing.
+                          env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     records = json.loads(out.read_text())["benchmarks"]
     for r in records:

@@ -1,0 +1,42 @@
+// pybind11 bindings of the selftest launchers (csrc/emu/selftest.cu) as the submodule `selftest`.
+// Kept out of the .cu file so that nvcc's per-architecture passes never parse pybind11.
+#include <pybind11/pybind11.h>
+
+#include "selftest.h"
+
+void fb_register_selftests(pybind11::module_& parent) {
+  namespace py = pybind11;
+  namespace st = fb_selftest;
+  py::module_ m = parent.def_submodule("selftest", "kernels that check the CUDA semantics of this build");
+  m.def("block_sum", &st::block_sum, "per-block sums through a shared-memory tree", py::arg("x"), py::arg("partial"),
+        py::arg("n"), py::arg("block"), py::arg("stream") = 0);
+  m.def("reverse", &st::reverse, "reverse each block's slice through shared memory", py::arg("x"), py::arg("y"),
+        py::arg("n"), py::arg("block"), py::arg("early_exit") = false, py::arg("stream") = 0);
+  m.def("reverse_dynamic", &st::reverse_dynamic, "reverse each block's slice through dynamic shared memory",
+        py::arg("x"), py::arg("y"), py::arg("n"), py::arg("block"), py::arg("stream") = 0);
+  m.def("warp", &st::warp, "warp shuffles (mode: WARP_*)", py::arg("mode"), py::arg("x"), py::arg("out"), py::arg("n"),
+        py::arg("block"), py::arg("stream") = 0);
+  m.attr("WARP_XOR_SUM") = (int)st::kXorSum;
+  m.attr("WARP_DOWN_SUM") = (int)st::kDownSum;
+  m.attr("WARP_UP_SCAN") = (int)st::kUpScan;
+  m.attr("WARP_INDEX_GATHER") = (int)st::kIndexGather;
+  m.def("vote", &st::vote, "ballot/any/all and __syncthreads_count/and/or, 6 ints per thread", py::arg("pred"),
+        py::arg("out"), py::arg("n"), py::arg("block"), py::arg("stream") = 0);
+  m.def("atomics", &st::atomics, "atomics from every block", py::arg("v"), py::arg("n"), py::arg("bins"),
+        py::arg("counter"), py::arg("vmax"), py::arg("vmin"), py::arg("hist"), py::arg("fsum"), py::arg("fmax"),
+        py::arg("grid"), py::arg("block"), py::arg("stream") = 0);
+  m.def("axpb", &st::axpb, "y[i] = a x[i] + b behind an early-return guard", py::arg("x"), py::arg("y"),
+        py::arg("n"), py::arg("a"), py::arg("b"), py::arg("block"), py::arg("stream") = 0);
+  m.def("index", [](uintptr_t out, py::tuple grid, py::tuple block, uintptr_t stream) {
+    const unsigned g[3] = {grid[0].cast<unsigned>(), grid[1].cast<unsigned>(), grid[2].cast<unsigned>()};
+    const unsigned b[3] = {block[0].cast<unsigned>(), block[1].cast<unsigned>(), block[2].cast<unsigned>()};
+    st::index(out, g, b, stream);
+  }, "each thread's (threadIdx, blockIdx), 6 ints per thread", py::arg("out"), py::arg("grid"), py::arg("block"),
+     py::arg("stream") = 0);
+  m.def("convert", &st::convert, "float -> half / bfloat16 bits and back", py::arg("x"), py::arg("half_bits"),
+        py::arg("bf16_bits"), py::arg("half_back"), py::arg("bf16_back"), py::arg("n"), py::arg("stream") = 0);
+#ifdef FASTBONE_EMU
+  m.def("trap", &st::trap, py::arg("threads"), py::arg("trap_thread"));
+  m.def("divergent_barrier", &st::divergent_barrier);
+#endif
+}

@@ -1,0 +1,64 @@
+// Shared device helpers for every fastbone CUDA kernel family.
+//
+// This header is compiled three ways (DESIGN.md, "Three builds of one CUDA source"):
+// nvcc (fastbone._C), NVRTC (no host headers available) and g++ with the host
+// emulation shim force-included (FASTBONE_EMU; the shim provides __half and
+// __nv_bfloat16). So: no standard library headers, no torch, only `long long`
+// and the fixed-width types the three compilers share.
+#pragma once
+
+#ifndef FASTBONE_EMU
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#endif
+
+// Loop unrolling hint; g++ (emulation build) does not know `#pragma unroll`.
+#ifdef FASTBONE_EMU
+#define FB_UNROLL
+#else
+#define FB_UNROLL _Pragma("unroll")
+#endif
+
+namespace fb {
+
+// Dtype codes passed by the bindings (0 float32, 1 float16, 2 bfloat16).
+enum DtypeCode { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Activation codes; keep in sync with fastbone/ops/activation.py and kernels/activation.py.
+enum ActCode { kIdentity = 0, kRelu = 1, kRelu6 = 2, kSilu = 3, kLeakyRelu = 4, kHardswish = 5 };
+constexpr int kNumActivations = 6;
+
+// Every kernel computes in float32: loads widen, stores round to nearest even.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T> __device__ __forceinline__ float load_float(const T* p) { return to_float(*p); }
+
+// Comparisons are written so that NaN takes the branch that returns it unchanged
+// (`x < 0` is false for NaN), as torch's relu/relu6/leaky_relu/hardswish propagate NaN.
+__device__ __forceinline__ float clamp_0_6(float x) { return x < 0.0f ? 0.0f : (x > 6.0f ? 6.0f : x); }
+
+template <int ACT>
+__device__ __forceinline__ float activate(float x, float slope) {
+  if (ACT == kRelu) return x < 0.0f ? 0.0f : x;
+  if (ACT == kRelu6) return clamp_0_6(x);
+  if (ACT == kSilu) return x / (1.0f + expf(-x));
+  if (ACT == kLeakyRelu) return x < 0.0f ? x * slope : x;
+  if (ACT == kHardswish) return x * clamp_0_6(x + 3.0f) / 6.0f;
+  return x;
+}
+
+// Max that propagates NaN like torch's max pool (once NaN, stays NaN).
+__device__ __forceinline__ float nan_max(float acc, float v) { return (v > acc || v != v) ? v : acc; }
+
+__host__ __device__ __forceinline__ long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+
+}  // namespace fb

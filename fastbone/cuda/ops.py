@@ -1,0 +1,443 @@
+"""The `cuda` backend of the op layer: CUDA C++ kernels (csrc/kernels) as torch.library ops.
+
+Registered operators (torch.library.custom_op, each with a fake impl):
+  fastbone::cuda_conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, slope, residual) -> Tensor
+  fastbone::cuda_conv_bias_act_into(..., residual, out, out_channel_offset) -> ()   writes a channel slice of `out`
+  fastbone::cuda_conv_bias_act_maxpool(x, weight, bias, stride, padding, dilation, groups, act, slope,
+                                       pool_kernel, pool_stride, pool_padding, ceil_mode) -> Tensor
+  fastbone::cuda_max_pool2d(x, kernel, stride, padding, ceil_mode) -> Tensor
+  fastbone::cuda_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad) -> Tensor
+  fastbone::cuda_adaptive_avg_pool2d(x, output_size) -> Tensor
+
+Each op calls the runtime that `fastbone.cuda._loader.runtime_for(device)` picks: the AOT
+extension `fastbone._C`, the host emulation build `fastbone._emu` (CPU tensors), or
+`NvrtcRuntime` below, which mirrors csrc/ops.cu's functions (same names, arguments and
+launch geometry) over kernels compiled at run time. The op layer's "cuda" implementations
+(`register_impl(..., "cuda")`) are at the end of this file.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastbone.ops._checks import check_kernel_dtype
+from fastbone.ops._registry import register_impl
+from fastbone.ops.conv import conv_output_size, new_activation
+from fastbone.ops.pool import pool_output_size
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CUDA_TYPE_NAMES = ("float", "__half", "__nv_bfloat16")  # by dtype code
+NUM_ACTIVATIONS = 6
+
+# --- launch geometry: mirrors csrc/kernels/*.cuh constants and csrc/ops.cu --------------
+# (the compiled modules export the same dict as `launch_constants`; tests compare them)
+
+LAUNCH_CONSTANTS = {
+    "conv_wide_tile": (64, 64, 16, 4, 4),     # BM, BN, BK, TM, TN
+    "conv_narrow_tile": (128, 16, 16, 8, 1),  # for C_out per group <= conv_narrow_max_cout
+    "conv_narrow_max_cout": 16,
+    "stem_threads": 256, "stem_co_tile": 16, "stem_max_taps": 256, "stem_max_region": 324, "stem_max_tile": 8,
+    "pool_threads": 256, "pool_max_blocks": 4096, "gap_channels": 32,
+}
+CONV_TC_TILE = (64, 64, 128)  # the tensor-core variant (GPU builds only): BM, BN, threads
+CONV_TC_MIN_CC = 80           # ... on devices of compute capability 8.0 and newer
+_C = LAUNCH_CONSTANTS
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def conv_variant(c_out_g: int, dtype_code: int, compute_capability: int | None) -> str:
+    """Which conv kernel csrc/ops.cu launches: "narrow" for few output channels per group,
+    "tc" (tensor cores) for float16 / bfloat16 on a GPU of compute capability >= 8.0 (None: the
+    emulator), else "wide"."""
+    if c_out_g <= _C["conv_narrow_max_cout"]:
+        return "narrow"
+    tensor_cores = compute_capability is not None and compute_capability >= CONV_TC_MIN_CC
+    return "tc" if tensor_cores and dtype_code != DTYPE_CODES[torch.float32] else "wide"
+
+
+def _stem_region(tile: int, pool_k: int, pool_s: int) -> int:
+    return (tile - 1) * pool_s + pool_k
+
+
+def stem_tile(ph_out: int, pw_out: int, pool) -> tuple[int, int]:
+    """Largest pooled tile whose conv region fits shared memory; (0, 0) if none does."""
+    th, tw = min(ph_out, _C["stem_max_tile"]), min(pw_out, _C["stem_max_tile"])
+    while _stem_region(th, pool[0], pool[2]) * _stem_region(tw, pool[1], pool[3]) > _C["stem_max_region"]:
+        if th == 1 and tw == 1:
+            return 0, 0
+        if th >= tw:
+            th -= 1
+        else:
+            tw -= 1
+    return th, tw
+
+
+def stem_supported(c_in_g: int, kh: int, kw: int, pool) -> bool:
+    """Whether the fused stem kernel takes this conv and pool (its shared-memory limits)."""
+    return c_in_g * kh * kw <= _C["stem_max_taps"] and stem_tile(1, 1, pool)[0] == 1
+
+
+def _check_int_range(v: int, what: str) -> None:
+    """The kernels index pixels and channels with 32-bit ints (offsets are 64-bit)."""
+    if v > 2**31 - 1:
+        raise ValueError(f"{what} = {v} exceeds the kernels' 32-bit index range; split the batch")
+
+
+def _elementwise_blocks(total: int) -> int:
+    return min(_cdiv(total, _C["pool_threads"]), _C["pool_max_blocks"])
+
+
+# --- NVRTC: the kernels to instantiate, and a runtime with csrc/ops.cu's functions -------
+
+def _conv_names() -> list[str]:
+    plain = [f"fb::conv_bias_act_kernel<{t}, {a}, {', '.join(map(str, tile))}>"
+             for t in _CUDA_TYPE_NAMES for a in range(NUM_ACTIVATIONS)
+             for tile in (_C["conv_wide_tile"], _C["conv_narrow_tile"])]
+    tensor_core = [f"fb::conv_bias_act_tc_kernel<{t}, {a}>"
+                   for t in _CUDA_TYPE_NAMES[1:] for a in range(NUM_ACTIVATIONS)]
+    return plain + tensor_core
+
+
+NVRTC_KERNELS = {
+    "conv.cuh": _conv_names(),
+    "stem.cuh": [f"fb::conv_bias_act_maxpool_kernel<{t}, {a}>" for t in _CUDA_TYPE_NAMES
+                 for a in range(NUM_ACTIVATIONS)],
+    "pool.cuh": [f"fb::{k}<{t}{m}>" for t in _CUDA_TYPE_NAMES
+                 for k, m in (("window_pool2d_kernel", ", 0"), ("window_pool2d_kernel", ", 1"),
+                              ("adaptive_avg_pool2d_kernel", ""), ("global_avg_pool_kernel", ""))],
+}
+
+# Kernel parameter lists, one letter per parameter: p pointer, i int, q long long, f float.
+_CONV_SIGNATURE = "ppppp" + "i" * 9 + "q" * 16 + "i" * 7 + "f"  # FB_CONV_PARAMS in conv.cuh
+_SIGNATURES = {
+    "fb::conv_bias_act_kernel": _CONV_SIGNATURE,
+    "fb::conv_bias_act_tc_kernel": _CONV_SIGNATURE,
+    "fb::conv_bias_act_maxpool_kernel": "pppp" + "i" * 11 + "q" * 12 + "i" * 14 + "f",
+    "fb::window_pool2d_kernel": "ppqiiiii" + "q" * 8 + "i" * 7,
+    "fb::adaptive_avg_pool2d_kernel": "ppqiiiii" + "q" * 8,
+    "fb::global_avg_pool_kernel": "ppiii" + "q" * 6,
+}
+_ARG_TYPES = {"p": np.uint64, "i": np.int32, "q": np.int64, "f": np.float32}
+
+
+class NvrtcRuntime:
+    """csrc/ops.cu's functions over kernels compiled by NVRTC (fastbone.cuda.nvrtc.get_function).
+    Same names, arguments and launch geometry as the pybind11 module."""
+
+    build = "nvrtc"
+    launch_constants = {**LAUNCH_CONSTANTS, "conv_tc_tile": CONV_TC_TILE, "conv_tc_min_cc": CONV_TC_MIN_CC}
+
+    def __init__(self, device: torch.device | int | None = None):
+        from .nvrtc import get_function  # the NVRTC module loads only when this runtime is built
+        self._get_function = get_function
+        if isinstance(device, torch.device):
+            device = device.index
+        self._device = torch.cuda.current_device() if device is None else device
+        major, minor = torch.cuda.get_device_capability(self._device)
+        self._compute_capability = major * 10 + minor
+
+    def _launch(self, file: str, name: str, template_args: str, grid, block: int, args, stream: int) -> None:
+        try:
+            import cupy
+        except ImportError as exc:
+            raise RuntimeError(f"the NVRTC build launches kernels through CuPy ({exc}): `pip install "
+                               "cupy-cuda13x` (or cupy-cuda12x for a CUDA 12 driver)") from None
+        sig = _SIGNATURES[name]
+        if len(sig) != len(args):
+            raise AssertionError(f"{name}: {len(args)} arguments for a {len(sig)}-parameter kernel")
+        packed = tuple(_ARG_TYPES[s](a) for s, a in zip(sig, args))
+        with cupy.cuda.Device(self._device):
+            kernel = self._get_function(file, f"{name}<{template_args}>", self._device)
+            with cupy.cuda.ExternalStream(stream, self._device):
+                kernel(tuple(grid), (block,), packed)
+
+    def conv_bias_act(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, residual, res_strides, out,
+                      out_shape, out_strides, out_c_offset, conv, groups, dtype, act, slope, stream):
+        n, c_out, oh, ow = x_shape[0], w_shape[0], out_shape[2], out_shape[3]
+        c_out_g, m = c_out // groups, n * oh * ow
+        if m == 0 or c_out == 0:
+            return
+        _check_int_range(m, "N * OH * OW")
+        _check_int_range(w_shape[1] * w_shape[2] * w_shape[3], "C_in/groups * KH * KW")
+        args = (x, w, bias, residual, out, m, x_shape[2], x_shape[3], w_shape[1], oh, ow, c_out_g, w_shape[2],
+                w_shape[3], *x_strides, *w_strides, *res_strides, *out_strides, out_c_offset, *conv, slope)
+        variant = conv_variant(c_out_g, dtype, self._compute_capability)
+        if variant == "tc":
+            bm, bn, threads = CONV_TC_TILE
+            name, template_args = "fb::conv_bias_act_tc_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}"
+        else:
+            bm, bn, bk, tm, tn = tile = _C[f"conv_{variant}_tile"]
+            threads = (bm // tm) * (bn // tn)
+            name = "fb::conv_bias_act_kernel"
+            template_args = f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {', '.join(map(str, tile))}"
+        self._launch("conv.cuh", name, template_args, (_cdiv(m, bm), _cdiv(c_out_g, bn), groups), threads, args,
+                     stream)
+
+    def stem_supported(self, c_in_g, kh, kw, pool):
+        return stem_supported(c_in_g, kh, kw, pool)
+
+    def conv_bias_act_maxpool(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, out, out_shape,
+                              out_strides, conv, groups, conv_out_hw, pool, dtype, act, slope, stream):
+        if not stem_supported(w_shape[1], w_shape[2], w_shape[3], pool):
+            raise ValueError(f"conv_bias_act_maxpool: C_in/groups * KH * KW must be <= {_C['stem_max_taps']} and "
+                             f"the pool window must fit {_C['stem_max_region']} conv outputs; run conv and pool "
+                             "separately")
+        n, c_out, ph, pw = out_shape
+        if n == 0 or c_out == 0:
+            return
+        th, tw = stem_tile(ph, pw, pool)
+        args = (x, w, bias, out, x_shape[2], x_shape[3], w_shape[1], c_out, c_out // groups, w_shape[2],
+                w_shape[3], conv_out_hw[0], conv_out_hw[1], ph, pw, *x_strides, *w_strides, *out_strides,
+                *conv, *pool, th, tw, slope)
+        self._launch("stem.cuh", "fb::conv_bias_act_maxpool_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}",
+                     (_cdiv(ph, th) * _cdiv(pw, tw), _cdiv(c_out, _C["stem_co_tile"]), n),
+                     _C["stem_threads"], args, stream)
+
+    def _window_pool(self, mode, x, x_shape, x_strides, out, out_shape, out_strides, pool, count_include_pad,
+                     dtype, stream):
+        total = int(np.prod(out_shape))
+        if total == 0:
+            return
+        args = (x, out, total, x_shape[1], x_shape[2], x_shape[3], out_shape[2], out_shape[3], *x_strides,
+                *out_strides, *pool, int(count_include_pad))
+        self._launch("pool.cuh", "fb::window_pool2d_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {mode}",
+                     (_elementwise_blocks(total),), _C["pool_threads"], args, stream)
+
+    def max_pool2d(self, x, x_shape, x_strides, out, out_shape, out_strides, pool, dtype, stream):
+        self._window_pool(0, x, x_shape, x_strides, out, out_shape, out_strides, pool, False, dtype, stream)
+
+    def avg_pool2d(self, x, x_shape, x_strides, out, out_shape, out_strides, pool, count_include_pad, dtype,
+                   stream):
+        self._window_pool(1, x, x_shape, x_strides, out, out_shape, out_strides, pool, count_include_pad,
+                          dtype, stream)
+
+    def adaptive_avg_pool2d(self, x, x_shape, x_strides, out, out_shape, out_strides, dtype, stream):
+        total = int(np.prod(out_shape))
+        if total == 0:
+            return
+        t = _CUDA_TYPE_NAMES[dtype]
+        if out_shape[2] == 1 and out_shape[3] == 1:
+            args = (x, out, *x_shape[1:], *x_strides, out_strides[0], out_strides[1])
+            self._launch("pool.cuh", "fb::global_avg_pool_kernel", t, (_cdiv(x_shape[1], _C["gap_channels"]), x_shape[0]),
+                         _C["pool_threads"], args, stream)
+            return
+        args = (x, out, total, *x_shape[1:], out_shape[2], out_shape[3], *x_strides, *out_strides)
+        self._launch("pool.cuh", "fb::adaptive_avg_pool2d_kernel", t, (_elementwise_blocks(total),),
+                     _C["pool_threads"], args, stream)
+
+
+# --- calling a runtime on tensors -----------------------------------------------------------
+
+def _runtime(x: Tensor):
+    from ._loader import runtime_for
+    return runtime_for(x.device)
+
+
+def _stream(x: Tensor) -> int:
+    return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+
+
+def _device_guard(x: Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _check_tensors(x: Tensor, **others: Optional[Tensor]) -> None:
+    """What the kernels themselves need (the op layer has validated shapes already)."""
+    if x.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"the cuda backend runs CUDA tensors (or CPU tensors through the emulator), "
+                         f"got a tensor on {x.device}")
+    check_kernel_dtype(x, "cuda")
+    for name, t in others.items():
+        if t is None:
+            continue
+        want = torch.float32 if name == "bias" else x.dtype
+        if t.dtype != want:
+            raise TypeError(f"{name} has dtype {t.dtype}; the cuda kernels expect {want}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}; move them to one device")
+    bias = others.get("bias")
+    if bias is not None and not bias.is_contiguous():
+        raise ValueError("bias must be contiguous")
+
+
+def _shape_strides(t: Tensor) -> tuple[list[int], list[int]]:
+    return list(t.shape), list(t.stride())
+
+
+def _launch_conv(x, weight, bias, stride, padding, dilation, groups, act, slope, residual, out, out_channel_offset):
+    _check_tensors(x, weight=weight, bias=bias, residual=residual, out=out)
+    if not 0 <= act < NUM_ACTIVATIONS:
+        raise ValueError(f"activation code {act} out of range 0..{NUM_ACTIVATIONS - 1}")
+    with _device_guard(x):
+        _runtime(x).conv_bias_act(
+            x.data_ptr(), *_shape_strides(x), weight.data_ptr(), *_shape_strides(weight), bias.data_ptr(),
+            0 if residual is None else residual.data_ptr(), [0] * 4 if residual is None else list(residual.stride()),
+            out.data_ptr(), *_shape_strides(out), int(out_channel_offset),
+            [*stride, *padding, *dilation], int(groups), DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x))
+
+
+def _conv_out(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    oh = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    ow = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return new_activation(x.shape[0], weight.shape[0], oh, ow, x)
+
+
+@torch.library.custom_op("fastbone::cuda_conv_bias_act", mutates_args=())
+def cuda_conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
+                       dilation: list[int], groups: int, act: int, slope: float,
+                       residual: Optional[Tensor]) -> Tensor:
+    out = _conv_out(x, weight, stride, padding, dilation)
+    _launch_conv(x, weight, bias, stride, padding, dilation, groups, act, slope, residual, out, 0)
+    return out
+
+
+@cuda_conv_bias_act.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, act, slope, residual):
+    return _conv_out(x, weight, stride, padding, dilation)
+
+
+@torch.library.custom_op("fastbone::cuda_conv_bias_act_into", mutates_args=("out",))
+def cuda_conv_bias_act_into(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
+                            dilation: list[int], groups: int, act: int, slope: float, residual: Optional[Tensor],
+                            out: Tensor, out_channel_offset: int) -> None:
+    _launch_conv(x, weight, bias, stride, padding, dilation, groups, act, slope, residual, out, out_channel_offset)
+
+
+@cuda_conv_bias_act_into.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, act, slope, residual, out, out_channel_offset):
+    return None
+
+
+def _pool_out(x: Tensor, out_hw) -> Tensor:
+    return new_activation(x.shape[0], x.shape[1], out_hw[0], out_hw[1], x)
+
+
+def _window_out_hw(h: int, w: int, kernel, stride, padding, ceil_mode) -> tuple[int, int]:
+    return (pool_output_size(h, kernel[0], stride[0], padding[0], ceil_mode),
+            pool_output_size(w, kernel[1], stride[1], padding[1], ceil_mode))
+
+
+def _stem_out(x, weight, stride, padding, dilation, pool_kernel, pool_stride, pool_padding, ceil_mode):
+    oh = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    ow = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    ph, pw = _window_out_hw(oh, ow, pool_kernel, pool_stride, pool_padding, ceil_mode)
+    return new_activation(x.shape[0], weight.shape[0], ph, pw, x), (oh, ow)
+
+
+@torch.library.custom_op("fastbone::cuda_conv_bias_act_maxpool", mutates_args=())
+def cuda_conv_bias_act_maxpool(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
+                               dilation: list[int], groups: int, act: int, slope: float, pool_kernel: list[int],
+                               pool_stride: list[int], pool_padding: list[int], ceil_mode: bool) -> Tensor:
+    _check_tensors(x, weight=weight, bias=bias)
+    out, conv_hw = _stem_out(x, weight, stride, padding, dilation, pool_kernel, pool_stride, pool_padding, ceil_mode)
+    with _device_guard(x):
+        _runtime(x).conv_bias_act_maxpool(
+            x.data_ptr(), *_shape_strides(x), weight.data_ptr(), *_shape_strides(weight), bias.data_ptr(),
+            out.data_ptr(), *_shape_strides(out), [*stride, *padding, *dilation], int(groups), list(conv_hw),
+            [*pool_kernel, *pool_stride, *pool_padding], DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x))
+    return out
+
+
+@cuda_conv_bias_act_maxpool.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, act, slope, pool_kernel, pool_stride, pool_padding,
+      ceil_mode):
+    return _stem_out(x, weight, stride, padding, dilation, pool_kernel, pool_stride, pool_padding, ceil_mode)[0]
+
+
+def _window_pool(fn_name: str, x: Tensor, kernel, stride, padding, ceil_mode, *extra) -> Tensor:
+    _check_tensors(x)
+    out = _pool_out(x, _window_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, ceil_mode))
+    with _device_guard(x):
+        getattr(_runtime(x), fn_name)(x.data_ptr(), *_shape_strides(x), out.data_ptr(), *_shape_strides(out),
+                                      [*kernel, *stride, *padding], *extra, DTYPE_CODES[x.dtype], _stream(x))
+    return out
+
+
+@torch.library.custom_op("fastbone::cuda_max_pool2d", mutates_args=())
+def cuda_max_pool2d(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool) -> Tensor:
+    return _window_pool("max_pool2d", x, kernel, stride, padding, ceil_mode)
+
+
+@cuda_max_pool2d.register_fake
+def _(x, kernel, stride, padding, ceil_mode):
+    return _pool_out(x, _window_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, ceil_mode))
+
+
+@torch.library.custom_op("fastbone::cuda_avg_pool2d", mutates_args=())
+def cuda_avg_pool2d(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
+                    count_include_pad: bool) -> Tensor:
+    return _window_pool("avg_pool2d", x, kernel, stride, padding, ceil_mode, bool(count_include_pad))
+
+
+@cuda_avg_pool2d.register_fake
+def _(x, kernel, stride, padding, ceil_mode, count_include_pad):
+    return _pool_out(x, _window_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, ceil_mode))
+
+
+@torch.library.custom_op("fastbone::cuda_adaptive_avg_pool2d", mutates_args=())
+def cuda_adaptive_avg_pool2d(x: Tensor, output_size: list[int]) -> Tensor:
+    _check_tensors(x)
+    out = _pool_out(x, output_size)
+    with _device_guard(x):
+        _runtime(x).adaptive_avg_pool2d(x.data_ptr(), *_shape_strides(x), out.data_ptr(), *_shape_strides(out),
+                                        DTYPE_CODES[x.dtype], _stream(x))
+    return out
+
+
+@cuda_adaptive_avg_pool2d.register_fake
+def _(x, output_size):
+    return _pool_out(x, output_size)
+
+
+# --- the op layer's "cuda" implementations (signatures in fastbone/ops/conv.py and pool.py) ----
+
+def _kernel_params(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    check_kernel_dtype(x, "cuda")
+    return weight.to(x.dtype), bias.to(torch.float32).contiguous()
+
+
+@register_impl("conv_bias_act", "cuda")
+def _cuda_conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act_code, slope,
+                        residual, out, out_channel_offset):
+    weight, bias = _kernel_params(x, weight, bias)
+    args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, act_code, float(slope), residual)
+    if out is None:
+        return torch.ops.fastbone.cuda_conv_bias_act(*args)
+    torch.ops.fastbone.cuda_conv_bias_act_into(*args, out, out_channel_offset)
+    return out
+
+
+@register_impl("conv_bias_act_maxpool", "cuda")
+def _cuda_conv_bias_act_maxpool(x, weight, bias, stride, padding, dilation, groups, act_code, slope,
+                                pool_kernel, pool_stride, pool_padding, ceil_mode, pool_out_hw):
+    weight, bias = _kernel_params(x, weight, bias)
+    conv_args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, act_code, float(slope))
+    pool_args = (list(pool_kernel), list(pool_stride), list(pool_padding), bool(ceil_mode))
+    if stem_supported(weight.shape[1], weight.shape[2], weight.shape[3], [*pool_kernel, *pool_stride]):
+        return torch.ops.fastbone.cuda_conv_bias_act_maxpool(*conv_args, *pool_args)
+    # Too many taps (or too big a pool window) for the fused kernel's shared memory.
+    y = torch.ops.fastbone.cuda_conv_bias_act(*conv_args, None)
+    return torch.ops.fastbone.cuda_max_pool2d(y, *pool_args)
+
+
+@register_impl("max_pool2d", "cuda")
+def _cuda_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw):
+    return torch.ops.fastbone.cuda_max_pool2d(x, list(kernel), list(stride), list(padding), bool(ceil_mode))
+
+
+@register_impl("avg_pool2d", "cuda")
+def _cuda_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw):
+    return torch.ops.fastbone.cuda_avg_pool2d(x, list(kernel), list(stride), list(padding), bool(ceil_mode),
+                                              bool(count_include_pad))
+
+
+@register_impl("adaptive_avg_pool2d", "cuda")
+def _cuda_adaptive_avg_pool2d(x, out_hw):
+    return torch.ops.fastbone.cuda_adaptive_avg_pool2d(x, list(out_hw))
