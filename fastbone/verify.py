@@ -39,18 +39,21 @@ class VerifyResult:
         return self.error is None and self.rel_err <= self.tolerance
 
 
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
-    """Give every BatchNorm non-trivial statistics and affine parameters, so that
-    folding is really exercised (fresh BNs fold to the identity)."""
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Give every BatchNorm statistics and affine parameters far from the identity, so that
+    folding is really exercised (fresh BNs fold to nothing)."""
+    def draw(kind, like):
+        fn = torch.randn if kind == "normal" else torch.rand
+        return fn(like.shape, generator=generator, dtype=torch.float32).to(like)
+
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                m.running_mean.copy_(draw("normal", m.running_mean) * 0.2)
+                m.running_var.copy_(draw("uniform", m.running_var) + 0.5)
                 if m.weight is not None:
-                    m.weight.copy_(torch.rand(c, generator=generator) * 0.4 + 0.8)
-                    m.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+                    m.weight.copy_(draw("uniform", m.weight) + 0.5)
+                    m.bias.copy_(draw("normal", m.bias) * 0.2)
 
 
 def reference_pair(name: str, seed: int = 0, **kwargs) -> tuple[nn.Module, nn.Module]:

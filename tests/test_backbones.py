@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastbone.verify import randomize_batchnorm
 from helpers import rel_err
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -40,21 +41,10 @@ BATCH1 = {"resnet": (1, 40, 48, False), "vgg": (1, 32, 32, False)}
 BATCH1_MODELS = ("resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn")
 
 
-def randomise_batchnorm(model: nn.Module) -> None:
-    """BN statistics and affine parameters far from identity, so folding is really exercised."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn_like(m.running_mean) * 0.2)
-                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
-                m.weight.copy_(torch.rand_like(m.weight) + 0.5)
-                m.bias.copy_(torch.randn_like(m.bias) * 0.2)
-
-
 def make_reference(name: str, **kwargs):
     """torchvision's model, with randomised BN."""
     reference = fastbone.model_info(name).reference_builder(**kwargs)
-    randomise_batchnorm(reference)
+    randomize_batchnorm(reference)
     return reference
 
 
@@ -93,11 +83,16 @@ class ForbidTorchConvBatchNorm(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def fused_forward(model, x):
-    """Eval forward through the triton backend, with torch's conv, batch norm and pooling
+# The fused path's two kernel backends: Triton (the interpreter on CPU) and CUDA C++ (the
+# host emulation build on CPU).
+BACKENDS = ("triton", "cuda")
+
+
+def fused_forward(model, x, backend="triton"):
+    """Eval forward through a kernel backend, with torch's conv, batch norm and pooling
     forbidden; every conv of the model must have run as one fastbone operator."""
     model.eval()
-    with torch.no_grad(), fastbone.backend("triton"), ForbidTorchConvBatchNorm() as guard:
+    with torch.no_grad(), fastbone.backend(backend), ForbidTorchConvBatchNorm() as guard:
         out = model(x)
     conv_ops = sum(n for op, n in guard.fastbone_ops.items() if "conv" in op)
     assert conv_ops == sum(isinstance(m, nn.Conv2d) for m in model.modules()), guard.fastbone_ops
@@ -119,11 +114,12 @@ EVAL_CASES = [pytest.param(name, shape, id=f"{name}-{'x'.join(map(str, shape[:3]
               for shape in (BATCH2[_family(name)],) + ((BATCH1[_family(name)],) if name in BATCH1_MODELS else ())]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name, shape", EVAL_CASES)
-def test_eval_matches_torchvision(name, shape):
+def test_eval_matches_torchvision(name, shape, backend):
     reference, model = make_pair(name, num_classes=17)
     x = make_input(*shape)
-    out = fused_forward(model, x)
+    out = fused_forward(model, x, backend)
     ref = reference_forward(reference, x)
     assert out.shape == ref.shape == (shape[0], 17)
     assert out.dtype == torch.float32
@@ -329,14 +325,15 @@ GPU_TOL = {torch.float32: 1e-4, torch.float16: 3e-2}
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("name", MODELS)
-def test_eval_matches_torchvision_gpu(name, dtype):
+def test_eval_matches_torchvision_gpu(name, dtype, backend):
     reference, model = make_pair(name)
     reference, model = reference.cuda(), model.cuda().to(dtype)
     x = torch.randn(2, 3, 224, 224, device="cuda")
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        out = fused_forward(model, x.to(dtype))
+        out = fused_forward(model, x.to(dtype), backend)
         ref = reference_forward(reference, x)
     assert out.dtype == dtype and out.shape == (2, 1000)
     assert rel_err(out, ref) < GPU_TOL[dtype]

@@ -8,6 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
+from fastbone.verify import randomize_batchnorm
 from helpers import rel_err
 
 EXPECTED = ["resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
@@ -62,13 +63,7 @@ def test_create_model_arguments():
 
 
 def _randomised(reference: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in reference.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn_like(m.running_mean) * 0.2)
-                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
-                m.weight.copy_(torch.rand_like(m.weight) + 0.5)
-                m.bias.copy_(torch.randn_like(m.bias) * 0.2)
+    randomize_batchnorm(reference)
     return reference.eval()
 
 
