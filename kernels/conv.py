@@ -10,7 +10,8 @@ NHWC and the output may be a channel slice of a larger tensor.
 The group index is the third grid axis: grouped and depthwise convolutions are
 the same kernel with G > 1.
 """
-import torch
+import os
+
 import triton
 import triton.language as tl
 
@@ -79,22 +80,23 @@ def _conv_bias_act_kernel(
             b = tl.load(w_ptr + w_col[None, :] + b_off[:, None], mask=k_ok[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
-        for kh in range(KH):
+        # One flat loop over (kh, kw, channel block) rather than three nested ones, so that
+        # Triton's software pipeliner overlaps the loads of the next step with this step's dot.
+        c_blocks = (C_IN_G + BLOCK_K - 1) // BLOCK_K
+        for step in range(0, KH * KW * c_blocks):
+            c0 = (step % c_blocks) * BLOCK_K
+            kw = (step // c_blocks) % KW
+            kh = step // (c_blocks * KW)
             ih = oh * stride_h - pad_h + kh * dil_h
-            row_ok_h = mask_m & (ih >= 0) & (ih < H)
-            for kw in range(KW):
-                iw = ow * stride_w - pad_w + kw * dil_w
-                row_ok = row_ok_h & (iw >= 0) & (iw < W)
-                a_row = x_row + ih * sxh + iw * sxw
-                b_col = w_col + kh * swh + kw * sww
-                for c0 in range(0, C_IN_G, BLOCK_K):
-                    c = c0 + offs_k
-                    c_ok = c < C_IN_G
-                    a = tl.load(x_ptr + a_row[:, None] + c[None, :] * sxc,
-                                mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                    b = tl.load(w_ptr + b_col[None, :] + c[:, None] * swc,
-                                mask=c_ok[:, None] & mask_n[None, :], other=0.0)
-                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            iw = ow * stride_w - pad_w + kw * dil_w
+            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            c = c0 + offs_k
+            c_ok = c < C_IN_G
+            a = tl.load(x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (w_col + kh * swh + kw * sww)[None, :] + c[:, None] * swc,
+                        mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     acc += tl.load(bias_ptr + oc, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -137,6 +139,34 @@ def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: in
                 num_warps=warps, num_stages=stages)
 
 
+# GPU tile candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for the autotuner; each problem
+# shape (the key below) is timed once per process. FASTBONE_TRITON_AUTOTUNE=0 uses the fixed
+# `_block_config` instead (and the interpreter always does).
+GPU_TILES = [
+    (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+    (128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (64, 64, 64, 4, 3), (64, 32, 32, 4, 4),
+]
+AUTOTUNE = not INTERPRETED and os.environ.get("FASTBONE_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (a 64-channel layer gains nothing from BLOCK_N=256)."""
+    c_out_g, c_in_g = named_args["C_OUT_G"], named_args["C_IN_G"]
+    k_extent = c_in_g * kwargs.get("KH", 1) * kwargs.get("KW", 1) if kwargs.get("FLAT_K") else c_in_g
+    n_cap = _pow2_clamp(c_out_g, 16, 256)
+    k_cap = _pow2_clamp(k_extent, 16, 64)
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    return kept or configs[:1]
+
+
+_conv_bias_act_autotuned = triton.autotune(
+    configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
+             for bm, bn, bk, w, st in GPU_TILES],
+    key=["N", "H", "W", "C_IN_G", "OH", "OW", "C_OUT_G", "stride_h", "stride_w", "KH", "KW", "FLAT_K"],
+    prune_configs_by={"early_config_prune": _prune_tiles},
+)(_conv_bias_act_kernel) if AUTOTUNE else None
+
+
 def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
                        act_code, slope, residual, out, out_c_offset, input_precision):
     """Launch the kernel: writes act(conv(x, weight) + bias [+ residual]) into
@@ -149,9 +179,16 @@ def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
     if m == 0 or c_out == 0:
         return out
     cfg = _block_config(m, c_out_g, c_in_g, kh * kw, x.element_size())
+    if AUTOTUNE:
+        kernel, cfg = _conv_bias_act_autotuned, dict(FLAT_K=cfg["FLAT_K"])
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)
+    else:
+        kernel = _conv_bias_act_kernel
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups)
     res = residual if residual is not None else out  # never read when HAS_RES is False
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups)
-    launchable(_conv_bias_act_kernel)[grid](
+    launchable(kernel)[grid](
         x, weight, bias, res, out,
         n, h, w, c_in_g, oh, ow, c_out_g,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),

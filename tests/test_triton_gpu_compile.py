@@ -26,3 +26,7 @@ def test_triton_kernels_compile_for_sm90():
     # Tensor cores: every half-precision conv must lower its dot to Hopper's wgmma.
     half = [r for r in records if "float16" in r["kernel"] and r["kernel"].startswith("conv")]
     assert half and all(r["wgmma"] > 0 for r in half)
+    # Software pipelining: with NHWC strides that are multiples of 16 (every ResNet-50 layer
+    # but the stem) the gathered loads become cp.async copies overlapped with the dots.
+    body = [r for r in half if "Cin=64" in r["kernel"] or "Cin=256" in r["kernel"] or "autotune" in r["kernel"]]
+    assert body and all(r["cp_async"] > 0 for r in body), [r["kernel"] for r in body if not r["cp_async"]]

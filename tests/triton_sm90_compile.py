@@ -22,13 +22,17 @@ from fastbone.kernels import INTERPRETED  # noqa: E402
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def compile_kernel(fn, *, pointers: dict, constexprs: dict, floats=(), num_warps=4, num_stages=3, arch=90):
+def compile_kernel(fn, *, pointers: dict, constexprs: dict, floats=(), num_warps=4, num_stages=3, arch=90,
+                   smem_limit=99 * 1024, divisible_by_16=()):
     """Compile `fn` to a cubin. pointers: arg name -> element dtype; constexprs: name -> value;
-    floats: scalar args passed as fp32; every other argument is an i32 scalar."""
-    signature, constants = {}, {}
+    floats: scalar args passed as fp32; every other argument is an i32 scalar. Stride arguments
+    of 1 are given as constants, and `divisible_by_16` int arguments marked so, as Triton's
+    launcher specialises ints equal to 1 and multiples of 16."""
+    signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in pointers:
             signature[name] = "*" + TRITON_DTYPE[pointers[name]]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch's allocations are 16-byte aligned
         elif name in constexprs:
             signature[name] = "constexpr"
             constants[(i,)] = constexprs[name]
@@ -36,13 +40,23 @@ def compile_kernel(fn, *, pointers: dict, constexprs: dict, floats=(), num_warps
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", arch, 32),
+            if name in divisible_by_16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = compiled.asm["ptx"]
-    if compiled.metadata.shared > 99 * 1024:
-        raise ValueError(f"needs {compiled.metadata.shared} bytes of shared memory; sm_86/sm_89 have 99 KiB")
-    return {"shared_bytes": compiled.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
+    if compiled.metadata.shared > smem_limit:
+        raise ValueError(f"needs {compiled.metadata.shared} bytes of shared memory, over {smem_limit}")
+    return {"shared_bytes": compiled.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async"),
             "mma": ptx.count("mma.sync"), "cubin_bytes": len(compiled.asm["cubin"])}
+
+
+# Channels are the contiguous axis of NHWC activations and of the channels_last weights; with
+# channel counts that are multiples of 16 (all of ResNet-50's but the stem's 3) every other
+# stride is one too, which is what lets loads vectorise and pipeline.
+NHWC_UNIT_STRIDES = dict(sxc=1, swc=1, src=1, soc=1)
+NHWC_DIVISIBLE = ("sxn", "sxh", "sxw", "swo", "swh", "sww", "srn", "srh", "srw", "son", "soh", "sow", "C_IN_G",
+                  "C_OUT_G", "out_c_offset")
 
 
 def conv_cases():
@@ -62,8 +76,22 @@ def conv_cases():
                 cases.append((f"conv {dtype} M={m} Cout={c_out} Cin={c_in} k={k} act={act}", kc._conv_bias_act_kernel,
                               dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=torch.float32, res_ptr=dtype,
                                                  out_ptr=dtype),
-                                   constexprs=dict(KH=k, KW=k, ACT=act, HAS_RES=True, INPUT_PRECISION=precision, **cfg),
-                                   floats=("slope",), **launch)))
+                                   constexprs=dict(KH=k, KW=k, ACT=act, HAS_RES=True, INPUT_PRECISION=precision,
+                                                   **NHWC_UNIT_STRIDES, **cfg),
+                                   floats=("slope",), divisible_by_16=NHWC_DIVISIBLE if c_in % 16 == 0 else (),
+                                   **launch)))
+    # Every autotuner tile, on a shape none of them is pruned for; the autotuner skips tiles that
+    # do not fit a smaller card, so the bound here is the H100's 227 KiB.
+    for dtype in (torch.float32, torch.float16):
+        for bm, bn, bk, warps, stages in kc.GPU_TILES:
+            cases.append((f"conv autotune tile {dtype} {bm}x{bn}x{bk} w{warps} s{stages}", kc._conv_bias_act_kernel,
+                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=torch.float32, res_ptr=dtype,
+                                             out_ptr=dtype),
+                               constexprs=dict(KH=3, KW=3, ACT=1, HAS_RES=False, FLAT_K=False, **NHWC_UNIT_STRIDES,
+                                               INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                               floats=("slope",), num_warps=warps, num_stages=stages, smem_limit=227 * 1024,
+                               divisible_by_16=NHWC_DIVISIBLE)))
     return cases
 
 
