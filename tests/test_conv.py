@@ -292,3 +292,18 @@ def test_bfloat16_on_the_interpreter_is_refused():
     x, weight, bias, kw = _random_conv((1, 3, 6, 6, 4, (3, 3), 1, 1, 1, 1), torch.bfloat16)
     with fastbone.backend("triton"), pytest.raises(TypeError, match="bfloat16 needs a CUDA device"):
         conv_bias_act(x, weight, bias, **kw)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_contiguous_views_are_read_through_their_strides(backend):
+    # A channel slice of a larger NHWC tensor and a spatially strided view: no copy is needed.
+    base = torch.randn(2, 11, 14, 9).contiguous(memory_format=torch.channels_last)
+    x = base[:, 3:8, ::2]
+    weight = torch.randn(6, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(6)
+    residual = torch.randn(2, 12, 7, 9)[:, ::2]          # NCHW, every other channel
+    kw = dict(stride=1, padding=1, dilation=1, groups=1)
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    with fastbone.backend(backend):
+        out = conv_bias_act(x, weight, bias, act="relu", residual=residual, **kw)
+    assert rel_err(out, _reference(x, weight, bias, kw, "relu", residual)) < TOL[torch.float32]
