@@ -82,6 +82,13 @@ def to_channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def enter_network(model: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
+    """(input, fused): eval mode runs the fused kernels on NHWC activations, train mode the
+    plain torch modules on the input as given."""
+    fused = not model.training
+    return (to_channels_last(x) if fused else x), fused
+
+
 def max_pool(x: Tensor, pool: nn.MaxPool2d, *, fused: bool) -> Tensor:
     """An nn.MaxPool2d run by fastbone's op (fused) or by itself."""
     if not fused:

@@ -17,7 +17,7 @@ from fastbone import ops
 from fastbone.registry import register_converter, register_model
 from fastbone.ops.activation import DEFAULT_LEAKY_SLOPE
 from .layers import (FeatureSpec, FeaturesMixin, activation_name, check_norm_layer, check_weights, conv_norm_act,
-                     max_pool, to_channels_last)
+                     enter_network, max_pool)
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -173,9 +173,7 @@ class ResNet(FeaturesMixin, nn.Module):
         return [FeatureSpec(c, r, n) for c, r, n in zip(self._stage_channels, self._strides, names)]
 
     def forward_intermediates(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
-        fused = not self.training
-        if fused:
-            x = to_channels_last(x)
+        x, fused = enter_network(self, x)
         feats = []
         last = max(indices)
         if 0 in indices:  # the stem's activation is wanted: run the pool separately
@@ -209,9 +207,7 @@ class ResNet(FeaturesMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.feature_indices is not None:
             return self.forward_intermediates(x, self.feature_indices)
-        fused = not self.training
-        if fused:
-            x = to_channels_last(x)
+        x, fused = enter_network(self, x)
         x = self._stem(x, fused)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if fused and isinstance(self.avgpool, nn.AdaptiveAvgPool2d) and self.avgpool.output_size in (1, (1, 1)):

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from fastbone.registry import register_converter, register_model
-from .layers import (FeatureSpec, FeaturesMixin, adaptive_avg_pool, check_weights, conv_norm_act, max_pool,
-                     to_channels_last)
+from .layers import (FeatureSpec, FeaturesMixin, adaptive_avg_pool, check_weights, conv_norm_act, enter_network,
+                     max_pool)
 
 __all__ = ["VGG", "make_layers", "CFGS", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
 
@@ -138,9 +138,7 @@ class VGG(FeaturesMixin, nn.Module):
         return specs
 
     def forward_intermediates(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
-        fused = not self.training
-        if fused:
-            x = to_channels_last(x)
+        x, fused = enter_network(self, x)
         feats, last = [], max(indices)
         for i, (units, pool) in enumerate(self._stages):
             x = self._run_units(x, units, fused)
@@ -156,9 +154,7 @@ class VGG(FeaturesMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.feature_indices is not None:
             return self.forward_intermediates(x, self.feature_indices)
-        fused = not self.training
-        if fused:
-            x = to_channels_last(x)
+        x, fused = enter_network(self, x)
         x = self._features(x, fused)
         x = adaptive_avg_pool(x, self.avgpool, fused=fused)
         # flatten of the logical (N, C, H, W) shape is torchvision's NCHW order whatever the memory layout.
