@@ -307,3 +307,23 @@ def test_non_contiguous_views_are_read_through_their_strides(backend):
     with fastbone.backend(backend):
         out = conv_bias_act(x, weight, bias, act="relu", residual=residual, **kw)
     assert rel_err(out, _reference(x, weight, bias, kw, "relu", residual)) < TOL[torch.float32]
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_inductor_trace_the_triton_op():
+    # On the GPU the ops are triton_ops: Inductor traces into the kernel launch (autotuned).
+    x, weight, bias, kw = _random_conv((4, 32, 17, 19, 48, (3, 3), 1, 1, 1, 1), torch.float16, device="cuda")
+    args = (x, weight, bias, [1, 1], [1, 1], [1, 1], 1, ACTIVATIONS["relu"], 0.1, None)
+    torch.library.opcheck(torch.ops.fastbone.triton_conv_bias_act.default, args)
+    conv, bn = nn.Conv2d(32, 48, 3, padding=1).cuda().half(), _random_bn(48).cuda().half()
+
+    def block(x):
+        y = conv_bn_act(x, conv, bn, "relu")
+        return conv_bn_act(x, conv, bn, "silu", residual=y)
+
+    with fastbone.backend("triton"):
+        compiled = torch.compile(block, fullgraph=True)(x)
+        eager = block(x)
+    y_ref = F.relu(bn.double()(conv.double()(x.double())))
+    ref = F.silu(bn.double()(conv.double()(x.double())) + y_ref)
+    assert rel_err(compiled, ref) < TOL[torch.float16] and rel_err(eager, ref) < TOL[torch.float16]
