@@ -9,6 +9,7 @@ and their recognisers of reference models with `@register_converter`.
 from __future__ import annotations
 
 import difflib
+import re
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -65,9 +66,15 @@ def _ensure_loaded() -> None:
     importlib.import_module("fastbone.backbones")  # its modules fill the registry on import
 
 
+def _natural_key(name: str) -> list:
+    """resnet18 < resnet50 < resnet101, as timm lists them."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def list_models() -> list[str]:
+    """Every registered model name, in natural order."""
     _ensure_loaded()
-    return sorted(_MODELS)
+    return sorted(_MODELS, key=_natural_key)
 
 
 def model_info(name: str) -> ModelInfo:
