@@ -327,3 +327,21 @@ def test_gpu_opcheck_and_inductor_trace_the_triton_op():
     y_ref = F.relu(bn.double()(conv.double()(x.double())))
     ref = F.silu(bn.double()(conv.double()(x.double())) + y_ref)
     assert rel_err(compiled, ref) < TOL[torch.float16] and rel_err(eager, ref) < TOL[torch.float16]
+
+
+def test_autotune_prunes_tiles_larger_than_the_problem():
+    # The GPU autotuner's candidate list (not run on CPU): tiles wider than the layer are dropped,
+    # and at least one tile always survives.
+    import triton
+
+    from fastbone.kernels import conv as kc
+
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in kc.GPU_TILES]
+    narrow = kc._prune_tiles(configs, dict(C_OUT_G=24, C_IN_G=24), KH=3, KW=3, FLAT_K=False)
+    assert narrow and all(c.kwargs["BLOCK_N"] <= 32 and c.kwargs["BLOCK_K"] <= 32 for c in narrow)
+    wide = kc._prune_tiles(configs, dict(C_OUT_G=512, C_IN_G=512), KH=1, KW=1, FLAT_K=False)
+    assert len(wide) == len(configs)
+    stem = kc._prune_tiles(configs, dict(C_OUT_G=64, C_IN_G=3), KH=7, KW=7, FLAT_K=True)
+    assert stem and all(c.kwargs["BLOCK_N"] <= 64 for c in stem) and any(c.kwargs["BLOCK_K"] == 64 for c in stem)
+    assert kc._prune_tiles(configs, dict(C_OUT_G=1, C_IN_G=1), KH=1, KW=1, FLAT_K=False)
