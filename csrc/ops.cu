@@ -1,14 +1,12 @@
-// pybind11 launchers for the kernels in csrc/kernels/*.cuh, registered into fastbone._C
-// (nvcc) and fastbone._emu (host emulation) by csrc/module.cpp.
+// Launchers for the kernels in csrc/kernels/*.cuh (declared in ops.h). Their pybind11
+// bindings live in ops_bindings.cpp: kept out of this file so nvcc, which compiles it once
+// per target architecture, does not parse pybind11 each time.
 //
 // Every launcher takes raw pointers (uintptr_t, 0 for "absent"), shapes and strides as
 // int64 lists, the dtype code (0 float32, 1 float16, 2 bfloat16), the activation code
 // (fastbone/ops/activation.py) and the stream as an integer. Arguments are validated by
 // the op layer; the checks here only guard the kernels' own limits.
 // The launch geometry below is mirrored by NvrtcRuntime in fastbone/cuda/ops.py: change both.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -18,15 +16,12 @@
 #include <vector>
 
 #include "launch.h"
+#include "ops.h"
 #include "kernels/conv.cuh"
 #include "kernels/pool.cuh"
 #include "kernels/stem.cuh"
 
-namespace py = pybind11;
-
-namespace {
-
-using Dims = std::vector<int64_t>;
+namespace fb_ops {
 
 // --- dtype / activation dispatch: one generic lambda serves every instantiation ---------
 
@@ -268,54 +263,41 @@ void adaptive_avg_pool2d(uintptr_t x, const Dims& x_shape, const Dims& x_strides
   });
 }
 
-}  // namespace
-
-void fb_register_ops(py::module_& m) {
-  m.def("conv_bias_act", &conv_bias_act, "act(conv2d(x, w) + bias [+ residual]) into out[:, off:off+C_out]",
-        py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w"), py::arg("w_shape"),
-        py::arg("w_strides"), py::arg("bias"), py::arg("residual"), py::arg("res_strides"), py::arg("out"),
-        py::arg("out_shape"), py::arg("out_strides"), py::arg("out_c_offset"), py::arg("conv"), py::arg("groups"),
-        py::arg("dtype"), py::arg("act"), py::arg("slope"), py::arg("stream"));
-  m.def("conv_bias_act_maxpool", &conv_bias_act_maxpool, "max_pool(act(conv2d(x, w) + bias)) in one launch",
-        py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w"), py::arg("w_shape"),
-        py::arg("w_strides"), py::arg("bias"), py::arg("out"), py::arg("out_shape"), py::arg("out_strides"),
-        py::arg("conv"), py::arg("groups"), py::arg("conv_out_hw"), py::arg("pool"), py::arg("dtype"),
-        py::arg("act"), py::arg("slope"), py::arg("stream"));
-  m.def("stem_supported", &stem_supported, "whether conv_bias_act_maxpool accepts this conv / pool",
-        py::arg("c_in_g"), py::arg("kh"), py::arg("kw"), py::arg("pool"));
-  m.def("max_pool2d", [](uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t out,
-                         const Dims& out_shape, const Dims& out_strides, const Dims& pool, int64_t dtype,
-                         uintptr_t stream) {
-          window_pool2d<fb::kPoolMax>(x, x_shape, x_strides, out, out_shape, out_strides, pool, false, dtype, stream);
-        }, "max pool 2d; pool = {kh, kw, sh, sw, ph, pw}", py::arg("x"), py::arg("x_shape"), py::arg("x_strides"),
-        py::arg("out"), py::arg("out_shape"), py::arg("out_strides"), py::arg("pool"), py::arg("dtype"),
-        py::arg("stream"));
-  m.def("avg_pool2d", &window_pool2d<fb::kPoolAvg>, "average pool 2d; pool = {kh, kw, sh, sw, ph, pw}",
-        py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("out"), py::arg("out_shape"),
-        py::arg("out_strides"), py::arg("pool"), py::arg("count_include_pad"), py::arg("dtype"), py::arg("stream"));
-  m.def("adaptive_avg_pool2d", &adaptive_avg_pool2d, "adaptive average pool 2d (global pool when out is 1x1)",
-        py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("out"), py::arg("out_shape"),
-        py::arg("out_strides"), py::arg("dtype"), py::arg("stream"));
-  // The constants NvrtcRuntime (fastbone/cuda/ops.py) mirrors to compute the same launches.
-  py::dict constants;
-  auto tile = [](auto t) {
-    using Tile = decltype(t);
-    return py::make_tuple(Tile::BM, Tile::BN, Tile::BK, Tile::TM, Tile::TN);
-  };
-  constants["conv_wide_tile"] = tile(fb::ConvWide{});
-  constants["conv_narrow_tile"] = tile(fb::ConvNarrow{});
-  constants["conv_narrow_max_cout"] = fb::kConvNarrowMaxCout;
-#ifndef FASTBONE_EMU
-  constants["conv_tc_tile"] = py::make_tuple(fb::kConvTcBM, fb::kConvTcBN, fb::kConvTcThreads);
-  constants["conv_tc_min_cc"] = fb::kConvTcMinCC;
-#endif
-  constants["stem_threads"] = fb::kStemThreads;
-  constants["stem_co_tile"] = fb::kStemCoTile;
-  constants["stem_max_taps"] = fb::kStemMaxTaps;
-  constants["stem_max_region"] = fb::kStemMaxRegion;
-  constants["stem_max_tile"] = fb::kStemMaxTile;
-  constants["pool_threads"] = fb::kPoolThreads;
-  constants["pool_max_blocks"] = fb::kPoolMaxBlocks;
-  constants["gap_channels"] = fb::kGapChannels;
-  m.attr("launch_constants") = constants;
+void max_pool2d(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t out, const Dims& out_shape,
+                const Dims& out_strides, const Dims& pool, int64_t dtype, uintptr_t stream) {
+  window_pool2d<fb::kPoolMax>(x, x_shape, x_strides, out, out_shape, out_strides, pool, false, dtype, stream);
 }
+
+void avg_pool2d(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t out, const Dims& out_shape,
+                const Dims& out_strides, const Dims& pool, bool count_include_pad, int64_t dtype,
+                uintptr_t stream) {
+  window_pool2d<fb::kPoolAvg>(x, x_shape, x_strides, out, out_shape, out_strides, pool, count_include_pad, dtype,
+                              stream);
+}
+
+std::vector<LaunchConstant> launch_constants() {
+  auto tile = [](const char* name, auto t) {
+    using Tile = decltype(t);
+    return LaunchConstant{name, {Tile::BM, Tile::BN, Tile::BK, Tile::TM, Tile::TN}, true};
+  };
+  std::vector<LaunchConstant> constants = {
+      tile("conv_wide_tile", fb::ConvWide{}),
+      tile("conv_narrow_tile", fb::ConvNarrow{}),
+      {"conv_narrow_max_cout", {fb::kConvNarrowMaxCout}, false},
+#ifndef FASTBONE_EMU
+      {"conv_tc_tile", {fb::kConvTcBM, fb::kConvTcBN, fb::kConvTcThreads}, true},
+      {"conv_tc_min_cc", {fb::kConvTcMinCC}, false},
+#endif
+      {"stem_threads", {fb::kStemThreads}, false},
+      {"stem_co_tile", {fb::kStemCoTile}, false},
+      {"stem_max_taps", {fb::kStemMaxTaps}, false},
+      {"stem_max_region", {fb::kStemMaxRegion}, false},
+      {"stem_max_tile", {fb::kStemMaxTile}, false},
+      {"pool_threads", {fb::kPoolThreads}, false},
+      {"pool_max_blocks", {fb::kPoolMaxBlocks}, false},
+      {"gap_channels", {fb::kGapChannels}, false},
+  };
+  return constants;
+}
+
+}  // namespace fb_ops

@@ -1,0 +1,48 @@
+// The kernel launchers of csrc/ops.cu, as csrc/ops_bindings.cpp binds them. Plain C++ (no CUDA,
+// no pybind11): pointers and the stream travel as integers, shapes and strides as int64 lists,
+// dtype codes 0 float32 / 1 float16 / 2 bfloat16, activation codes as fastbone/ops/activation.py.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fb_ops {
+
+using Dims = std::vector<int64_t>;
+
+// conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; residual == 0 for none.
+void conv_bias_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
+                   const Dims& w_strides, uintptr_t bias, uintptr_t residual, const Dims& res_strides,
+                   uintptr_t out, const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset,
+                   const Dims& conv, int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream);
+
+// pool = {kh, kw, sh, sw, ph, pw}; conv_out_hw = the conv's output size; out_shape = the pooled output.
+void conv_bias_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w,
+                           const Dims& w_shape, const Dims& w_strides, uintptr_t bias, uintptr_t out,
+                           const Dims& out_shape, const Dims& out_strides, const Dims& conv, int64_t groups,
+                           const Dims& conv_out_hw, const Dims& pool, int64_t dtype, int64_t act, double slope,
+                           uintptr_t stream);
+
+bool stem_supported(int64_t c_in_g, int64_t kh, int64_t kw, const Dims& pool);
+
+void max_pool2d(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t out, const Dims& out_shape,
+                const Dims& out_strides, const Dims& pool, int64_t dtype, uintptr_t stream);
+
+void avg_pool2d(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t out, const Dims& out_shape,
+                const Dims& out_strides, const Dims& pool, bool count_include_pad, int64_t dtype,
+                uintptr_t stream);
+
+// out_shape (1, 1) runs the block-reduction global pool, anything else torch's adaptive bins.
+void adaptive_avg_pool2d(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t out,
+                         const Dims& out_shape, const Dims& out_strides, int64_t dtype, uintptr_t stream);
+
+// The launch geometry NvrtcRuntime (fastbone/cuda/ops.py) mirrors: a tuple or a single int each.
+struct LaunchConstant {
+  std::string name;
+  std::vector<int64_t> values;
+  bool is_tuple;
+};
+std::vector<LaunchConstant> launch_constants();
+
+}  // namespace fb_ops
