@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastbone.ops._checks import check_kernel_dtype
 from fastbone.ops._registry import register_impl
-from fastbone.ops.conv import conv_output_size, new_activation
+from fastbone.ops.conv import conv_output, conv_output_size, new_activation
 from fastbone.ops.pool import pool_output_size
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -283,24 +283,18 @@ def _launch_conv(x, weight, bias, stride, padding, dilation, groups, act, slope,
             [*stride, *padding, *dilation], int(groups), DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x))
 
 
-def _conv_out(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
-    oh = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-    ow = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return new_activation(x.shape[0], weight.shape[0], oh, ow, x)
-
-
 @torch.library.custom_op("fastbone::cuda_conv_bias_act", mutates_args=())
 def cuda_conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
                        dilation: list[int], groups: int, act: int, slope: float,
                        residual: Optional[Tensor]) -> Tensor:
-    out = _conv_out(x, weight, stride, padding, dilation)
+    out = conv_output(x, weight, stride, padding, dilation)
     _launch_conv(x, weight, bias, stride, padding, dilation, groups, act, slope, residual, out, 0)
     return out
 
 
 @cuda_conv_bias_act.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, act, slope, residual):
-    return _conv_out(x, weight, stride, padding, dilation)
+    return conv_output(x, weight, stride, padding, dilation)
 
 
 @torch.library.custom_op("fastbone::cuda_conv_bias_act_into", mutates_args=("out",))

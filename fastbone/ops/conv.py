@@ -108,7 +108,8 @@ def _input_precision(x: Tensor) -> str:
     return "ieee"
 
 
-def _conv_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+def conv_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    """The uninitialised NHWC output of conv2d(x, weight) with these parameters."""
     oh = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     ow = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
     return new_activation(x.shape[0], weight.shape[0], oh, ow, x)
@@ -118,7 +119,7 @@ def _conv_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor
 def triton_conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
                          dilation: list[int], groups: int, act: int, slope: float,
                          residual: Optional[Tensor]) -> Tensor:
-    out = _conv_output(x, weight, stride, padding, dilation)
+    out = conv_output(x, weight, stride, padding, dilation)
     triton_conv.conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups, act, slope,
                                    residual, out, 0, _input_precision(x))
     return out
