@@ -66,3 +66,13 @@ def test_verify_rejects_tiny_sizes(capsys):
         main(["verify", "resnet18", "--size", "8"])
     assert exc.value.code == 2
     assert "--size must be at least 32" in capsys.readouterr().err
+
+
+def test_verify_float16_is_bounded_by_the_references_own_float16_error(capsys):
+    # In float16 the tolerance is max(3e-2, 3x torchvision's own float16 error); the table shows it.
+    code = main(["verify", "resnet18", "--backend", "cuda", "--device", "cpu", "--size", "32", "--batch", "2",
+                 "--dtype", "float16", "--quiet"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("resnet18")).split()
+    assert code == 0 and row[2] == "float16" and row[6] == "pass"
+    assert float(row[5]) >= 3e-2 and 0 < float(row[4]) < float(row[5])
