@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fastbone import ops
+from fastbone.ops._checks import check_activation_tensor
 from fastbone.ops.activation import DEFAULT_LEAKY_SLOPE, apply_activation
 
 # Activation modules the fused kernels implement, by the name the op layer accepts.
@@ -86,6 +87,8 @@ def enter_network(model: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
     """(input, fused): eval mode runs the fused kernels on NHWC activations, train mode the
     plain torch modules on the input as given."""
     fused = not model.training
+    if fused:
+        check_activation_tensor(x, "the model's input")
     return (to_channels_last(x) if fused else x), fused
 
 

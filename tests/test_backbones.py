@@ -357,3 +357,16 @@ def test_features_only_gpu(name):
     for m, r, c, red in zip(maps, refs, features.feature_info.channels(), features.feature_info.reduction()):
         assert m.shape == r.shape == (2, c, 224 // red, 224 // red)
         assert rel_err(m, r) < GPU_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg16"])
+def test_eval_refuses_bad_input_clearly(name):
+    model = fastbone.create_model(name, num_classes=5).eval()
+    with pytest.raises(ValueError, match=r"must be 4-D \(N, C, H, W\), got shape \(3, 32, 32\)"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="input has 4 channels but the convolution expects 3"):
+        model(torch.randn(1, 4, 32, 32))
+    with pytest.raises(TypeError, match="accepted: float32, float16, bfloat16"):
+        model(torch.ones(1, 3, 32, 32, dtype=torch.int64))
+    with fastbone.backend("triton"):
+        assert model(torch.randn(0, 3, 32, 32)).shape == (0, 5)   # an empty batch is no error
