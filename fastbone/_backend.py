@@ -45,7 +45,11 @@ def backend(name: str):
 
 
 def resolve_backend(device: torch.device) -> str:
-    """The concrete backend for tensors on `device`."""
+    """The concrete backend for tensors on `device`. While torch.onnx exports, always `torch`:
+    ONNX has no fastbone kernels, so a model exports as its standard decomposition (Conv,
+    BatchNormalization, activations, pools)."""
+    if torch.onnx.is_in_onnx_export():
+        return "torch"
     name = get_backend()
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"

@@ -1,10 +1,13 @@
-"""Convolution + bias + activation (+ residual) as an implicit GEMM over NHWC.
+"""Convolution + BatchNorm + activation (+ residual) as an implicit GEMM over NHWC.
 
 GEMM view, per group g:  out[m, n] = sum_k A[m, k] * B[k, n]
   m = (batch, oh, ow) output pixel,  n = output channel of group g,
   k = (kh, kw, c) with c an input channel of group g.
-A is gathered from the input on the fly (no im2col buffer); B is the folded
-weight, logical OIHW with any strides (stored channels_last so c is contiguous).
+A is gathered from the input on the fly (no im2col buffer); B is the conv weight
+as the module holds it, logical OIHW with any strides (a channels_last weight makes
+c contiguous). The epilogue applies, per output channel in float32, the conv bias
+and BatchNorm from its running statistics (scale = gamma * rsqrt(var + eps),
+shift = beta - mean * scale + bias * scale), then the residual and the activation.
 Every tensor is addressed through its strides, so the input may be NCHW or
 NHWC and the output may be a channel slice of a larger tensor.
 The group index is the third grid axis: grouped and depthwise convolutions are
@@ -20,8 +23,32 @@ from .activation import apply_activation
 
 
 @triton.jit
-def _conv_bias_act_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+def _bias_batchnorm(acc, oc, mask_n, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
+                    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+    """acc[m, n] * scale[n] + shift[n] in float32: the conv bias, then BatchNorm with running
+    statistics, read from the module's own tensors (any float dtype) for the tile's channels."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + oc, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_BN:
+        var = tl.load(var_ptr + oc, mask=mask_n, other=1.0).to(tl.float32)
+        mean = tl.load(mean_ptr + oc, mask=mask_n, other=0.0).to(tl.float32)
+        scale = 1.0 / tl.sqrt_rn(var + eps)
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr + oc, mask=mask_n, other=1.0).to(tl.float32)
+        shift = -mean * scale
+        if HAS_BETA:
+            shift += tl.load(beta_ptr + oc, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            shift += bias * scale
+        acc = acc * scale[None, :] + shift[None, :]
+    elif HAS_BIAS:
+        acc += bias[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_bn_act_kernel(
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, res_ptr, out_ptr,
     N, H, W, C_IN_G, OH, OW, C_OUT_G,
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
@@ -29,8 +56,9 @@ def _conv_bias_act_kernel(
     son, soc, soh, sow,
     out_c_offset,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    slope,
+    eps, slope,
     KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     ACT: tl.constexpr, HAS_RES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -98,7 +126,8 @@ def _conv_bias_act_kernel(
                         mask=c_ok[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    acc += tl.load(bias_ptr + oc, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _bias_batchnorm(acc, oc, mask_n, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
+                          HAS_BIAS, HAS_BN, HAS_GAMMA, HAS_BETA)
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RES:
         r_off = nb.to(tl.int64) * srn + oh * srh + ow * srw
@@ -159,18 +188,19 @@ def _prune_tiles(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_conv_bias_act_autotuned = triton.autotune(
+_conv_bn_act_autotuned = triton.autotune(
     configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
              for bm, bn, bk, w, st in GPU_TILES],
     key=["N", "H", "W", "C_IN_G", "OH", "OW", "C_OUT_G", "stride_h", "stride_w", "KH", "KW", "FLAT_K"],
     prune_configs_by={"early_config_prune": _prune_tiles},
-)(_conv_bias_act_kernel) if AUTOTUNE else None
+)(_conv_bn_act_kernel) if AUTOTUNE else None
 
 
-def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
-                       act_code, slope, residual, out, out_c_offset, input_precision):
-    """Launch the kernel: writes act(conv(x, weight) + bias [+ residual]) into
-    out[:, out_c_offset : out_c_offset + C_out]. Shapes are validated by the op layer."""
+def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
+                     act_code, slope, residual, out, out_c_offset, input_precision):
+    """Launch the kernel: writes act(bn(conv(x, weight) + bias) [+ residual]) into
+    out[:, out_c_offset : out_c_offset + C_out]. bias and the bn_* tensors may be None (BN is
+    applied iff bn_mean is given); shapes are validated by the op layer."""
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -180,16 +210,18 @@ def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
         return out
     cfg = _block_config(m, c_out_g, c_in_g, kh * kw, x.element_size())
     if AUTOTUNE:
-        kernel, cfg = _conv_bias_act_autotuned, dict(FLAT_K=cfg["FLAT_K"])
+        kernel, cfg = _conv_bn_act_autotuned, dict(FLAT_K=cfg["FLAT_K"])
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)
     else:
-        kernel = _conv_bias_act_kernel
+        kernel = _conv_bn_act_kernel
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups)
     res = residual if residual is not None else out  # never read when HAS_RES is False
+    # Absent per-channel tensors are never read (their HAS_* flag is False); any pointer will do.
+    vectors = [t if t is not None else out for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
     launchable(kernel)[grid](
-        x, weight, bias, res, out,
+        x, weight, *vectors, res, out,
         n, h, w, c_in_g, oh, ow, c_out_g,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
@@ -197,8 +229,9 @@ def conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         out_c_offset,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        float(slope),
-        KH=kh, KW=kw, ACT=act_code, HAS_RES=residual is not None,
+        float(eps), float(slope),
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_BN=bn_mean is not None, HAS_GAMMA=bn_weight is not None,
+        HAS_BETA=bn_bias is not None, ACT=act_code, HAS_RES=residual is not None,
         INPUT_PRECISION=input_precision, **cfg,
     )
     return out

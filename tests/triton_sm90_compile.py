@@ -59,6 +59,15 @@ NHWC_DIVISIBLE = ("sxn", "sxh", "sxw", "swo", "swh", "sww", "srn", "srh", "srw",
                   "C_OUT_G", "out_c_offset")
 
 
+# The epilogue as a model runs it: conv bias and BatchNorm (gamma, beta, running statistics), the
+# per-channel tensors in the model's dtype.
+BN_FLAGS = dict(HAS_BIAS=True, HAS_BN=True, HAS_GAMMA=True, HAS_BETA=True)
+
+
+def bn_pointers(dtype):
+    return {name: dtype for name in ("bias_ptr", "gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr")}
+
+
 def conv_cases():
     from fastbone.kernels import conv as kc
     from fastbone.ops.activation import ACTIVATIONS
@@ -73,24 +82,25 @@ def conv_cases():
                 cfg = kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8)
                 launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 precision = "tf32" if dtype == torch.float32 else "ieee"
-                cases.append((f"conv {dtype} M={m} Cout={c_out} Cin={c_in} k={k} act={act}", kc._conv_bias_act_kernel,
-                              dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=torch.float32, res_ptr=dtype,
-                                                 out_ptr=dtype),
+                cases.append((f"conv {dtype} M={m} Cout={c_out} Cin={c_in} k={k} act={act}", kc._conv_bn_act_kernel,
+                              dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
+                                                 **bn_pointers(dtype)),
                                    constexprs=dict(KH=k, KW=k, ACT=act, HAS_RES=True, INPUT_PRECISION=precision,
-                                                   **NHWC_UNIT_STRIDES, **cfg),
-                                   floats=("slope",), divisible_by_16=NHWC_DIVISIBLE if c_in % 16 == 0 else (),
+                                                   **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg),
+                                   floats=("eps", "slope"), divisible_by_16=NHWC_DIVISIBLE if c_in % 16 == 0 else (),
                                    **launch)))
     # Every autotuner tile, on a shape none of them is pruned for; the autotuner skips tiles that
     # do not fit a smaller card, so the bound here is the H100's 227 KiB.
     for dtype in (torch.float32, torch.float16):
         for bm, bn, bk, warps, stages in kc.GPU_TILES:
-            cases.append((f"conv autotune tile {dtype} {bm}x{bn}x{bk} w{warps} s{stages}", kc._conv_bias_act_kernel,
-                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=torch.float32, res_ptr=dtype,
-                                             out_ptr=dtype),
+            cases.append((f"conv autotune tile {dtype} {bm}x{bn}x{bk} w{warps} s{stages}", kc._conv_bn_act_kernel,
+                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
+                                             **bn_pointers(dtype)),
                                constexprs=dict(KH=3, KW=3, ACT=1, HAS_RES=False, FLAT_K=False, **NHWC_UNIT_STRIDES,
+                                               **BN_FLAGS,
                                                INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
-                               floats=("slope",), num_warps=warps, num_stages=stages, smem_limit=227 * 1024,
+                               floats=("eps", "slope"), num_warps=warps, num_stages=stages, smem_limit=227 * 1024,
                                divisible_by_16=NHWC_DIVISIBLE)))
     return cases
 

@@ -1,4 +1,4 @@
-"""The op layer: validated entry points that fold parameters and pick a backend."""
+"""The op layer: validated entry points that pick a backend and hand the modules' own tensors to it."""
 from .activation import ACTIVATIONS, apply_activation
 from .conv import conv_bias_act, conv_bn_act, conv_bn_act_maxpool
 from .pool import adaptive_avg_pool2d, avg_pool2d, global_avg_pool, max_pool2d

@@ -1,13 +1,29 @@
 """conv + BatchNorm + activation (+ residual, + channel-slice output).
 
-Public entry points:
-  conv_bn_act(x, conv, bn, act, ...)      folds `bn` into `conv` (cached) and runs the fused op
-  conv_bias_act(x, weight, bias, ...)     the fused op on already-folded parameters
-Both pick the backend from `fastbone.backend` and the input's device.
+BatchNorm is applied in the kernels' epilogue from the module's own tensors, per output
+channel in float32 (DESIGN.md): scale = gamma * rsqrt(var + eps), shift = beta - mean * scale
+(+ conv bias * scale). Nothing is folded or cached, so every change to the parameters, by any
+route (optimiser, `.data` writes, load_state_dict, `.half()`), is seen by the next call, and
+torch.compile / torch.export / torch.jit.trace see one pure function of the module's tensors.
 
-Registered operators (torch.library):
-  fastbone::triton_conv_bias_act         (triton_op) -> Tensor
-  fastbone::triton_conv_bias_act_into    (triton_op) writes into a channel slice of `out`
+Public entry points (each picks the backend from `fastbone.backend` and the input's device):
+  conv_bn_act(x, conv, bn, act, ...)          an nn.Conv2d and an optional BatchNorm module
+  conv_bias_act(x, weight, bias, ...)         raw tensors, no BatchNorm
+  conv_bn_act_maxpool(x, conv, bn, act, ...)  the network stem (conv + BN + act + max pool)
+
+Backend implementations are registered per op name with these signatures (arguments
+validated; `weight` as the module holds it; bias and the bn_* tensors may be None, BN is
+present iff bn_mean is given):
+  "conv_bn_act":         fn(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                            dilation, groups, act_code, slope, residual, out, out_channel_offset) -> Tensor
+  "conv_bn_act_maxpool": fn(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                            dilation, groups, act_code, slope, pool_kernel, pool_stride, pool_padding,
+                            ceil_mode, pool_out_hw) -> Tensor   (optional: else conv then pool)
+
+Registered operators (torch.library, each with a fake impl and a backward):
+  fastbone::triton_conv_bn_act(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, eps, stride,
+                               padding, dilation, groups, act, slope, residual?) -> Tensor
+  fastbone::triton_conv_bn_act_into(..., residual?, out!, out_channel_offset) -> ()
 """
 from __future__ import annotations
 
@@ -19,11 +35,11 @@ from torch import Tensor, nn
 
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import conv as triton_conv, kernel_op
+from ._autograd import register_reference_autograd, wants_grad
 from ._checks import check_activation_tensor, check_kernel_dtype, check_same_device, pair
 from .._backend import resolve_backend
 from ._registry import find_impl, get_impl, register_impl
 from .activation import ACTIVATIONS, DEFAULT_LEAKY_SLOPE, activation_code, apply_activation
-from .fold import folded_conv_bn
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -35,7 +51,8 @@ def new_activation(n: int, c: int, h: int, w: int, like: Tensor) -> Tensor:
     return torch.empty((n, c, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
-def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, out, out_channel_offset):
+def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, out, out_channel_offset,
+                     bn_tensors=()):
     check_activation_tensor(x)
     if not isinstance(weight, Tensor) or weight.dim() != 4:
         raise ValueError(f"weight must be a 4-D tensor (C_out, C_in/groups, kH, kW), got "
@@ -48,9 +65,14 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
                          f"(weight {tuple(weight.shape)}, groups={groups})")
     if c_out % groups:
         raise ValueError(f"C_out={c_out} is not divisible by groups={groups}")
-    if bias is None or bias.shape != (c_out,):
-        raise ValueError(f"bias must have shape ({c_out},), got {None if bias is None else tuple(bias.shape)}")
-    check_same_device(x, weight=weight, bias=bias, residual=residual, out=out)
+    for name, t in (("bias", bias), *bn_tensors):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.shape != (c_out,) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor of shape ({c_out},) (one value per output "
+                             f"channel), got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    check_same_device(x, weight=weight, bias=bias, residual=residual, out=out,
+                      **{name: t for name, t in bn_tensors})
     for name, v in (("stride", stride), ("dilation", dilation)):
         if min(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
@@ -80,23 +102,43 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
     return expect
 
 
-# --- torch backend: the reference, and the default on CPU --------------------------------
+# --- the reference: plain torch ops (the torch backend, and every backend's backward) -----
 
 _ACT_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 
 
-@register_impl("conv_bias_act", "torch")
-def _torch_conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act_code, slope,
-                         residual, out, out_channel_offset):
-    y = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), stride, padding, dilation, groups)
+def reference_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                          bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
+                          stride, padding, dilation, groups: int, act: int, slope: float,
+                          residual: Optional[Tensor]) -> Tensor:
+    """act(batch_norm(conv2d(x, weight, bias)) + residual) with torch's own ops, differentiable;
+    the sequence torchvision runs in eval mode."""
+    y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride, padding, dilation,
+                 groups)
+    if bn_mean is not None:
+        y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, eps)
     if residual is not None:
         y = y + residual
-    y = apply_activation(y, _ACT_NAMES[act_code], slope)
+    return apply_activation(y, _ACT_NAMES[act], slope)
+
+
+def reference_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                  dilation, groups, act, slope, pool_kernel, pool_stride, pool_padding,
+                                  ceil_mode) -> Tensor:
+    y = reference_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
+                              groups, act, slope, None)
+    return F.max_pool2d(y, pool_kernel, pool_stride, pool_padding, ceil_mode=ceil_mode)
+
+
+@register_impl("conv_bn_act", "torch")
+def _torch_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
+                       act_code, slope, residual, out, out_channel_offset):
+    y = reference_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
+                              groups, act_code, slope, residual)
     if out is None:
         return y.contiguous(memory_format=torch.channels_last)
     out[:, out_channel_offset:out_channel_offset + y.shape[1]].copy_(y)
     return out
-
 
 
 # --- triton backend -----------------------------------------------------------------------
@@ -115,45 +157,79 @@ def conv_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
     return new_activation(x.shape[0], weight.shape[0], oh, ow, x)
 
 
-@kernel_op("fastbone::triton_conv_bias_act", mutates_args=())
-def triton_conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
-                         dilation: list[int], groups: int, act: int, slope: float,
-                         residual: Optional[Tensor]) -> Tensor:
+@kernel_op("fastbone::triton_conv_bn_act", mutates_args=())
+def triton_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                       bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
+                       stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int,
+                       slope: float, residual: Optional[Tensor]) -> Tensor:
     out = conv_output(x, weight, stride, padding, dilation)
-    triton_conv.conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups, act, slope,
-                                   residual, out, 0, _input_precision(x))
+    triton_conv.conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                 dilation, groups, act, slope, residual, out, 0, _input_precision(x))
     return out
 
 
-@kernel_op("fastbone::triton_conv_bias_act_into", mutates_args=("out",))
-def triton_conv_bias_act_into(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
-                              dilation: list[int], groups: int, act: int, slope: float,
-                              residual: Optional[Tensor], out: Tensor, out_channel_offset: int) -> None:
-    triton_conv.conv_bias_act_into(x, weight, bias, stride, padding, dilation, groups, act, slope,
-                                   residual, out, out_channel_offset, _input_precision(x))
+@kernel_op("fastbone::triton_conv_bn_act_into", mutates_args=("out",))
+def triton_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                            bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
+                            eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                            act: int, slope: float, residual: Optional[Tensor], out: Tensor,
+                            out_channel_offset: int) -> None:
+    triton_conv.conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                 dilation, groups, act, slope, residual, out, out_channel_offset, _input_precision(x))
 
 
-@register_impl("conv_bias_act", "triton")
-def _triton_impl(x, weight, bias, stride, padding, dilation, groups, act_code, slope,
-                 residual, out, out_channel_offset):
+register_reference_autograd(triton_conv_bn_act, reference_conv_bn_act)
+
+
+def _channel_vector(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """A per-channel tensor as the Triton kernel reads it: contiguous, in a dtype it loads
+    (float32, or the model's float16 / bfloat16; the interpreter is not trusted with bfloat16)."""
+    if t is None:
+        return None
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16) or (t.dtype == torch.bfloat16 and not x.is_cuda):
+        t = t.float()
+    return t.contiguous()
+
+
+@register_impl("conv_bn_act", "triton")
+def _triton_impl(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
+                 act_code, slope, residual, out, out_channel_offset):
     check_kernel_dtype(x, "triton")
     if x.device.type == "cpu" and not triton_conv.INTERPRETED:
         raise RuntimeError("the triton backend got CPU tensors but Triton's interpreter is off "
                            "(a GPU is present); move the tensors to CUDA or use the torch backend")
-    weight = weight.to(x.dtype)
-    bias = bias.to(torch.float32)
-    args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, act_code, float(slope), residual)
+    vectors = [_channel_vector(t, x) for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
+    args = (x, weight.to(x.dtype), *vectors, float(eps), list(stride), list(padding), list(dilation), groups,
+            act_code, float(slope), residual)
     if out is None:
-        return torch.ops.fastbone.triton_conv_bias_act(*args)
-    torch.ops.fastbone.triton_conv_bias_act_into(*args, out, out_channel_offset)
+        return torch.ops.fastbone.triton_conv_bn_act(*args)
+    torch.ops.fastbone.triton_conv_bn_act_into(*args, out, out_channel_offset)
     return out
 
 
 # --- public entry points ------------------------------------------------------------------
 
-def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor, *, stride=1, padding=0, dilation=1, groups: int = 1,
-                  act: str = "identity", slope: float = DEFAULT_LEAKY_SLOPE, residual: Tensor | None = None,
-                  out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
+def _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
+                     code, slope, residual, out, out_channel_offset):
+    """Validate, pick the backend, run. A gradient-recording call into a channel slice runs the
+    out-of-place op (which has a backward) and copies: mutating ops have no autograd formula."""
+    bn_tensors = (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("bn_mean", bn_mean), ("bn_var", bn_var))
+    _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, out, out_channel_offset,
+                     bn_tensors)
+    _, impl = get_impl("conv_bn_act", x.device)
+    args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), stride, padding, dilation, groups,
+            code, slope, residual)
+    if out is not None and impl is not _torch_conv_bn_act and \
+            wants_grad(x, weight, bias, bn_weight, bn_bias, residual, out):
+        y = impl(*args, None, 0)
+        out[:, out_channel_offset:out_channel_offset + y.shape[1]].copy_(y)
+        return out
+    return impl(*args, out, out_channel_offset)
+
+
+def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1, padding=0, dilation=1,
+                  groups: int = 1, act: str = "identity", slope: float = DEFAULT_LEAKY_SLOPE,
+                  residual: Tensor | None = None, out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
     """act(conv2d(x, weight, bias) + residual), computed by the selected backend.
 
     With `out`, the result goes to out[:, out_channel_offset : out_channel_offset + C_out]
@@ -161,10 +237,8 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor, *, stride=1, padding=
     otherwise a new channels_last tensor is returned.
     """
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    code = activation_code(act)
-    _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, out, out_channel_offset)
-    _, impl = get_impl("conv_bias_act", x.device)
-    return impl(x, weight, bias, stride, padding, dilation, groups, code, slope, residual, out, out_channel_offset)
+    return _run_conv_bn_act(x, weight, bias, None, None, None, None, 0.0, stride, padding, dilation, groups,
+                            activation_code(act), slope, residual, out, out_channel_offset)
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -184,44 +258,60 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
+def batchnorm_tensors(bn: nn.Module | None, c_out: int):
+    """(weight, bias, running_mean, running_var, eps) of a BatchNorm module as the epilogue takes
+    them; all None (and eps 0) for no BatchNorm. Refuses what the epilogue cannot apply."""
+    if bn is None:
+        return None, None, None, None, 0.0
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"bn must be a BatchNorm module or None, got {type(bn).__name__}; the fused epilogue "
+                        "applies BatchNorm's running statistics (run the model in train mode for other norms)")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{type(bn).__name__}(track_running_stats=False) has no running statistics, so in eval mode "
+                         "it normalises with batch statistics, which the fused epilogue does not compute; run the "
+                         "model in train mode or build the BatchNorm with track_running_stats=True")
+    if bn.num_features != c_out:
+        raise ValueError(f"{type(bn).__name__} has {bn.num_features} features but the conv has {c_out} output channels")
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.eps)
+
+
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str = "relu", *,
                 slope: float = DEFAULT_LEAKY_SLOPE, residual: Tensor | None = None,
                 out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
-    """act(bn(conv(x)) + residual) with `bn` folded into `conv` (inference semantics:
-    BN uses its running statistics). See `conv_bias_act` for `out`."""
+    """act(bn(conv(x)) + residual) with inference semantics (BN uses its running statistics),
+    BatchNorm applied in the kernel's epilogue from `bn`'s own tensors. See `conv_bias_act` for `out`."""
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-    if bn is not None and not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"bn must be a BatchNorm module or None, got {type(bn).__name__}")
     check_activation_tensor(x)
-    dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
-    weight, bias = folded_conv_bn(conv, bn, dtype)
-    return conv_bias_act(x, weight, bias, stride=conv.stride, padding=_conv_padding(conv),
-                         dilation=conv.dilation, groups=conv.groups, act=act, slope=slope,
-                         residual=residual, out=out, out_channel_offset=out_channel_offset)
+    bn_args = batchnorm_tensors(bn, conv.out_channels)
+    return _run_conv_bn_act(x, conv.weight, conv.bias, *bn_args, tuple(conv.stride), _conv_padding(conv),
+                            tuple(conv.dilation), conv.groups, activation_code(act), slope, residual, out,
+                            out_channel_offset)
 
 
 def conv_bn_act_maxpool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str = "relu", *,
-                        pool_kernel=3, pool_stride=2, pool_padding=1, ceil_mode: bool = False) -> Tensor:
-    """The network stem, max_pool(act(bn(conv(x)))). A backend with a fused stem kernel
-    registers "conv_bias_act_maxpool" with the signature
-      fn(x, weight, bias, stride, padding, dilation, groups, act_code, slope,
-         pool_kernel, pool_stride, pool_padding, ceil_mode, pool_out_hw) -> Tensor;
-    elsewhere the conv and the pool run one after the other."""
-    from .pool import max_pool2d, pool_output_size  # pool imports nothing from here
+                        slope: float = DEFAULT_LEAKY_SLOPE, pool_kernel=3, pool_stride=2, pool_padding=1,
+                        ceil_mode: bool = False) -> Tensor:
+    """The network stem, max_pool(act(bn(conv(x)))), in one launch where the backend has a
+    fused stem kernel ("conv_bn_act_maxpool"); elsewhere the conv and the pool run in turn."""
+    from .pool import check_window, max_pool2d, pool_output_size  # pool imports nothing from here
 
     check_activation_tensor(x)
-    fused = find_impl("conv_bias_act_maxpool", resolve_backend(x.device))
+    fused = find_impl("conv_bn_act_maxpool", resolve_backend(x.device))
     if fused is None:
-        return max_pool2d(conv_bn_act(x, conv, bn, act), pool_kernel, pool_stride, pool_padding, ceil_mode)
+        return max_pool2d(conv_bn_act(x, conv, bn, act, slope=slope), pool_kernel, pool_stride, pool_padding,
+                          ceil_mode)
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-    weight, bias = folded_conv_bn(conv, bn, x.dtype)
+    bn_args = batchnorm_tensors(bn, conv.out_channels)
+    bn_tensors = tuple(zip(("bn_weight", "bn_bias", "bn_mean", "bn_var"), bn_args[:4]))
     stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
-    _, _, oh, ow = _check_conv_args(x, weight, bias, stride, padding, dilation, conv.groups, None, None, 0)
+    _, _, oh, ow = _check_conv_args(x, conv.weight, conv.bias, stride, padding, dilation, conv.groups, None, None, 0,
+                                    bn_tensors)
     pk, ps, pp = pair(pool_kernel, "pool_kernel"), pair(pool_stride, "pool_stride"), pair(pool_padding, "pool_padding")
+    check_window(x, pk, ps, pp)
     pool_hw = (pool_output_size(oh, pk[0], ps[0], pp[0], ceil_mode), pool_output_size(ow, pk[1], ps[1], pp[1], ceil_mode))
     if min(pool_hw) < 1:
         raise ValueError(f"the stem's conv output {oh}x{ow} is too small for a {pk} max pool")
-    return fused(x, weight, bias, stride, padding, dilation, conv.groups, activation_code(act),
-                 DEFAULT_LEAKY_SLOPE, pk, ps, pp, bool(ceil_mode), pool_hw)
+    return fused(x, conv.weight, conv.bias, *bn_args, stride, padding, dilation, conv.groups, activation_code(act),
+                 float(slope), pk, ps, pp, bool(ceil_mode), pool_hw)

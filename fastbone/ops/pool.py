@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import kernel_op, pool as triton_pool
+from ._autograd import register_reference_autograd
 from ._checks import check_activation_tensor, check_kernel_dtype, pair
 from ._registry import get_impl, register_impl
 
@@ -33,7 +34,7 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mod
     return out
 
 
-def _check_window(x, kernel, stride, padding):
+def check_window(x, kernel, stride, padding):
     check_activation_tensor(x)
     if min(kernel) < 1 or min(stride) < 1:
         raise ValueError(f"kernel_size and stride must be >= 1, got {kernel} and {stride}")
@@ -45,7 +46,7 @@ def _window_args(x, kernel_size, stride, padding, ceil_mode):
     kernel = pair(kernel_size, "kernel_size")
     stride = kernel if stride is None or stride == [] else pair(stride, "stride")
     padding = pair(padding, "padding")
-    _check_window(x, kernel, stride, padding)
+    check_window(x, kernel, stride, padding)
     out_hw = tuple(pool_output_size(s, k, st, p, bool(ceil_mode))
                    for s, k, st, p in zip(x.shape[2:], kernel, stride, padding))
     if min(out_hw) < 1:
@@ -85,7 +86,19 @@ def global_avg_pool(x: Tensor) -> Tensor:
     return adaptive_avg_pool2d(x, (1, 1))
 
 
-# --- torch backend ------------------------------------------------------------------------
+# --- torch references (the torch backend, and every backend's backward) -------------------
+
+def reference_max_pool2d(x: Tensor, kernel, stride, padding, ceil_mode: bool) -> Tensor:
+    return F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)
+
+
+def reference_avg_pool2d(x: Tensor, kernel, stride, padding, ceil_mode: bool, count_include_pad: bool) -> Tensor:
+    return F.avg_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+
+
+def reference_adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
+    return F.adaptive_avg_pool2d(x, output_size)
+
 
 def _nhwc(y: Tensor) -> Tensor:
     return y.contiguous(memory_format=torch.channels_last)
@@ -139,6 +152,11 @@ def triton_adaptive_avg_pool2d(x: Tensor, output_size: list[int]) -> Tensor:
     out = _new_output(x, output_size)
     triton_pool.adaptive_avg_pool2d_into(x, out)
     return out
+
+
+register_reference_autograd(triton_max_pool2d, reference_max_pool2d)
+register_reference_autograd(triton_avg_pool2d, reference_avg_pool2d)
+register_reference_autograd(triton_adaptive_avg_pool2d, reference_adaptive_avg_pool2d)
 
 
 def _check_triton_input(x: Tensor) -> None:
