@@ -1,5 +1,6 @@
 """conv_bias_act / conv_bn_act: the Triton kernel (through the interpreter on CPU,
-natively on CUDA) against float64 torch references."""
+natively on CUDA) against float64 torch references; BatchNorm in the epilogue, and the
+backward every fused op gets."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,62 +90,100 @@ def test_channel_slice_output_leaves_other_channels(backend):
     assert torch.all(out[:, :4] == 1.5) and torch.all(out[:, 17:] == -2.5)
 
 
-def _random_bn(c, eps=1e-5):
-    bn = nn.BatchNorm2d(c, eps=eps)
+def _random_bn(c, eps=1e-5, affine=True):
+    bn = nn.BatchNorm2d(c, eps=eps, affine=affine)
     with torch.no_grad():
         bn.running_mean.normal_(0, 0.5)
         bn.running_var.uniform_(0.2, 3.0)
-        bn.weight.normal_(1, 0.3)
-        bn.bias.normal_(0, 0.3)
+        if affine:
+            bn.weight.normal_(1, 0.3)
+            bn.bias.normal_(0, 0.3)
     return bn.eval()
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("conv_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("eps", [1e-5, 1e-3])
-def test_conv_bn_act_folds_batchnorm(conv_bias, eps):
+def test_conv_bn_act_applies_batchnorm_in_the_epilogue(conv_bias, eps, affine):
     conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=conv_bias)
-    bn = _random_bn(10, eps)
+    bn = _random_bn(10, eps, affine)
     x = torch.randn(2, 6, 13, 9)
+    ref = F.relu6(bn.double()(conv.double()(x.double())))
+    conv.float(), bn.float()
     with fastbone.backend("triton"):
         out = conv_bn_act(x, conv, bn, "relu6")
-    ref = F.relu6(bn.double()(conv.double()(x.double())))
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
-def test_fold_cache_follows_parameter_updates():
+def test_every_call_sees_the_current_parameters():
+    # No cache: in-place updates (optimiser steps), `.data` writes (EMA / SWA code, which bypass
+    # version counters), load_state_dict and a BN eps change all show in the next call.
     conv, bn = nn.Conv2d(4, 8, 3, padding=1, bias=False), _random_bn(8)
     x = torch.randn(1, 4, 6, 7)
+
+    def check(out):
+        assert rel_err(out, bn.double()(conv.double()(x.double()))) < TOL[torch.float32]
+        conv.float(), bn.float()
+
     with fastbone.backend("triton"):
-        first = conv_bn_act(x, conv, bn, "identity")
+        check(conv_bn_act(x, conv, bn, "identity"))
         with torch.no_grad():
-            bn.running_var.mul_(4.0)          # in-place: version bump
-        second = conv_bn_act(x, conv, bn, "identity")
+            bn.running_var.mul_(4.0)
+        check(conv_bn_act(x, conv, bn, "identity"))
+        for p in (conv.weight, bn.weight, bn.bias, bn.running_mean):
+            p.data.mul_(0.9).add_(0.05)
+        check(conv_bn_act(x, conv, bn, "identity"))
         conv.load_state_dict({"weight": torch.randn_like(conv.weight)})
-        third = conv_bn_act(x, conv, bn, "identity")
-    assert not torch.allclose(first, second) and not torch.allclose(second, third)
-    ref = bn.double()(conv.double()(x.double()))
-    assert rel_err(third, ref) < TOL[torch.float32]
+        bn.eps = 0.5
+        check(conv_bn_act(x, conv, bn, "identity"))
 
 
-def test_fold_large_running_var_in_float16():
-    # A running_var over float16's max (65504) must be folded in float32, not overflow to inf.
+def test_large_running_var_in_a_float16_model():
+    # A float16 model: running_var near float16's max (65504) and a large weight. The epilogue
+    # computes scale and shift in float32, so nothing overflows to inf.
     conv, bn = nn.Conv2d(4, 8, 3, padding=1, bias=False), _random_bn(8)
     with torch.no_grad():
-        bn.running_var[:4] = 1e6
+        bn.running_var[:4] = 6e4
         conv.weight.mul_(100.0)
+    conv.half(), bn.half()
     x = torch.randn(1, 4, 9, 8).half()
     with fastbone.backend("triton"):
         out = conv_bn_act(x, conv, bn, "identity")
-    weight_fp16 = conv.weight.detach().half().double()
-    ref = bn.double()(F.conv2d(x.double(), weight_fp16, None, 1, 1))
+    ref = bn.double()(conv.double()(x.double()))
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
-def test_fold_refuses_batchnorm_without_running_stats():
+def test_batchnorm_without_running_stats_is_refused():
     conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False).eval()
     with pytest.raises(ValueError, match="running statistics"):
         conv_bn_act(torch.randn(1, 3, 5, 5), conv, bn)
+    with pytest.raises(TypeError, match="GroupNorm"):
+        conv_bn_act(torch.randn(1, 3, 5, 5), conv, nn.GroupNorm(2, 4))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_eval_backward_gives_torchs_gradients(backend):
+    # The fused op's backward (the torch reference's VJP) against autograd through the modules
+    # themselves, in float64, for the input, conv weight and bias, gamma, beta and the residual;
+    # also into a channel slice of a larger output.
+    conv, bn = nn.Conv2d(5, 7, 3, padding=1), _random_bn(7)
+    x = torch.randn(2, 5, 8, 6, requires_grad=True)
+    residual = torch.randn(2, 7, 8, 6, requires_grad=True)
+    grad_out = torch.randn(2, 7, 8, 6)
+    leaves = [x, residual, conv.weight, conv.bias, bn.weight, bn.bias]
+    with fastbone.backend(backend):
+        out = conv_bn_act(x, conv, bn, "silu", residual=residual)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        sliced = torch.zeros(2, 9, 8, 6)
+        conv_bn_act(x, conv, bn, "silu", residual=residual, out=sliced, out_channel_offset=1)
+        sliced_grads = torch.autograd.grad(sliced[:, 1:8], leaves, grad_out)
+    conv.double(), bn.double()
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, residual)]
+    ref = F.silu(bn(conv(leaves64[0])) + leaves64[1])
+    ref_grads = torch.autograd.grad(ref, leaves64 + [conv.weight, conv.bias, bn.weight, bn.bias], grad_out.double())
+    for g, s, r in zip(grads, sliced_grads, ref_grads):
+        assert rel_err(g, r) < 1e-5 and rel_err(s, r) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -174,7 +213,7 @@ BAD_INPUTS = [
     ("wrong channels", dict(x=torch.randn(1, 5, 9, 9)), ValueError, "5 channels but the convolution expects 4"),
     ("device mismatch", dict(weight=torch.randn(6, 4, 3, 3, device="meta")), ValueError, "meta"),
     ("input too small", dict(x=torch.randn(1, 4, 1, 1), padding=0), ValueError, "too small"),
-    ("bad bias", dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
+    ("bad bias", dict(bias=torch.randn(5)), ValueError, r"bias must be a floating-point tensor of shape \(6,\)"),
     ("bad residual", dict(residual=torch.randn(1, 6, 3, 3)), ValueError, "residual has shape"),
     ("slice too narrow", dict(out=torch.empty(1, 7, 9, 9), out_channel_offset=2), ValueError, "to hold channels"),
     ("bad activation", dict(act="gelu"), ValueError, "unknown activation 'gelu'"),
@@ -200,13 +239,20 @@ def test_float64_is_refused_by_the_kernel_backend_only():
         assert rel_err(conv_bias_act(x, weight, bias, **kw), _reference(x, weight, bias, kw)) < 1e-12
 
 
+def _bn_op_args(bn):
+    return (bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, bn.eps)
+
+
 def test_opcheck_triton_ops():
     x, weight, bias, kw = _random_conv((2, 5, 7, 6, 9, (3, 3), 1, 1, 1, 1), torch.float32)
-    args = (x, weight, bias, [1, 1], [1, 1], [1, 1], 1, ACTIVATIONS["relu"], 0.1, None)
-    torch.library.opcheck(torch.ops.fastbone.triton_conv_bias_act.default, args)
+    bn = _random_bn(9)
+    args = (x, weight, bias, *_bn_op_args(bn), [1, 1], [1, 1], [1, 1], 1, ACTIVATIONS["relu"], 0.1, None)
+    torch.library.opcheck(torch.ops.fastbone.triton_conv_bn_act.default, args)
+    no_bn = (x, weight, None, None, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, ACTIVATIONS["silu"], 0.1, None)
+    torch.library.opcheck(torch.ops.fastbone.triton_conv_bn_act.default, no_bn)
     residual = torch.randn(2, 9, 7, 6).contiguous(memory_format=torch.channels_last)
     out = poisoned_like((2, 12, 7, 6), torch.float32)
-    torch.library.opcheck(torch.ops.fastbone.triton_conv_bias_act_into.default,
+    torch.library.opcheck(torch.ops.fastbone.triton_conv_bn_act_into.default,
                           args[:-1] + (residual, out, 2))
 
 
@@ -313,9 +359,9 @@ def test_non_contiguous_views_are_read_through_their_strides(backend):
 def test_gpu_opcheck_and_inductor_trace_the_triton_op():
     # On the GPU the ops are triton_ops: Inductor traces into the kernel launch (autotuned).
     x, weight, bias, kw = _random_conv((4, 32, 17, 19, 48, (3, 3), 1, 1, 1, 1), torch.float16, device="cuda")
-    args = (x, weight, bias, [1, 1], [1, 1], [1, 1], 1, ACTIVATIONS["relu"], 0.1, None)
-    torch.library.opcheck(torch.ops.fastbone.triton_conv_bias_act.default, args)
     conv, bn = nn.Conv2d(32, 48, 3, padding=1).cuda().half(), _random_bn(48).cuda().half()
+    args = (x, weight, bias, *_bn_op_args(bn), [1, 1], [1, 1], [1, 1], 1, ACTIVATIONS["relu"], 0.1, None)
+    torch.library.opcheck(torch.ops.fastbone.triton_conv_bn_act.default, args)
 
     def block(x):
         y = conv_bn_act(x, conv, bn, "relu")

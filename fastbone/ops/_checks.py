@@ -2,6 +2,9 @@
 that names the problem and what is accepted."""
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,3 +41,17 @@ def check_same_device(x: torch.Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but the input is on {x.device}; move them to one device")
+
+
+def quiet_under_jit_trace(check):
+    """torch.jit.trace records sizes as tensors, so every shape comparison in a check warns that
+    it "might not generalize". A traced model is specialised to its example's shapes anyway,
+    and the check still runs on the real example: silence those warnings, nothing else."""
+    @functools.wraps(check)
+    def wrapper(*args, **kwargs):
+        if not torch.jit.is_tracing():
+            return check(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return check(*args, **kwargs)
+    return wrapper

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import conv as triton_conv, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
-from ._checks import check_activation_tensor, check_kernel_dtype, check_same_device, pair
+from ._checks import check_activation_tensor, check_kernel_dtype, check_same_device, pair, quiet_under_jit_trace
 from .._backend import resolve_backend
 from ._registry import find_impl, get_impl, register_impl
 from .activation import ACTIVATIONS, DEFAULT_LEAKY_SLOPE, activation_code, apply_activation
@@ -51,6 +51,7 @@ def new_activation(n: int, c: int, h: int, w: int, like: Tensor) -> Tensor:
     return torch.empty((n, c, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
+@quiet_under_jit_trace
 def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, out, out_channel_offset,
                      bn_tensors=()):
     check_activation_tensor(x)

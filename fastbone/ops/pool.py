@@ -21,7 +21,7 @@ from torch import Tensor
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import kernel_op, pool as triton_pool
 from ._autograd import register_reference_autograd
-from ._checks import check_activation_tensor, check_kernel_dtype, pair
+from ._checks import check_activation_tensor, check_kernel_dtype, pair, quiet_under_jit_trace
 from ._registry import get_impl, register_impl
 
 
@@ -42,6 +42,7 @@ def check_window(x, kernel, stride, padding):
         raise ValueError(f"padding must be between 0 and half the kernel size {kernel}, got {padding}")
 
 
+@quiet_under_jit_trace
 def _window_args(x, kernel_size, stride, padding, ceil_mode):
     kernel = pair(kernel_size, "kernel_size")
     stride = kernel if stride is None or stride == [] else pair(stride, "stride")
@@ -69,6 +70,13 @@ def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool =
 
 
 def adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
+    out_hw = _adaptive_args(x, output_size)
+    _, impl = get_impl("adaptive_avg_pool2d", x.device)
+    return impl(x, out_hw)
+
+
+@quiet_under_jit_trace
+def _adaptive_args(x: Tensor, output_size) -> tuple[int, int]:
     check_activation_tensor(x)
     if isinstance(output_size, (tuple, list)) and any(s is None for s in output_size):
         output_size = tuple(x.shape[2 + i] if s is None else s for i, s in enumerate(output_size))
@@ -77,8 +85,7 @@ def adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
         raise ValueError(f"output_size must be >= 1, got {out_hw}")
     if min(x.shape[2:]) < 1:
         raise ValueError(f"adaptive pooling needs a non-empty input, got spatial size {tuple(x.shape[2:])}")
-    _, impl = get_impl("adaptive_avg_pool2d", x.device)
-    return impl(x, out_hw)
+    return out_hw
 
 
 def global_avg_pool(x: Tensor) -> Tensor:
