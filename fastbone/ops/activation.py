@@ -19,16 +19,16 @@ def activation_code(act: str) -> int:
         raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}") from None
 
 
-def apply_activation(x: torch.Tensor, act: str, slope: float = DEFAULT_LEAKY_SLOPE) -> torch.Tensor:
+def apply_activation(x: torch.Tensor, act: str, slope: float = DEFAULT_LEAKY_SLOPE, inplace: bool = False) -> torch.Tensor:
     code = activation_code(act)
     if code == 0:
         return x
     if code == 1:
-        return F.relu(x)
+        return F.relu(x, inplace=inplace)
     if code == 2:
-        return F.relu6(x)
+        return F.relu6(x, inplace=inplace)
     if code == 3:
-        return F.silu(x)
+        return F.silu(x, inplace=inplace)
     if code == 4:
-        return F.leaky_relu(x, slope)
-    return F.hardswish(x)
+        return F.leaky_relu(x, slope, inplace=inplace)
+    return F.hardswish(x, inplace=inplace)

@@ -111,16 +111,17 @@ _ACT_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 def reference_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                           bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                           stride, padding, dilation, groups: int, act: int, slope: float,
-                          residual: Optional[Tensor]) -> Tensor:
+                          residual: Optional[Tensor], inplace: bool = False) -> Tensor:
     """act(batch_norm(conv2d(x, weight, bias)) + residual) with torch's own ops, differentiable;
-    the sequence torchvision runs in eval mode."""
+    the sequence torchvision runs in eval mode. inplace=True (only where autograd records
+    nothing) adds the residual and applies the activation in place, as torchvision's blocks do."""
     y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride, padding, dilation,
                  groups)
     if bn_mean is not None:
         y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, eps)
     if residual is not None:
-        y = y + residual
-    return apply_activation(y, _ACT_NAMES[act], slope)
+        y = y.add_(residual) if inplace else y + residual
+    return apply_activation(y, _ACT_NAMES[act], slope, inplace=inplace)
 
 
 def reference_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
@@ -134,10 +135,11 @@ def reference_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, 
 @register_impl("conv_bn_act", "torch")
 def _torch_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
                        act_code, slope, residual, out, out_channel_offset):
+    inplace = not wants_grad(x, weight, bias, bn_weight, bn_bias, residual)
     y = reference_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
-                              groups, act_code, slope, residual)
+                              groups, act_code, slope, residual, inplace)
     if out is None:
-        return y.contiguous(memory_format=torch.channels_last)
+        return y  # in the input's layout, as torch's own ops keep it
     out[:, out_channel_offset:out_channel_offset + y.shape[1]].copy_(y)
     return out
 

@@ -107,23 +107,19 @@ def reference_adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
     return F.adaptive_avg_pool2d(x, output_size)
 
 
-def _nhwc(y: Tensor) -> Tensor:
-    return y.contiguous(memory_format=torch.channels_last)
-
-
 @register_impl("max_pool2d", "torch")
 def _torch_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw):
-    return _nhwc(F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode))
+    return reference_max_pool2d(x, kernel, stride, padding, ceil_mode)
 
 
 @register_impl("avg_pool2d", "torch")
 def _torch_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw):
-    return _nhwc(F.avg_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad))
+    return reference_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad)
 
 
 @register_impl("adaptive_avg_pool2d", "torch")
 def _torch_adaptive_avg_pool2d(x, out_hw):
-    return _nhwc(F.adaptive_avg_pool2d(x, out_hw))
+    return reference_adaptive_avg_pool2d(x, out_hw)
 
 
 # --- triton backend -----------------------------------------------------------------------
