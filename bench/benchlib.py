@@ -143,7 +143,7 @@ def median(values: Sequence[float]) -> float:
 def capture_cuda_graphs(fn: Callable, inputs: Sequence[torch.Tensor], warmup: int = 3) -> list[tuple]:
     """(graph, output) per input: the graph holds fn(input), replaying graph i reruns fn on
     inputs[i] and rewrites output i (read it right after that replay).
-    Warm-up runs on a side stream first (lazy initialisation, BN folding and Triton
+    Warm-up runs on a side stream first (lazy initialisation and Triton
     compilation must happen before capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

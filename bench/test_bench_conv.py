@@ -18,7 +18,7 @@ from fastbone.ops import conv_bn_act
 
 # Before timing, fastbone's output must match the torch sequence's. This guards against
 # timing a broken kernel (correctness proper is tested in tests/): float16/bfloat16
-# results differ by rounding of the output and of the folded weights (~1e-3 relative);
+# results differ by rounding of the output (~1e-3 relative);
 # float32 on GPU may use TF32 in both (~1e-3).
 CHECK_RTOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-2}
 
