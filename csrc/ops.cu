@@ -74,7 +74,13 @@ const T* in_ptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
 template <typename T>
 T* out_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
-// --- conv + bias + activation (+ residual, + channel slice) ------------------------------
+// --- conv + BatchNorm / bias + activation (+ residual, + channel slice) ------------------
+
+// BatchNorm needs both running statistics (the kernels read bn_var whenever bn_mean is given).
+void check_bn(uintptr_t bn_mean, uintptr_t bn_var) {
+  if ((bn_mean == 0) != (bn_var == 0))
+    throw std::invalid_argument("BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm)");
+}
 
 #ifndef FASTBONE_EMU
 // Whether the current device runs the tensor-core conv (cached per device).
@@ -94,13 +100,14 @@ bool device_has_tensor_core_conv() {
 #endif
 
 // conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; residual == 0 for none.
-void conv_bias_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
-                   const Dims& w_strides, uintptr_t bias, uintptr_t residual, const Dims& res_strides,
-                   uintptr_t out, const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset,
-                   const Dims& conv, int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream) {
+void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
+                 const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight, uintptr_t bn_bias, uintptr_t bn_mean,
+                 uintptr_t bn_var, double eps, uintptr_t residual, const Dims& res_strides, uintptr_t out,
+                 const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset, const Dims& conv,
+                 int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream) {
   check_dims(x_shape, "x_shape"), check_dims(x_strides, "x_strides"), check_dims(w_shape, "w_shape");
   check_dims(w_strides, "w_strides"), check_dims(res_strides, "res_strides"), check_dims(out_shape, "out_shape");
-  check_dims(out_strides, "out_strides"), check_params(conv, 6, "conv");
+  check_dims(out_strides, "out_strides"), check_params(conv, 6, "conv"), check_bn(bn_mean, bn_var);
   const int64_t n = x_shape[0], c_out = w_shape[0], oh = out_shape[2], ow = out_shape[3];
   const int64_t c_out_g = c_out / groups;
   const int64_t m = n * oh * ow;
@@ -110,14 +117,16 @@ void conv_bias_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uint
   const bool narrow = c_out_g <= fb::kConvNarrowMaxCout;
   // The kernels' arguments, the same for every variant (FB_CONV_PARAMS in conv.cuh).
 #define CONV_ARGS                                                                                               \
-  in_ptr<T>(x), in_ptr<T>(w), in_ptr<float>(bias), in_ptr<T>(residual), out_ptr<T>(out), (int)m,              \
+  in_ptr<T>(x), in_ptr<T>(w), in_ptr<float>(bias), in_ptr<float>(bn_weight), in_ptr<float>(bn_bias),        \
+      in_ptr<float>(bn_mean), in_ptr<float>(bn_var), in_ptr<T>(residual), out_ptr<T>(out), (int)m,            \
       (int)x_shape[2], (int)x_shape[3], (int)w_shape[1], (int)oh, (int)ow, (int)c_out_g, (int)w_shape[2],     \
       (int)w_shape[3], (long long)x_strides[0], (long long)x_strides[1], (long long)x_strides[2],             \
       (long long)x_strides[3], (long long)w_strides[0], (long long)w_strides[1], (long long)w_strides[2],     \
       (long long)w_strides[3], (long long)res_strides[0], (long long)res_strides[1],                          \
       (long long)res_strides[2], (long long)res_strides[3], (long long)out_strides[0],                        \
       (long long)out_strides[1], (long long)out_strides[2], (long long)out_strides[3], (int)out_c_offset,     \
-      (int)conv[0], (int)conv[1], (int)conv[2], (int)conv[3], (int)conv[4], (int)conv[5], (float)slope
+      (int)conv[0], (int)conv[1], (int)conv[2], (int)conv[3], (int)conv[4], (int)conv[5], (float)eps,         \
+      (float)slope
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_act(act, [&](auto act_c) {
@@ -126,7 +135,7 @@ void conv_bias_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uint
         using Tile = decltype(tile);
         const dim3 grid((unsigned)fb::ceil_div(m, Tile::BM), (unsigned)fb::ceil_div(c_out_g, Tile::BN),
                         (unsigned)groups);
-        FB_LAUNCH((fb::conv_bias_act_kernel<T, ACT, Tile::BM, Tile::BN, Tile::BK, Tile::TM, Tile::TN>), grid,
+        FB_LAUNCH((fb::conv_bn_act_kernel<T, ACT, Tile::BM, Tile::BN, Tile::BK, Tile::TM, Tile::TN>), grid,
                   dim3(Tile::kThreads), 0, FB_STREAM(stream),
                   CONV_ARGS);
       };
@@ -135,7 +144,7 @@ void conv_bias_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uint
         if (!narrow && device_has_tensor_core_conv()) {  // float16 / bfloat16 on sm_80+: tensor cores
           const dim3 grid((unsigned)fb::ceil_div(m, fb::kConvTcBM), (unsigned)fb::ceil_div(c_out_g, fb::kConvTcBN),
                           (unsigned)groups);
-          FB_LAUNCH((fb::conv_bias_act_tc_kernel<T, ACT>), grid, dim3(fb::kConvTcThreads), 0, FB_STREAM(stream),
+          FB_LAUNCH((fb::conv_bn_act_tc_kernel<T, ACT>), grid, dim3(fb::kConvTcThreads), 0, FB_STREAM(stream),
                     CONV_ARGS);
           return;
         }
@@ -147,7 +156,7 @@ void conv_bias_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uint
 #undef CONV_ARGS
 }
 
-// --- the fused stem: conv + bias + activation + max pool ---------------------------------
+// --- the fused stem: conv + BatchNorm / bias + activation + max pool ----------------------
 
 struct StemTile {
   int64_t ph, pw;
@@ -174,16 +183,18 @@ bool stem_supported(int64_t c_in_g, int64_t kh, int64_t kw, const Dims& pool) {
 
 // conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; pool = {kh, kw, sh, sw, ph, pw};
 // conv_out_hw = the conv's output size; out_shape = the pooled output.
-void conv_bias_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w,
-                           const Dims& w_shape, const Dims& w_strides, uintptr_t bias, uintptr_t out,
-                           const Dims& out_shape, const Dims& out_strides, const Dims& conv, int64_t groups,
-                           const Dims& conv_out_hw, const Dims& pool, int64_t dtype, int64_t act, double slope,
-                           uintptr_t stream) {
+void conv_bn_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w,
+                         const Dims& w_shape, const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight,
+                         uintptr_t bn_bias, uintptr_t bn_mean, uintptr_t bn_var, double eps, uintptr_t out,
+                         const Dims& out_shape, const Dims& out_strides, const Dims& conv, int64_t groups,
+                         const Dims& conv_out_hw, const Dims& pool, int64_t dtype, int64_t act, double slope,
+                         uintptr_t stream) {
   check_dims(x_shape, "x_shape"), check_dims(x_strides, "x_strides"), check_dims(w_shape, "w_shape");
   check_dims(w_strides, "w_strides"), check_dims(out_shape, "out_shape"), check_dims(out_strides, "out_strides");
   check_params(conv, 6, "conv"), check_params(pool, 6, "pool"), check_params(conv_out_hw, 2, "conv_out_hw");
+  check_bn(bn_mean, bn_var);
   if (!stem_supported(w_shape[1], w_shape[2], w_shape[3], pool))
-    throw std::invalid_argument("conv_bias_act_maxpool: C_in/groups * KH * KW must be <= " +
+    throw std::invalid_argument("conv_bn_act_maxpool: C_in/groups * KH * KW must be <= " +
                                 std::to_string(fb::kStemMaxTaps) + " and the pool window must fit " +
                                 std::to_string(fb::kStemMaxRegion) + " conv outputs; run conv and pool separately");
   const int64_t n = out_shape[0], c_out = out_shape[1], ph = out_shape[2], pw = out_shape[3];
@@ -195,8 +206,9 @@ void conv_bias_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strid
     using T = typename decltype(tag)::type;
     dispatch_act(act, [&](auto act_c) {
       constexpr int ACT = decltype(act_c)::value;
-      FB_LAUNCH((fb::conv_bias_act_maxpool_kernel<T, ACT>), grid, dim3(fb::kStemThreads), 0, FB_STREAM(stream),
-                in_ptr<T>(x), in_ptr<T>(w), in_ptr<float>(bias), out_ptr<T>(out),
+      FB_LAUNCH((fb::conv_bn_act_maxpool_kernel<T, ACT>), grid, dim3(fb::kStemThreads), 0, FB_STREAM(stream),
+                in_ptr<T>(x), in_ptr<T>(w), in_ptr<float>(bias), in_ptr<float>(bn_weight), in_ptr<float>(bn_bias),
+                in_ptr<float>(bn_mean), in_ptr<float>(bn_var), out_ptr<T>(out),
                 (int)x_shape[2], (int)x_shape[3], (int)w_shape[1], (int)c_out, (int)(c_out / groups),
                 (int)w_shape[2], (int)w_shape[3], (int)conv_out_hw[0], (int)conv_out_hw[1], (int)ph, (int)pw,
                 (long long)x_strides[0], (long long)x_strides[1], (long long)x_strides[2], (long long)x_strides[3],
@@ -205,7 +217,7 @@ void conv_bias_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strid
                 (long long)out_strides[3],
                 (int)conv[0], (int)conv[1], (int)conv[2], (int)conv[3], (int)conv[4], (int)conv[5],
                 (int)pool[0], (int)pool[1], (int)pool[2], (int)pool[3], (int)pool[4], (int)pool[5],
-                (int)tile.ph, (int)tile.pw, (float)slope);
+                (int)tile.ph, (int)tile.pw, (float)eps, (float)slope);
     });
   });
 }

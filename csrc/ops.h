@@ -11,18 +11,26 @@ namespace fb_ops {
 
 using Dims = std::vector<int64_t>;
 
-// conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; residual == 0 for none.
-void conv_bias_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
-                   const Dims& w_strides, uintptr_t bias, uintptr_t residual, const Dims& res_strides,
-                   uintptr_t out, const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset,
-                   const Dims& conv, int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream);
+// bias, bn_weight, bn_bias, bn_mean, bn_var: the conv epilogue's per-output-channel tensors (float32, contiguous; 0 = absent): the conv bias and
+// the BatchNorm weight (gamma), bias (beta), running mean and running variance. BatchNorm applies
+// iff bn_mean != 0 (bn_var then required); gamma / beta absent mean 1 / 0 (affine=False).
 
-// pool = {kh, kw, sh, sw, ph, pw}; conv_out_hw = the conv's output size; out_shape = the pooled output.
-void conv_bias_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w,
-                           const Dims& w_shape, const Dims& w_strides, uintptr_t bias, uintptr_t out,
-                           const Dims& out_shape, const Dims& out_strides, const Dims& conv, int64_t groups,
-                           const Dims& conv_out_hw, const Dims& pool, int64_t dtype, int64_t act, double slope,
-                           uintptr_t stream);
+// act(bn(conv2d(x, w) + bias) [+ residual]) into out[:, off:off+C_out].
+// conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; residual == 0 for none.
+void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
+                 const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight, uintptr_t bn_bias, uintptr_t bn_mean,
+                 uintptr_t bn_var, double eps, uintptr_t residual, const Dims& res_strides, uintptr_t out,
+                 const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset, const Dims& conv,
+                 int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream);
+
+// max_pool(act(bn(conv2d(x, w) + bias))) in one launch. pool = {kh, kw, sh, sw, ph, pw};
+// conv_out_hw = the conv's output size; out_shape = the pooled output.
+void conv_bn_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w,
+                         const Dims& w_shape, const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight,
+                         uintptr_t bn_bias, uintptr_t bn_mean, uintptr_t bn_var, double eps, uintptr_t out,
+                         const Dims& out_shape, const Dims& out_strides, const Dims& conv, int64_t groups,
+                         const Dims& conv_out_hw, const Dims& pool, int64_t dtype, int64_t act, double slope,
+                         uintptr_t stream);
 
 bool stem_supported(int64_t c_in_g, int64_t kh, int64_t kw, const Dims& pool);
 

@@ -8,18 +8,21 @@
 namespace py = pybind11;
 
 void fb_register_ops(py::module_& m) {
-  m.def("conv_bias_act", &fb_ops::conv_bias_act,
-        "act(conv2d(x, w) + bias [+ residual]) into out[:, off:off+C_out]",
+  m.def("conv_bn_act", &fb_ops::conv_bn_act,
+        "act(bn(conv2d(x, w) + bias) [+ residual]) into out[:, off:off+C_out]; 0 for an absent bias / bn_* / residual",
         py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w"), py::arg("w_shape"),
-        py::arg("w_strides"), py::arg("bias"), py::arg("residual"), py::arg("res_strides"), py::arg("out"),
+        py::arg("w_strides"), py::arg("bias"), py::arg("bn_weight"), py::arg("bn_bias"), py::arg("bn_mean"),
+        py::arg("bn_var"), py::arg("eps"), py::arg("residual"), py::arg("res_strides"), py::arg("out"),
         py::arg("out_shape"), py::arg("out_strides"), py::arg("out_c_offset"), py::arg("conv"), py::arg("groups"),
         py::arg("dtype"), py::arg("act"), py::arg("slope"), py::arg("stream"));
-  m.def("conv_bias_act_maxpool", &fb_ops::conv_bias_act_maxpool, "max_pool(act(conv2d(x, w) + bias)) in one launch",
+  m.def("conv_bn_act_maxpool", &fb_ops::conv_bn_act_maxpool,
+        "max_pool(act(bn(conv2d(x, w) + bias))) in one launch; 0 for an absent bias / bn_*",
         py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w"), py::arg("w_shape"),
-        py::arg("w_strides"), py::arg("bias"), py::arg("out"), py::arg("out_shape"), py::arg("out_strides"),
+        py::arg("w_strides"), py::arg("bias"), py::arg("bn_weight"), py::arg("bn_bias"), py::arg("bn_mean"),
+        py::arg("bn_var"), py::arg("eps"), py::arg("out"), py::arg("out_shape"), py::arg("out_strides"),
         py::arg("conv"), py::arg("groups"), py::arg("conv_out_hw"), py::arg("pool"), py::arg("dtype"),
         py::arg("act"), py::arg("slope"), py::arg("stream"));
-  m.def("stem_supported", &fb_ops::stem_supported, "whether conv_bias_act_maxpool accepts this conv / pool",
+  m.def("stem_supported", &fb_ops::stem_supported, "whether conv_bn_act_maxpool accepts this conv / pool",
         py::arg("c_in_g"), py::arg("kh"), py::arg("kw"), py::arg("pool"));
   m.def("max_pool2d", &fb_ops::max_pool2d, "max pool 2d; pool = {kh, kw, sh, sw, ph, pw}", py::arg("x"),
         py::arg("x_shape"), py::arg("x_strides"), py::arg("out"), py::arg("out_shape"), py::arg("out_strides"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 
 import torch
 
@@ -20,6 +21,10 @@ _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastbone_b
 def _check(name: str) -> str:
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"unknown fastbone backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if name == "cuda":
+        # Register the cuda backend's ops now, not at its first op call, which may be inside a
+        # torch.compile'd region where an import cannot be traced. (Loads no compiled code.)
+        importlib.import_module("fastbone.cuda.ops")
     return name
 
 

@@ -56,6 +56,37 @@ __device__ __forceinline__ float activate(float x, float slope) {
   return x;
 }
 
+// The conv epilogue's per-output-channel affine map, v = acc * scale + shift, in float32 from the
+// module's own tensors (nothing folded or cached, so every call sees the current values):
+//   BatchNorm (inference): scale = gamma / sqrt(var + eps), shift = beta + (conv_bias - mean) * scale
+//   no BatchNorm:          scale = 1, shift = conv_bias (acc * 1 + b == acc + b exactly)
+// Every pointer is float32, one value per output channel, nullptr for "absent": BatchNorm is
+// present iff bn_mean is (then bn_var is too); gamma / beta absent (affine=False) read as 1 / 0,
+// an absent conv bias as 0. 1 / sqrtf rather than rsqrtf: both IEEE-rounded, so the GPU builds
+// and the emulator compute the same bits.
+struct ChannelAffine {
+  const float* bias;
+  const float* bn_weight;
+  const float* bn_bias;
+  const float* bn_mean;
+  const float* bn_var;
+  float eps;
+
+  struct Coeffs {
+    float scale, shift;
+    __device__ __forceinline__ float apply(float acc) const { return fmaf(acc, scale, shift); }
+  };
+
+  __device__ __forceinline__ Coeffs at(int c) const {
+    const float b = bias != nullptr ? bias[c] : 0.0f;
+    if (bn_mean == nullptr) return {1.0f, b};
+    const float gamma = bn_weight != nullptr ? bn_weight[c] : 1.0f;
+    const float beta = bn_bias != nullptr ? bn_bias[c] : 0.0f;
+    const float scale = gamma * (1.0f / sqrtf(bn_var[c] + eps));
+    return {scale, fmaf(b - bn_mean[c], scale, beta)};
+  }
+};
+
 // Max that propagates NaN like torch's max pool (once NaN, stays NaN).
 __device__ __forceinline__ float nan_max(float acc, float v) { return (v > acc || v != v) ? v : acc; }
 

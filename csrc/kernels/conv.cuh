@@ -1,14 +1,19 @@
-// conv2d + bias + activation (+ residual, + channel-slice output) as a tiled implicit GEMM.
+// conv2d + BatchNorm (inference) / bias + activation (+ residual, + channel-slice output) as a
+// tiled implicit GEMM.
 //
 // GEMM view, per group g (the CUDA counterpart of kernels/conv.py):
 //   out[m, n] = sum_k A[m, k] * B[k, n]
 //   m = (batch, oh, ow) output pixel, n = output channel of group g,
 //   k = (kh, kw, c) with c an input channel of group g (c fastest: contiguous in NHWC).
 // A is gathered from the input on the fly (no im2col buffer), B is the weight (logical
-// OIHW, any strides). Each block stages a BM x BK tile of A and a BK x BN tile of B in
-// shared memory as float32 and every thread accumulates a TM x TN sub-tile in float32
-// registers. Every tensor is addressed through its strides, so the input may be NCHW or
+// OIHW, any strides, as the module holds it: BatchNorm is never folded into it). Each block
+// stages a BM x BK tile of A and a BK x BN tile of B in shared memory as float32 and every
+// thread accumulates a TM x TN sub-tile in float32 registers. Every tensor is addressed through its strides, so the input may be NCHW or
 // NHWC and the output may be a channel slice of a larger tensor.
+//
+// The epilogue applies, per output channel in float32, v = acc * scale + shift from the conv bias
+// and the BatchNorm tensors (ChannelAffine in common.cuh; each thread computes the coefficients of
+// the columns it owns once), then adds the residual and applies the activation.
 //
 // Two variants share the tile loader and the epilogue: the plain one (shared memory +
 // __syncthreads, float32 FMAs) runs under the host emulator and on any GPU; the tensor-core
@@ -37,25 +42,28 @@ constexpr int kConvNarrowMaxCout = 16;  // C_out per group at or below which Con
 
 // The kernels' parameters, flat so NVRTC launches pass plain scalars; each kernel packs them
 // into a ConvProblem for the shared loader and epilogue.
+// bias, bn_*: float32 per output channel or nullptr (ChannelAffine); res: nullptr for no residual.
 #define FB_CONV_PARAMS(T)                                                                                  \
   const T *__restrict__ x, const T *__restrict__ w, const float *__restrict__ bias,                         \
-      const T *__restrict__ res, T *__restrict__ out, int M, int H, int W, int C_in_g, int OH, int OW,      \
-      int C_out_g, int KH, int KW, long long sxn, long long sxc, long long sxh, long long sxw, long long swo, \
-      long long swc, long long swh, long long sww, long long srn, long long src, long long srh,              \
-      long long srw, long long son, long long soc, long long soh, long long sow, int out_c_offset,          \
-      int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, float slope
+      const float *__restrict__ bn_weight, const float *__restrict__ bn_bias,                               \
+      const float *__restrict__ bn_mean, const float *__restrict__ bn_var, const T *__restrict__ res,       \
+      T *__restrict__ out, int M, int H, int W, int C_in_g, int OH, int OW, int C_out_g, int KH, int KW,    \
+      long long sxn, long long sxc, long long sxh, long long sxw, long long swo, long long swc,             \
+      long long swh, long long sww, long long srn, long long src, long long srh, long long srw,             \
+      long long son, long long soc, long long soh, long long sow, int out_c_offset, int stride_h,           \
+      int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, float eps, float slope
 #define FB_CONV_PROBLEM(T)                                                                                  \
   ConvProblem<T> {                                                                                         \
-    x, w, bias, res, out, M, H, W, C_in_g, OH, OW, C_out_g, KH, KW, sxn, sxc, sxh, sxw, swo, swc, swh, sww, \
-        srn, src, srh, srw, son, soc, soh, sow, out_c_offset, stride_h, stride_w, pad_h, pad_w, dil_h,      \
-        dil_w, slope                                                                                        \
+    x, w, ChannelAffine{bias, bn_weight, bn_bias, bn_mean, bn_var, eps}, res, out, M, H, W, C_in_g, OH, OW, \
+        C_out_g, KH, KW, sxn, sxc, sxh, sxw, swo, swc, swh, sww, srn, src, srh, srw, son, soc, soh, sow,    \
+        out_c_offset, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope                                 \
   }
 
 template <typename T>
 struct ConvProblem {
   const T* x;
   const T* w;
-  const float* bias;
+  ChannelAffine affine;  // conv bias + BatchNorm, per output channel
   const T* res;  // nullptr: no residual
   T* out;
   int M, H, W, C_in_g, OH, OW, C_out_g, KH, KW;
@@ -134,13 +142,21 @@ struct ConvTileLoader {
   }
 };
 
-// out[m, n] of group g = act(acc + bias (+ residual)), rounded to T, stored into the channel slice.
+// The epilogue coefficients of column n of group g (an identity past C_out_g: never stored).
+template <typename T>
+__device__ __forceinline__ ChannelAffine::Coeffs conv_coeffs(const ConvProblem<T>& p, int g, int n) {
+  return n < p.C_out_g ? p.affine.at(g * p.C_out_g + n) : ChannelAffine::Coeffs{1.0f, 0.0f};
+}
+
+// out[m, n] of group g = act(acc * scale + shift (+ residual)), rounded to T, stored into the
+// channel slice; `c` = conv_coeffs(p, g, n).
 template <typename T, int ACT>
-__device__ __forceinline__ void conv_store(const ConvProblem<T>& p, int g, int m, int n, float acc) {
+__device__ __forceinline__ void conv_store(const ConvProblem<T>& p, int g, int m, int n, float acc,
+                                           ChannelAffine::Coeffs c) {
   if (m >= p.M || n >= p.C_out_g) return;
   const int ow = m % p.OW, oh = (m / p.OW) % p.OH, nb = m / (p.OW * p.OH);
   const int oc = g * p.C_out_g + n;
-  float v = acc + p.bias[oc];
+  float v = c.apply(acc);
   if (p.res != nullptr) v += to_float(p.res[nb * p.srn + oh * p.srh + ow * p.srw + oc * p.src]);
   p.out[nb * p.son + oh * p.soh + ow * p.sow + (long long)(p.out_c_offset + oc) * p.soc] =
       from_float<T>(activate<ACT>(v, p.slope));
@@ -148,7 +164,7 @@ __device__ __forceinline__ void conv_store(const ConvProblem<T>& p, int g, int m
 
 // The plain (SIMT) variant: tiles staged as float32, each thread accumulates TM x TN outputs.
 template <typename T, int ACT, int BM, int BN, int BK, int TM, int TN>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN)) conv_bias_act_kernel(FB_CONV_PARAMS(T)) {
+__global__ void __launch_bounds__((BM / TM) * (BN / TN)) conv_bn_act_kernel(FB_CONV_PARAMS(T)) {
   constexpr int kThreads = (BM / TM) * (BN / TN);
   const ConvProblem<T> p = FB_CONV_PROBLEM(T);
   // +1 column: the loader writes down a column (fixed k, consecutive m), which would
@@ -188,9 +204,12 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN)) conv_bias_act_kernel(FB
     __syncthreads();  // the tiles are overwritten by the next step's loads
   }
   FB_UNROLL
-  for (int i = 0; i < TM; ++i)
+  for (int j = 0; j < TN; ++j) {
+    const int n = n0 + tn + j * (BN / TN);
+    const ChannelAffine::Coeffs c = conv_coeffs(p, g, n);  // once per owned column
     FB_UNROLL
-    for (int j = 0; j < TN; ++j) conv_store<T, ACT>(p, g, m0 + tm + i * (BM / TM), n0 + tn + j * (BN / TN), acc[i][j]);
+    for (int i = 0; i < TM; ++i) conv_store<T, ACT>(p, g, m0 + tm + i * (BM / TM), n, acc[i][j], c);
+  }
 }
 
 #ifndef FASTBONE_EMU
@@ -206,7 +225,7 @@ constexpr int kConvTcBM = 64, kConvTcBN = 64, kConvTcBK = 16, kConvTcThreads = 1
 constexpr int kConvTcMinCC = FB_CONV_TC_MIN_CC;
 
 template <typename T, int ACT>
-__global__ void __launch_bounds__(kConvTcThreads) conv_bias_act_tc_kernel(FB_CONV_PARAMS(T)) {
+__global__ void __launch_bounds__(kConvTcThreads) conv_bn_act_tc_kernel(FB_CONV_PARAMS(T)) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < FB_CONV_TC_MIN_CC * 10
   __trap();  // compiled for an older GPU (FASTBONE_CUDA_ARCHS): never launched there
 #else
@@ -252,9 +271,13 @@ __global__ void __launch_bounds__(kConvTcThreads) conv_bias_act_tc_kernel(FB_CON
     for (int j = 0; j < 2; ++j)
       wmma::store_matrix_sync(&c_tile[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], LDC, wmma::mem_row_major);
   __syncthreads();
-  // Consecutive threads store consecutive output channels (contiguous in NHWC).
-  for (int idx = threadIdx.x; idx < BM * BN; idx += kConvTcThreads)
-    conv_store<T, ACT>(p, g, m0 + idx / BN, n0 + idx % BN, c_tile[idx / BN][idx % BN]);
+  // Consecutive threads store consecutive output channels (contiguous in NHWC); each thread
+  // keeps one column, so it computes that channel's coefficients once.
+  static_assert(kConvTcThreads % BN == 0, "each thread stores a single output column");
+  const int col = threadIdx.x % BN;
+  const ChannelAffine::Coeffs c = conv_coeffs(p, g, n0 + col);
+  for (int row = threadIdx.x / BN; row < BM; row += kConvTcThreads / BN)
+    conv_store<T, ACT>(p, g, m0 + row, n0 + col, c_tile[row][col], c);
 #endif  // __CUDA_ARCH__
 }
 #endif  // FASTBONE_EMU

@@ -1,4 +1,6 @@
-// The network stem in one launch: max_pool(act(conv2d(x, w) + bias)).
+// The network stem in one launch: max_pool(act(bn(conv2d(x, w) + bias))), BatchNorm (inference)
+// and the conv bias applied per output channel in float32 as in the conv epilogue (ChannelAffine
+// in common.cuh: bias and bn_* float32 or nullptr).
 //
 // A block owns a tile of pooled outputs (tile_ph x tile_pw pixels, kStemCoTile output
 // channels, one image). It computes the conv outputs the tile's pool windows cover
@@ -21,16 +23,18 @@ constexpr int kStemMaxTile = 8;     // pooled outputs per block side
 
 template <typename T, int ACT>
 __global__ void __launch_bounds__(kStemThreads)
-conv_bias_act_maxpool_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
-                             T* __restrict__ out,
-                             int H, int W, int C_in_g, int C_out, int C_out_g, int KH, int KW, int OH, int OW,
-                             int PH, int PW,
-                             long long sxn, long long sxc, long long sxh, long long sxw,
-                             long long swo, long long swc, long long swh, long long sww,
-                             long long son, long long soc, long long soh, long long sow,
-                             int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w,
-                             int pool_kh, int pool_kw, int pool_sh, int pool_sw, int pool_ph, int pool_pw,
-                             int tile_ph, int tile_pw, float slope) {
+conv_bn_act_maxpool_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
+                           const float* __restrict__ bn_weight, const float* __restrict__ bn_bias,
+                           const float* __restrict__ bn_mean, const float* __restrict__ bn_var,
+                           T* __restrict__ out,
+                           int H, int W, int C_in_g, int C_out, int C_out_g, int KH, int KW, int OH, int OW,
+                           int PH, int PW,
+                           long long sxn, long long sxc, long long sxh, long long sxw,
+                           long long swo, long long swc, long long swh, long long sww,
+                           long long son, long long soc, long long soh, long long sow,
+                           int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w,
+                           int pool_kh, int pool_kw, int pool_sh, int pool_sw, int pool_ph, int pool_pw,
+                           int tile_ph, int tile_pw, float eps, float slope) {
   __shared__ float w_tile[kStemMaxTaps][kStemCoTile];      // [tap (kh, kw, c)][output channel]
   __shared__ float conv_tile[kStemMaxRegion][kStemCoTile]; // [region pixel][output channel]
 
@@ -54,7 +58,13 @@ conv_bias_act_maxpool_kernel(const T* __restrict__ x, const T* __restrict__ w, c
   const int r0 = ph0 * pool_sh - pool_ph, c0 = pw0 * pool_sw - pool_pw;
   const int RH = (tile_ph - 1) * pool_sh + pool_kh, RW = (tile_pw - 1) * pool_sw + pool_kw;
   // Neighbouring threads take neighbouring output channels of one pixel: they read the
-  // same input values (broadcast) and adjacent weights.
+  // same input values (broadcast) and adjacent weights. A thread keeps one output channel
+  // (kStemThreads is a multiple of kStemCoTile), so it computes its coefficients once.
+  static_assert(kStemThreads % kStemCoTile == 0, "each thread keeps a single output channel");
+  const int own_oc = co0 + tid % kStemCoTile;
+  const ChannelAffine::Coeffs coeffs = own_oc < C_out
+                                           ? ChannelAffine{bias, bn_weight, bn_bias, bn_mean, bn_var, eps}.at(own_oc)
+                                           : ChannelAffine::Coeffs{1.0f, 0.0f};
   for (int idx = tid; idx < RH * RW * kStemCoTile; idx += kStemThreads) {
     const int co = idx % kStemCoTile, pix = idx / kStemCoTile;
     const int oh = r0 + pix / RW, ow = c0 + pix % RW;
@@ -63,7 +73,7 @@ conv_bias_act_maxpool_kernel(const T* __restrict__ x, const T* __restrict__ w, c
     if (oh < 0 || oh >= OH || ow < 0 || ow >= OW || oc >= C_out) continue;
     const long long x_base = nb * sxn + (long long)(oc / C_out_g) * C_in_g * sxc;
     const int ih0 = oh * stride_h - pad_h, iw0 = ow * stride_w - pad_w;
-    float acc = bias[oc];
+    float acc = 0.0f;
     for (int kh = 0; kh < KH; ++kh) {
       const int ih = ih0 + kh * dil_h;
       if (ih < 0 || ih >= H) continue;
@@ -75,7 +85,7 @@ conv_bias_act_maxpool_kernel(const T* __restrict__ x, const T* __restrict__ w, c
         for (int c = 0; c < C_in_g; ++c) acc = fmaf(to_float(xp[c * sxc]), w_tile[tap0 + c][co], acc);
       }
     }
-    conv_tile[pix][co] = activate<ACT>(acc, slope);
+    conv_tile[pix][co] = activate<ACT>(coeffs.apply(acc), slope);
   }
   __syncthreads();
 

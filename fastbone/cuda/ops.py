@@ -1,13 +1,21 @@
 """The `cuda` backend of the op layer: CUDA C++ kernels (csrc/kernels) as torch.library ops.
 
-Registered operators (torch.library.custom_op, each with a fake impl):
-  fastbone::cuda_conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, slope, residual) -> Tensor
-  fastbone::cuda_conv_bias_act_into(..., residual, out, out_channel_offset) -> ()   writes a channel slice of `out`
-  fastbone::cuda_conv_bias_act_maxpool(x, weight, bias, stride, padding, dilation, groups, act, slope,
-                                       pool_kernel, pool_stride, pool_padding, ceil_mode) -> Tensor
+Registered operators (torch.library.custom_op, each with a fake impl; all but the mutating
+`_into` op with a backward, the vector-Jacobian product of the op layer's torch reference):
+  fastbone::cuda_conv_bn_act(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, eps, stride, padding,
+                             dilation, groups, act, slope, residual?) -> Tensor
+  fastbone::cuda_conv_bn_act_into(..., residual?, out!, out_channel_offset) -> ()   writes a channel slice of `out`
+  fastbone::cuda_conv_bn_act_maxpool(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, eps, stride,
+                                     padding, dilation, groups, act, slope, pool_kernel, pool_stride,
+                                     pool_padding, ceil_mode) -> Tensor
   fastbone::cuda_max_pool2d(x, kernel, stride, padding, ceil_mode) -> Tensor
   fastbone::cuda_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad) -> Tensor
   fastbone::cuda_adaptive_avg_pool2d(x, output_size) -> Tensor
+The conv ops take the conv weight as the module holds it and the conv bias and BatchNorm tensors
+(gamma, beta, running mean, running variance; BatchNorm applies iff bn_mean is given, gamma / beta
+may be absent: affine=False) in any floating dtype; each call casts them (weight to x's dtype, the
+per-channel vectors to float32) and the kernels' epilogue applies BatchNorm in float32. Nothing is
+folded or cached, so every call sees the tensors' current values.
 
 Each op calls the runtime that `fastbone.cuda._loader.runtime_for(device)` picks: the AOT
 extension `fastbone._C`, the host emulation build `fastbone._emu` (CPU tensors), or
@@ -24,10 +32,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastbone.ops._autograd import register_reference_autograd
 from fastbone.ops._checks import check_kernel_dtype
 from fastbone.ops._registry import register_impl
-from fastbone.ops.conv import conv_output, conv_output_size, new_activation
-from fastbone.ops.pool import pool_output_size
+from fastbone.ops.conv import (conv_output, conv_output_size, new_activation, reference_conv_bn_act,
+                               reference_conv_bn_act_maxpool)
+from fastbone.ops.pool import (pool_output_size, reference_adaptive_avg_pool2d, reference_avg_pool2d,
+                               reference_max_pool2d)
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CUDA_TYPE_NAMES = ("float", "__half", "__nv_bfloat16")  # by dtype code
@@ -97,17 +108,17 @@ def _elementwise_blocks(total: int) -> int:
 # --- NVRTC: the kernels to instantiate, and a runtime with csrc/ops.cu's functions -------
 
 def _conv_names() -> list[str]:
-    plain = [f"fb::conv_bias_act_kernel<{t}, {a}, {', '.join(map(str, tile))}>"
+    plain = [f"fb::conv_bn_act_kernel<{t}, {a}, {', '.join(map(str, tile))}>"
              for t in _CUDA_TYPE_NAMES for a in range(NUM_ACTIVATIONS)
              for tile in (_C["conv_wide_tile"], _C["conv_narrow_tile"])]
-    tensor_core = [f"fb::conv_bias_act_tc_kernel<{t}, {a}>"
+    tensor_core = [f"fb::conv_bn_act_tc_kernel<{t}, {a}>"
                    for t in _CUDA_TYPE_NAMES[1:] for a in range(NUM_ACTIVATIONS)]
     return plain + tensor_core
 
 
 NVRTC_KERNELS = {
     "conv.cuh": _conv_names(),
-    "stem.cuh": [f"fb::conv_bias_act_maxpool_kernel<{t}, {a}>" for t in _CUDA_TYPE_NAMES
+    "stem.cuh": [f"fb::conv_bn_act_maxpool_kernel<{t}, {a}>" for t in _CUDA_TYPE_NAMES
                  for a in range(NUM_ACTIVATIONS)],
     "pool.cuh": [f"fb::{k}<{t}{m}>" for t in _CUDA_TYPE_NAMES
                  for k, m in (("window_pool2d_kernel", ", 0"), ("window_pool2d_kernel", ", 1"),
@@ -115,16 +126,23 @@ NVRTC_KERNELS = {
 }
 
 # Kernel parameter lists, one letter per parameter: p pointer, i int, q long long, f float.
-_CONV_SIGNATURE = "ppppp" + "i" * 9 + "q" * 16 + "i" * 7 + "f"  # FB_CONV_PARAMS in conv.cuh
+# conv: x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, res, out, ..., eps, slope (FB_CONV_PARAMS in conv.cuh)
+_CONV_SIGNATURE = "p" * 9 + "i" * 9 + "q" * 16 + "i" * 7 + "ff"
 _SIGNATURES = {
-    "fb::conv_bias_act_kernel": _CONV_SIGNATURE,
-    "fb::conv_bias_act_tc_kernel": _CONV_SIGNATURE,
-    "fb::conv_bias_act_maxpool_kernel": "pppp" + "i" * 11 + "q" * 12 + "i" * 14 + "f",
+    "fb::conv_bn_act_kernel": _CONV_SIGNATURE,
+    "fb::conv_bn_act_tc_kernel": _CONV_SIGNATURE,
+    "fb::conv_bn_act_maxpool_kernel": "p" * 8 + "i" * 11 + "q" * 12 + "i" * 14 + "ff",
     "fb::window_pool2d_kernel": "ppqiiiii" + "q" * 8 + "i" * 7,
     "fb::adaptive_avg_pool2d_kernel": "ppqiiiii" + "q" * 8,
     "fb::global_avg_pool_kernel": "ppiii" + "q" * 6,
 }
 _ARG_TYPES = {"p": np.uint64, "i": np.int32, "q": np.int64, "f": np.float32}
+
+
+def _check_bn_pointers(bn_mean: int, bn_var: int) -> None:
+    """csrc/ops.cu's check_bn: the kernels read bn_var whenever bn_mean is given."""
+    if (bn_mean == 0) != (bn_var == 0):
+        raise ValueError("BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm)")
 
 
 class NvrtcRuntime:
@@ -158,24 +176,27 @@ class NvrtcRuntime:
             with cupy.cuda.ExternalStream(stream, self._device):
                 kernel(tuple(grid), (block,), packed)
 
-    def conv_bias_act(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, residual, res_strides, out,
-                      out_shape, out_strides, out_c_offset, conv, groups, dtype, act, slope, stream):
+    def conv_bn_act(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var,
+                    eps, residual, res_strides, out, out_shape, out_strides, out_c_offset, conv, groups, dtype, act,
+                    slope, stream):
+        _check_bn_pointers(bn_mean, bn_var)
         n, c_out, oh, ow = x_shape[0], w_shape[0], out_shape[2], out_shape[3]
         c_out_g, m = c_out // groups, n * oh * ow
         if m == 0 or c_out == 0:
             return
         _check_int_range(m, "N * OH * OW")
         _check_int_range(w_shape[1] * w_shape[2] * w_shape[3], "C_in/groups * KH * KW")
-        args = (x, w, bias, residual, out, m, x_shape[2], x_shape[3], w_shape[1], oh, ow, c_out_g, w_shape[2],
-                w_shape[3], *x_strides, *w_strides, *res_strides, *out_strides, out_c_offset, *conv, slope)
+        args = (x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, out, m, x_shape[2], x_shape[3],
+                w_shape[1], oh, ow, c_out_g, w_shape[2], w_shape[3], *x_strides, *w_strides, *res_strides,
+                *out_strides, out_c_offset, *conv, eps, slope)
         variant = conv_variant(c_out_g, dtype, self._compute_capability)
         if variant == "tc":
             bm, bn, threads = CONV_TC_TILE
-            name, template_args = "fb::conv_bias_act_tc_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}"
+            name, template_args = "fb::conv_bn_act_tc_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}"
         else:
             bm, bn, bk, tm, tn = tile = _C[f"conv_{variant}_tile"]
             threads = (bm // tm) * (bn // tn)
-            name = "fb::conv_bias_act_kernel"
+            name = "fb::conv_bn_act_kernel"
             template_args = f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {', '.join(map(str, tile))}"
         self._launch("conv.cuh", name, template_args, (_cdiv(m, bm), _cdiv(c_out_g, bn), groups), threads, args,
                      stream)
@@ -183,20 +204,22 @@ class NvrtcRuntime:
     def stem_supported(self, c_in_g, kh, kw, pool):
         return stem_supported(c_in_g, kh, kw, pool)
 
-    def conv_bias_act_maxpool(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, out, out_shape,
-                              out_strides, conv, groups, conv_out_hw, pool, dtype, act, slope, stream):
+    def conv_bn_act_maxpool(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight, bn_bias, bn_mean,
+                            bn_var, eps, out, out_shape, out_strides, conv, groups, conv_out_hw, pool, dtype, act,
+                            slope, stream):
+        _check_bn_pointers(bn_mean, bn_var)
         if not stem_supported(w_shape[1], w_shape[2], w_shape[3], pool):
-            raise ValueError(f"conv_bias_act_maxpool: C_in/groups * KH * KW must be <= {_C['stem_max_taps']} and "
+            raise ValueError(f"conv_bn_act_maxpool: C_in/groups * KH * KW must be <= {_C['stem_max_taps']} and "
                              f"the pool window must fit {_C['stem_max_region']} conv outputs; run conv and pool "
                              "separately")
         n, c_out, ph, pw = out_shape
         if n == 0 or c_out == 0:
             return
         th, tw = stem_tile(ph, pw, pool)
-        args = (x, w, bias, out, x_shape[2], x_shape[3], w_shape[1], c_out, c_out // groups, w_shape[2],
-                w_shape[3], conv_out_hw[0], conv_out_hw[1], ph, pw, *x_strides, *w_strides, *out_strides,
-                *conv, *pool, th, tw, slope)
-        self._launch("stem.cuh", "fb::conv_bias_act_maxpool_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}",
+        args = (x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, out, x_shape[2], x_shape[3], w_shape[1], c_out,
+                c_out // groups, w_shape[2], w_shape[3], conv_out_hw[0], conv_out_hw[1], ph, pw, *x_strides,
+                *w_strides, *out_strides, *conv, *pool, th, tw, eps, slope)
+        self._launch("stem.cuh", "fb::conv_bn_act_maxpool_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}",
                      (_cdiv(ph, th) * _cdiv(pw, tw), _cdiv(c_out, _C["stem_co_tile"]), n),
                      _C["stem_threads"], args, stream)
 
@@ -249,7 +272,8 @@ def _device_guard(x: Tensor):
 
 
 def _check_tensors(x: Tensor, **others: Optional[Tensor]) -> None:
-    """What the kernels themselves need (the op layer has validated shapes already)."""
+    """What the kernels themselves need (the op layer has validated shapes already): tensors the
+    kernels read or write in the activation dtype (residual, out) match x's dtype and device."""
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"the cuda backend runs CUDA tensors (or CPU tensors through the emulator), "
                          f"got a tensor on {x.device}")
@@ -257,55 +281,93 @@ def _check_tensors(x: Tensor, **others: Optional[Tensor]) -> None:
     for name, t in others.items():
         if t is None:
             continue
-        want = torch.float32 if name == "bias" else x.dtype
-        if t.dtype != want:
-            raise TypeError(f"{name} has dtype {t.dtype}; the cuda kernels expect {want}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; the cuda kernels expect the input's {x.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but the input is on {x.device}; move them to one device")
-    bias = others.get("bias")
-    if bias is not None and not bias.is_contiguous():
-        raise ValueError("bias must be contiguous")
+
+
+_CHANNEL_VECTORS = ("bias", "bn_weight", "bn_bias", "bn_mean", "bn_var")
+
+
+def _conv_params(x: Tensor, weight: Tensor, *vectors: Optional[Tensor]) -> tuple[Tensor, list[Optional[Tensor]]]:
+    """The conv weight in x's dtype and the per-channel vectors (conv bias, gamma, beta, mean, var) as
+    contiguous float32, cast on every call (tiny; nothing is cached, so every call sees the current
+    values). The epilogue computes BatchNorm in float32 from these, so a float16 model's large
+    running_var does not overflow."""
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or not weight.is_floating_point():
+        raise TypeError(f"weight must be a 4-D floating-point tensor, got "
+                        f"{(weight.dtype, tuple(weight.shape)) if isinstance(weight, Tensor) else type(weight)}")
+    c_out = weight.shape[0]
+    for name, t in zip(("weight", *_CHANNEL_VECTORS), (weight, *vectors)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}; move them to one device")
+        if name != "weight" and (tuple(t.shape) != (c_out,) or not t.is_floating_point()):
+            raise ValueError(f"{name} must be a floating-point tensor of shape ({c_out},), one value per output "
+                             f"channel, got {t.dtype} {tuple(t.shape)}")
+    bn_mean, bn_var = vectors[3], vectors[4]
+    if (bn_mean is None) != (bn_var is None):
+        raise ValueError("BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm)")
+    return weight.to(x.dtype), [None if t is None else t.to(torch.float32).contiguous() for t in vectors]
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _shape_strides(t: Tensor) -> tuple[list[int], list[int]]:
     return list(t.shape), list(t.stride())
 
 
-def _launch_conv(x, weight, bias, stride, padding, dilation, groups, act, slope, residual, out, out_channel_offset):
-    _check_tensors(x, weight=weight, bias=bias, residual=residual, out=out)
+def _check_act(act: int) -> None:
     if not 0 <= act < NUM_ACTIVATIONS:
         raise ValueError(f"activation code {act} out of range 0..{NUM_ACTIVATIONS - 1}")
+
+
+def _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
+                 slope, residual, out, out_channel_offset):
+    _check_tensors(x, residual=residual, out=out)
+    weight, vectors = _conv_params(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var)
+    _check_act(act)
     with _device_guard(x):
-        _runtime(x).conv_bias_act(
-            x.data_ptr(), *_shape_strides(x), weight.data_ptr(), *_shape_strides(weight), bias.data_ptr(),
-            0 if residual is None else residual.data_ptr(), [0] * 4 if residual is None else list(residual.stride()),
+        _runtime(x).conv_bn_act(
+            x.data_ptr(), *_shape_strides(x), weight.data_ptr(), *_shape_strides(weight), *map(_ptr, vectors),
+            float(eps), _ptr(residual), [0] * 4 if residual is None else list(residual.stride()),
             out.data_ptr(), *_shape_strides(out), int(out_channel_offset),
             [*stride, *padding, *dilation], int(groups), DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x))
 
 
-@torch.library.custom_op("fastbone::cuda_conv_bias_act", mutates_args=())
-def cuda_conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
-                       dilation: list[int], groups: int, act: int, slope: float,
-                       residual: Optional[Tensor]) -> Tensor:
+@torch.library.custom_op("fastbone::cuda_conv_bn_act", mutates_args=())
+def cuda_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                     bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
+                     stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int, slope: float,
+                     residual: Optional[Tensor]) -> Tensor:
     out = conv_output(x, weight, stride, padding, dilation)
-    _launch_conv(x, weight, bias, stride, padding, dilation, groups, act, slope, residual, out, 0)
+    _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
+                 slope, residual, out, 0)
     return out
 
 
-@cuda_conv_bias_act.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, act, slope, residual):
+@cuda_conv_bn_act.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act, slope,
+      residual):
     return conv_output(x, weight, stride, padding, dilation)
 
 
-@torch.library.custom_op("fastbone::cuda_conv_bias_act_into", mutates_args=("out",))
-def cuda_conv_bias_act_into(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
-                            dilation: list[int], groups: int, act: int, slope: float, residual: Optional[Tensor],
-                            out: Tensor, out_channel_offset: int) -> None:
-    _launch_conv(x, weight, bias, stride, padding, dilation, groups, act, slope, residual, out, out_channel_offset)
+@torch.library.custom_op("fastbone::cuda_conv_bn_act_into", mutates_args=("out",))
+def cuda_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                          bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
+                          stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int,
+                          slope: float, residual: Optional[Tensor], out: Tensor, out_channel_offset: int) -> None:
+    _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
+                 slope, residual, out, out_channel_offset)
 
 
-@cuda_conv_bias_act_into.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, act, slope, residual, out, out_channel_offset):
+@cuda_conv_bn_act_into.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act, slope,
+      residual, out, out_channel_offset):
     return None
 
 
@@ -325,23 +387,28 @@ def _stem_out(x, weight, stride, padding, dilation, pool_kernel, pool_stride, po
     return new_activation(x.shape[0], weight.shape[0], ph, pw, x), (oh, ow)
 
 
-@torch.library.custom_op("fastbone::cuda_conv_bias_act_maxpool", mutates_args=())
-def cuda_conv_bias_act_maxpool(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
-                               dilation: list[int], groups: int, act: int, slope: float, pool_kernel: list[int],
-                               pool_stride: list[int], pool_padding: list[int], ceil_mode: bool) -> Tensor:
-    _check_tensors(x, weight=weight, bias=bias)
+@torch.library.custom_op("fastbone::cuda_conv_bn_act_maxpool", mutates_args=())
+def cuda_conv_bn_act_maxpool(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                             bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
+                             eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                             act: int, slope: float, pool_kernel: list[int], pool_stride: list[int],
+                             pool_padding: list[int], ceil_mode: bool) -> Tensor:
+    _check_tensors(x)
+    weight, vectors = _conv_params(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var)
+    _check_act(act)
     out, conv_hw = _stem_out(x, weight, stride, padding, dilation, pool_kernel, pool_stride, pool_padding, ceil_mode)
     with _device_guard(x):
-        _runtime(x).conv_bias_act_maxpool(
-            x.data_ptr(), *_shape_strides(x), weight.data_ptr(), *_shape_strides(weight), bias.data_ptr(),
-            out.data_ptr(), *_shape_strides(out), [*stride, *padding, *dilation], int(groups), list(conv_hw),
-            [*pool_kernel, *pool_stride, *pool_padding], DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x))
+        _runtime(x).conv_bn_act_maxpool(
+            x.data_ptr(), *_shape_strides(x), weight.data_ptr(), *_shape_strides(weight), *map(_ptr, vectors),
+            float(eps), out.data_ptr(), *_shape_strides(out), [*stride, *padding, *dilation], int(groups),
+            list(conv_hw), [*pool_kernel, *pool_stride, *pool_padding], DTYPE_CODES[x.dtype], int(act), float(slope),
+            _stream(x))
     return out
 
 
-@cuda_conv_bias_act_maxpool.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, act, slope, pool_kernel, pool_stride, pool_padding,
-      ceil_mode):
+@cuda_conv_bn_act_maxpool.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act, slope,
+      pool_kernel, pool_stride, pool_padding, ceil_mode):
     return _stem_out(x, weight, stride, padding, dilation, pool_kernel, pool_stride, pool_padding, ceil_mode)[0]
 
 
@@ -390,34 +457,43 @@ def _(x, output_size):
     return _pool_out(x, output_size)
 
 
+# --- backward: the vector-Jacobian product of the op layer's torch references -----------------
+# (the mutating cuda_conv_bn_act_into has none: the op layer runs the out-of-place op when a
+# gradient is wanted)
+
+register_reference_autograd(cuda_conv_bn_act, reference_conv_bn_act)
+register_reference_autograd(cuda_conv_bn_act_maxpool, reference_conv_bn_act_maxpool)
+register_reference_autograd(cuda_max_pool2d, reference_max_pool2d)
+register_reference_autograd(cuda_avg_pool2d, reference_avg_pool2d)
+register_reference_autograd(cuda_adaptive_avg_pool2d, reference_adaptive_avg_pool2d)
+
+
 # --- the op layer's "cuda" implementations (signatures in fastbone/ops/conv.py and pool.py) ----
 
-def _kernel_params(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+@register_impl("conv_bn_act", "cuda")
+def _cuda_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
+                      act_code, slope, residual, out, out_channel_offset):
     check_kernel_dtype(x, "cuda")
-    return weight.to(x.dtype), bias.to(torch.float32).contiguous()
-
-
-@register_impl("conv_bias_act", "cuda")
-def _cuda_conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act_code, slope,
-                        residual, out, out_channel_offset):
-    weight, bias = _kernel_params(x, weight, bias)
-    args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, act_code, float(slope), residual)
+    args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), list(stride), list(padding),
+            list(dilation), int(groups), int(act_code), float(slope), residual)
     if out is None:
-        return torch.ops.fastbone.cuda_conv_bias_act(*args)
-    torch.ops.fastbone.cuda_conv_bias_act_into(*args, out, out_channel_offset)
+        return torch.ops.fastbone.cuda_conv_bn_act(*args)
+    torch.ops.fastbone.cuda_conv_bn_act_into(*args, out, int(out_channel_offset))
     return out
 
 
-@register_impl("conv_bias_act_maxpool", "cuda")
-def _cuda_conv_bias_act_maxpool(x, weight, bias, stride, padding, dilation, groups, act_code, slope,
-                                pool_kernel, pool_stride, pool_padding, ceil_mode, pool_out_hw):
-    weight, bias = _kernel_params(x, weight, bias)
-    conv_args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, act_code, float(slope))
+@register_impl("conv_bn_act_maxpool", "cuda")
+def _cuda_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
+                              groups, act_code, slope, pool_kernel, pool_stride, pool_padding, ceil_mode,
+                              pool_out_hw):
+    check_kernel_dtype(x, "cuda")
+    conv_args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), list(stride), list(padding),
+                 list(dilation), int(groups), int(act_code), float(slope))
     pool_args = (list(pool_kernel), list(pool_stride), list(pool_padding), bool(ceil_mode))
     if stem_supported(weight.shape[1], weight.shape[2], weight.shape[3], [*pool_kernel, *pool_stride]):
-        return torch.ops.fastbone.cuda_conv_bias_act_maxpool(*conv_args, *pool_args)
+        return torch.ops.fastbone.cuda_conv_bn_act_maxpool(*conv_args, *pool_args)
     # Too many taps (or too big a pool window) for the fused kernel's shared memory.
-    y = torch.ops.fastbone.cuda_conv_bias_act(*conv_args, None)
+    y = torch.ops.fastbone.cuda_conv_bn_act(*conv_args, None)
     return torch.ops.fastbone.cuda_max_pool2d(y, *pool_args)
 
 
