@@ -3,9 +3,11 @@
 Every family keeps its parameters in ordinary torch modules named as in the
 reference (torchvision, else timm) and runs them one of two ways:
   - train mode: the plain torch modules (autograd, BatchNorm statistics updates);
-  - eval mode: fastbone's fused operators (BatchNorm folded into the conv).
+  - eval mode: fastbone's fused operators (BatchNorm applied in the conv's epilogue).
 `conv_norm_act` is that choice for one conv / norm / activation triple;
-`FeatureInfo` and `FeaturesMixin` give every family timm-style `features_only`.
+`FeatureInfo` and `FeaturesMixin` give every family timm-style `features_only`;
+`ClassifierMixin` timm's model API (num_features, forward_features, forward_head,
+reset_classifier, pretrained_cfg); `build_with_weights` torchvision's builder keywords.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fastbone import ops
+from fastbone._backend import resolve_backend
 from fastbone.ops._checks import check_activation_tensor
 from fastbone.ops.activation import DEFAULT_LEAKY_SLOPE, apply_activation
 
@@ -49,10 +52,10 @@ def is_foldable_norm(norm: nn.Module | None) -> bool:
 
 
 def check_norm_layer(norm_layer: Callable[[int], nn.Module]) -> None:
-    """Reject, at construction, a norm layer the fused eval path cannot fold."""
+    """Reject, at construction, a norm layer the fused eval path cannot apply."""
     probe = norm_layer(8)
     if not isinstance(probe, nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"norm_layer must build a BatchNorm module (the eval path folds it into the conv); "
+        raise TypeError(f"norm_layer must build a BatchNorm module (the eval path applies it in the conv's epilogue); "
                         f"got {type(probe).__name__}")
 
 
@@ -60,10 +63,11 @@ def conv_norm_act(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Mo
                   fused: bool, residual: Tensor | None = None) -> Tensor:
     """act(norm(conv(x)) + residual).
 
-    fused=True runs one fastbone operator with `norm` folded into `conv` (inference
-    semantics). fused=False runs the modules themselves, so autograd and BatchNorm
-    statistics work; `act` may then be any module."""
-    if fused:
+    fused=True runs one fastbone operator that applies `norm`'s running statistics in its
+    epilogue (inference semantics). fused=False runs the modules themselves, so BatchNorm
+    statistics update and `act` may be any module. A norm module left in train mode inside an
+    eval-mode model normalises with batch statistics, as in torch: it runs unfused too."""
+    if fused and not (norm is not None and norm.training):
         name, slope = activation_name(act)
         return ops.conv_bn_act(x, conv, norm, name, slope=slope, residual=residual)
     y = conv(x)
@@ -84,12 +88,16 @@ def to_channels_last(x: Tensor) -> Tensor:
 
 
 def enter_network(model: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
-    """(input, fused): eval mode runs the fused kernels on NHWC activations, train mode the
-    plain torch modules on the input as given."""
+    """(input, fused): eval mode runs the fused operators, train mode the plain torch modules,
+    on the input as given. The kernel backends run NHWC activations; the `torch` backend (the
+    CPU default) keeps the input's layout, which on the CPU measured faster than converting
+    (bench/bench_cpu_torch_backend.py)."""
     fused = not model.training
     if fused:
         check_activation_tensor(x, "the model's input")
-    return (to_channels_last(x) if fused else x), fused
+        if resolve_backend(x.device) != "torch":
+            x = to_channels_last(x)
+    return x, fused
 
 
 def max_pool(x: Tensor, pool: nn.MaxPool2d, *, fused: bool) -> Tensor:
@@ -108,18 +116,173 @@ def adaptive_avg_pool(x: Tensor, pool: nn.AdaptiveAvgPool2d, *, fused: bool) -> 
     return ops.adaptive_avg_pool2d(x, pool.output_size)
 
 
-_WEIGHTS_ERROR = ("fastbone cannot download pretrained weights; build the model with weights=None and load a "
-                  "state_dict, e.g. model.load_state_dict(torchvision.models.{name}(weights=...).state_dict()), "
-                  "or use fastbone.convert(torchvision_model)")
-
-
-def check_weights(name: str, weights, kwargs: dict) -> None:
-    """torchvision's builder keywords `weights` and `progress`: only weights=None is accepted."""
-    kwargs.pop("progress", None)
-    if "pretrained" in kwargs:
-        raise TypeError(f"{name}() takes no 'pretrained' argument; " + _WEIGHTS_ERROR.format(name=name))
+def build_with_weights(name: str, make: Callable[..., nn.Module], weights, kwargs: dict, *,
+                       pretrained_kwargs: dict | None = None) -> nn.Module:
+    """A builder's body with torchvision's keywords and meaning: `weights` (a weights enum member, its
+    name or "DEFAULT"; None: random init), `progress`, the legacy `pretrained`; with weights, num_classes
+    follows the weights (a different one is refused). The file is fetched (torch.hub's cache, else a
+    download) before the model is built; `pretrained_kwargs` are extra constructor keywords then."""
+    from fastbone import weights as W
+    weights, progress = W.builder_weights(name, weights, kwargs)
+    state = None
     if weights is not None:
-        raise ValueError(f"{name}(weights={weights!r}) is not supported: " + _WEIGHTS_ERROR.format(name=name))
+        state = W.fetch_state_dict(weights, progress)
+        kwargs = {**kwargs, **(pretrained_kwargs or {})}
+    model = make(**kwargs)
+    model.pretrained_cfg = W.pretrained_cfg(name, model, weights)
+    if state is not None:
+        W.load_pretrained(model, weights, state)
+    return model
+
+
+# --- timm's classifier API ---------------------------------------------------------------
+
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
+
+
+def _check_pool_type(pool_type: str, accepted: Sequence[str] = GLOBAL_POOLS) -> str:
+    if not isinstance(pool_type, str) or pool_type not in accepted:
+        raise ValueError(f"global_pool must be one of {', '.join(map(repr, accepted))}; got {pool_type!r}")
+    return pool_type
+
+
+class GlobalPool2d(nn.Module):
+    """Adaptive pooling to `output_size` in timm's vocabulary: 'avg', 'max', 'avgmax' (their mean),
+    'catavgmax' (both, concatenated on channels: twice the width), '' (no pooling, identity).
+    (The default 'avg' is kept as torchvision's nn.AdaptiveAvgPool2d, which the fused path runs.)"""
+
+    def __init__(self, pool_type: str = "avg", output_size=(1, 1)):
+        super().__init__()
+        self.pool_type = _check_pool_type(pool_type)
+        self.output_size = output_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.pool_type:
+            return x
+        if self.pool_type == "avg":
+            return torch.nn.functional.adaptive_avg_pool2d(x, self.output_size)
+        mx = torch.nn.functional.adaptive_max_pool2d(x, self.output_size)
+        if self.pool_type == "max":
+            return mx
+        avg = torch.nn.functional.adaptive_avg_pool2d(x, self.output_size)
+        return 0.5 * (avg + mx) if self.pool_type == "avgmax" else torch.cat((avg, mx), dim=1)
+
+    def extra_repr(self) -> str:
+        return f"pool_type={self.pool_type!r}, output_size={self.output_size}"
+
+
+def make_global_pool(pool_type: str, output_size=(1, 1)) -> nn.Module:
+    _check_pool_type(pool_type)
+    return nn.AdaptiveAvgPool2d(output_size) if pool_type == "avg" else GlobalPool2d(pool_type, output_size)
+
+
+def global_pool_type(pool: nn.Module) -> str:
+    if isinstance(pool, GlobalPool2d):
+        return pool.pool_type
+    if isinstance(pool, nn.AdaptiveAvgPool2d):
+        return "avg"
+    if isinstance(pool, nn.AdaptiveMaxPool2d):
+        return "max"
+    return type(pool).__name__
+
+
+def head_pool(x: Tensor, pool: nn.Module, *, fused: bool) -> Tensor:
+    """The head's pooling: fastbone's global / adaptive average pool op for an nn.AdaptiveAvgPool2d on
+    the fused path, the module itself otherwise."""
+    if fused and isinstance(pool, nn.AdaptiveAvgPool2d):
+        if pool.output_size in (1, (1, 1)):
+            return ops.global_avg_pool(x)
+        return ops.adaptive_avg_pool2d(x, pool.output_size)
+    return pool(x)
+
+
+class ClassifierMixin:
+    """timm's model API over a torchvision-structured head, one implementation for every family.
+
+    A family sets `first_conv` and `classifier_path` (module paths, as in timm's pretrained_cfg),
+    `pool_attr` (its pooling child, torchvision's `avgpool`), `pool_output_size` and `global_pools`
+    (the pool types its head accepts), calls `_init_classifier_api(global_pool, drop_rate)` at the end
+    of __init__, and defines `forward_features(x)` (the unpooled final map), `_pre_logits(x, fused)`
+    (pooling, flattening and everything before the last classifier layer) and `num_features` (the
+    width `_pre_logits` returns, i.e. the input of the last classifier layer). The state_dict keys stay
+    the reference's (num_classes=0 makes the classifier an nn.Identity, without parameters, as in timm)."""
+
+    first_conv: str = ""
+    classifier_path: str = ""
+    pool_attr: str = "avgpool"
+    pool_output_size: tuple[int, int] = (1, 1)
+    global_pools: tuple[str, ...] = GLOBAL_POOLS
+    drop_rate: float = 0.0
+
+    def _init_classifier_api(self, global_pool: str = "avg", drop_rate: float = 0.0) -> None:
+        from fastbone.weights import pretrained_cfg
+        if not 0.0 <= float(drop_rate) <= 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
+        self.drop_rate = float(drop_rate)
+        if global_pool != self.global_pool_type:
+            self._set_global_pool(global_pool, self.num_classes)
+            old = self.get_classifier()
+            if isinstance(old, nn.Linear) and old.in_features != self.num_features:  # catavgmax: twice as wide
+                self._set_classifier(nn.Linear(self.num_features, old.out_features, bias=old.bias is not None))
+        self.pretrained_cfg = pretrained_cfg(None, self)
+
+    # pretrained_cfg is set by the builder (fastbone.weights.pretrained_cfg); default_cfg is timm's old name.
+    @property
+    def default_cfg(self) -> dict:
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
+
+    @property
+    def global_pool_type(self) -> str:
+        return global_pool_type(getattr(self, self.pool_attr))
+
+    @property
+    def num_classes(self) -> int:
+        head = self.get_classifier()
+        return head.out_features if isinstance(head, nn.Linear) else 0
+
+    def get_classifier(self) -> nn.Module:
+        try:
+            return self.get_submodule(self.classifier_path)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no classifier ({self.classifier_path!r}); "
+                                 "features_only models drop the head") from None
+
+    def _set_classifier(self, module: nn.Module) -> None:
+        parent, _, leaf = self.classifier_path.rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, leaf, module)
+
+    def _set_global_pool(self, pool_type: str, num_classes: int) -> None:
+        _check_pool_type(pool_type, self.global_pools)
+        if pool_type == "" and num_classes > 0:
+            raise ValueError("global_pool='' (no pooling) needs num_classes=0: the classifier takes pooled features")
+        setattr(self, self.pool_attr, make_global_pool(pool_type, self.pool_output_size))
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for `num_classes` (0: nn.Identity, so that forward gives the pre-logits
+        features, of width num_features), and optionally another pool type, as timm's reset_classifier."""
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        old = self.get_classifier()
+        if global_pool is not None:
+            self._set_global_pool(global_pool, num_classes)
+        elif self.global_pool_type == "" and num_classes > 0:
+            raise ValueError("the model has no global pooling (global_pool=''); give reset_classifier a "
+                             "global_pool too, or num_classes=0")
+        like = next(iter(old.parameters()), None)
+        like = like if like is not None else next(iter(self.parameters()))
+        new = nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype) if num_classes \
+            else nn.Identity()
+        self._set_classifier(new)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pooling, dropout (train mode) and the classifier on forward_features' output; pre_logits=True
+        stops before the last classifier layer."""
+        x = self._pre_logits(x, not self.training)
+        return x if pre_logits else self.get_classifier()(x)
 
 
 # --- features_only -----------------------------------------------------------------------
@@ -183,8 +346,14 @@ class FeaturesMixin:
         specs = self.feature_specs()
         if out_indices is None:
             out_indices = tuple(range(len(specs)))
-        if isinstance(out_indices, int):
-            raise TypeError(f"out_indices must be a sequence of ints, got {out_indices!r}")
+        if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+            # timm's meaning: an int n is the last n feature levels (0: none).
+            if not 0 <= out_indices <= len(specs):
+                raise ValueError(f"out_indices={out_indices} asks for the last {out_indices} features; "
+                                 f"{type(self).__name__} has {len(specs)}")
+            out_indices = tuple(range(len(specs) - out_indices, len(specs)))
+        if not isinstance(out_indices, (tuple, list)):
+            raise TypeError(f"out_indices must be an int or a sequence of ints, got {out_indices!r}")
         indices = []
         for i in out_indices:
             if not isinstance(i, int) or not -len(specs) <= i < len(specs):

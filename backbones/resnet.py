@@ -15,9 +15,8 @@ from torch import Tensor, nn
 
 from fastbone import ops
 from fastbone.registry import register_converter, register_model
-from fastbone.ops.activation import DEFAULT_LEAKY_SLOPE
-from .layers import (FeatureSpec, FeaturesMixin, activation_name, check_norm_layer, check_weights, conv_norm_act,
-                     enter_network, max_pool)
+from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, activation_name, build_with_weights,
+                     check_norm_layer, conv_norm_act, enter_network, head_pool, max_pool)
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -99,13 +98,17 @@ class Bottleneck(nn.Module):
         return conv_norm_act(out, self.conv3, self.bn3, self.relu, fused=fused, residual=identity)
 
 
-class ResNet(FeaturesMixin, nn.Module):
+class ResNet(ClassifierMixin, FeaturesMixin, nn.Module):
+    """torchvision's ResNet; beyond its keywords, timm's `in_chans`, `global_pool` and `drop_rate`."""
     head_modules = ("avgpool", "fc")
+    first_conv = "conv1"
+    classifier_path = "fc"
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: Sequence[int], num_classes: int = 1000,
                  zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
                  replace_stride_with_dilation: Sequence[bool] | None = None,
-                 norm_layer: Callable[..., nn.Module] | None = None):
+                 norm_layer: Callable[..., nn.Module] | None = None, *, in_chans: int = 3,
+                 global_pool: str = "avg", drop_rate: float = 0.0):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         check_norm_layer(norm_layer)
@@ -121,7 +124,7 @@ class ResNet(FeaturesMixin, nn.Module):
         self.dilation = 1
         self.groups = groups
         self.base_width = width_per_group
-        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -147,6 +150,7 @@ class ResNet(FeaturesMixin, nn.Module):
                     nn.init.constant_(m.bn3.weight, 0)
                 elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
                     nn.init.constant_(m.bn2.weight, 0)
+        self._init_classifier_api(global_pool, drop_rate)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
         norm_layer = self._norm_layer
@@ -173,6 +177,8 @@ class ResNet(FeaturesMixin, nn.Module):
         return [FeatureSpec(c, r, n) for c, r, n in zip(self._stage_channels, self._strides, names)]
 
     def forward_intermediates(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        if not indices:
+            return []
         x, fused = enter_network(self, x)
         feats = []
         last = max(indices)
@@ -197,32 +203,44 @@ class ResNet(FeaturesMixin, nn.Module):
         if not fused:
             return pool(self.relu(self.bn1(self.conv1(x))))
         act, slope = activation_name(self.relu)
-        if slope != DEFAULT_LEAKY_SLOPE or pool.dilation not in (1, (1, 1)) or pool.return_indices:
+        if pool.dilation not in (1, (1, 1)) or pool.return_indices or self.bn1.training:
             # Outside what the one-op stem takes: run the conv and the pool one after the other.
             return max_pool(conv_norm_act(x, self.conv1, self.bn1, self.relu, fused=True), pool, fused=True)
-        return ops.conv_bn_act_maxpool(x, self.conv1, self.bn1, act, pool_kernel=pool.kernel_size,
+        return ops.conv_bn_act_maxpool(x, self.conv1, self.bn1, act, slope=slope, pool_kernel=pool.kernel_size,
                                        pool_stride=pool.stride, pool_padding=pool.padding,
                                        ceil_mode=pool.ceil_mode)
+
+    # --- timm's model API (ClassifierMixin): forward = forward_head(forward_features(x)) ---
+
+    @property
+    def num_features(self) -> int:
+        return self._stage_channels[-1] * (2 if self.global_pool_type == "catavgmax" else 1)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's (unpooled) feature map."""
+        x, fused = enter_network(self, x)
+        x = self._stem(x, fused)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def _pre_logits(self, x: Tensor, fused: bool) -> Tensor:
+        x = head_pool(x, self.avgpool, fused=fused)
+        if self.global_pool_type:
+            x = torch.flatten(x, 1)
+        if self.drop_rate > 0.0:
+            x = torch.nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        return x
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.feature_indices is not None:
             return self.forward_intermediates(x, self.feature_indices)
-        x, fused = enter_network(self, x)
-        x = self._stem(x, fused)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        if fused and isinstance(self.avgpool, nn.AdaptiveAvgPool2d) and self.avgpool.output_size in (1, (1, 1)):
-            x = ops.global_avg_pool(x)
-        else:
-            x = self.avgpool(x)
-        return self.fc(torch.flatten(x, 1))
+        return self.forward_head(self.forward_features(x))
 
 
 def _resnet(name: str, block, layers, weights, kwargs) -> ResNet:
-    check_weights(name, weights, kwargs)
-    return ResNet(block, layers, **kwargs)
+    return build_with_weights(name, lambda **kw: ResNet(block, layers, **kw), weights, kwargs)
 
 
-@register_model(reference="torchvision.models.resnet18", family="resnet")
+@register_model(reference="torchvision.models.resnet18", family="resnet", verify=True)
 def resnet18(*, weights=None, **kwargs) -> ResNet:
     """ResNet-18 (BasicBlock, [2, 2, 2, 2]); keywords as torchvision.models.resnet18."""
     return _resnet("resnet18", BasicBlock, [2, 2, 2, 2], weights, kwargs)
@@ -234,7 +252,7 @@ def resnet34(*, weights=None, **kwargs) -> ResNet:
     return _resnet("resnet34", BasicBlock, [3, 4, 6, 3], weights, kwargs)
 
 
-@register_model(reference="torchvision.models.resnet50", family="resnet")
+@register_model(reference="torchvision.models.resnet50", family="resnet", verify=True)
 def resnet50(*, weights=None, **kwargs) -> ResNet:
     """ResNet-50 (Bottleneck, [3, 4, 6, 3]); keywords as torchvision.models.resnet50."""
     return _resnet("resnet50", Bottleneck, [3, 4, 6, 3], weights, kwargs)
@@ -261,10 +279,14 @@ _RESNET_NAMES = {
 }
 
 
-@register_converter
+@register_converter(sources={ResNet: "torchvision.models.resnet.ResNet",
+                             BasicBlock: "torchvision.models.resnet.BasicBlock",
+                             Bottleneck: "torchvision.models.resnet.Bottleneck"})
 def recognise_resnet(model: nn.Module) -> tuple[str, dict] | None:
-    """torchvision's ResNet, recognised by its structure: the stem, four stages of
-    blocks (Bottleneck when blocks have a conv3), the classifier. None when it is no ResNet."""
+    """torchvision's ResNet, recognised by its structure: the stem, four stages of blocks
+    (Bottleneck when blocks have a conv3), the classifier; None when it is no ResNet. Only the
+    builder and its keywords are read here; `fastbone.convert` then checks every module against
+    the model they build and refuses any difference."""
     stem = ("conv1", "bn1", "relu", "maxpool", "avgpool", "fc")
     stages = [getattr(model, f"layer{i}", None) for i in range(1, 5)]
     if not all(isinstance(getattr(model, n, None), nn.Module) for n in stem) \
@@ -278,19 +300,18 @@ def recognise_resnet(model: nn.Module) -> tuple[str, dict] | None:
         known = ", ".join(f"{n} ({k}, {list(c)})" for (k, c), n in _RESNET_NAMES.items())
         raise ValueError(f"convert: a ResNet with {kind} blocks and stage depths {list(counts)} has no fastbone "
                          f"builder; supported: {known}")
-    if not isinstance(model.fc, nn.Linear):
-        raise ValueError(f"convert: the ResNet's fc is {type(model.fc).__name__}, expected nn.Linear")
-    bad_norm = [p for p, m in model.named_modules()
-                if p.split(".")[-1].startswith("bn") and not isinstance(m, nn.BatchNorm2d)]
-    if bad_norm:
-        raise ValueError(f"convert: fastbone's ResNet folds nn.BatchNorm2d; {bad_norm[0]} is "
-                         f"{type(model.get_submodule(bad_norm[0])).__name__}")
-    kwargs: dict = {"num_classes": model.fc.out_features}
+    kwargs: dict = {"num_classes": getattr(model.fc, "out_features", 1000)}
+    # Modules that are not what torchvision builds fall back to the defaults; convert reports them.
+    def conv(block: nn.Module, attr: str) -> nn.Conv2d | None:
+        found = getattr(block, attr, None)
+        return found if isinstance(found, nn.Conv2d) else None
+
     if kind == "bottleneck":
-        groups = first.conv2.groups
-        kwargs.update(groups=groups, width_per_group=first.conv1.out_channels // groups)
-        strided = [s[0].conv2 for s in stages[1:]]
+        conv1, conv2 = conv(first, "conv1"), conv(first, "conv2")
+        if conv1 is not None and conv2 is not None and conv2.groups > 0:
+            kwargs.update(groups=conv2.groups, width_per_group=conv1.out_channels // conv2.groups)
+        strided = [conv(s[0], "conv2") for s in stages[1:]]
     else:
-        strided = [s[0].conv1 for s in stages[1:]]
-    kwargs["replace_stride_with_dilation"] = [tuple(c.stride) == (1, 1) for c in strided]
+        strided = [conv(s[0], "conv1") for s in stages[1:]]
+    kwargs["replace_stride_with_dilation"] = [c is not None and tuple(c.stride) == (1, 1) for c in strided]
     return name, kwargs

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from fastbone.registry import register_converter, register_model
-from .layers import (FeatureSpec, FeaturesMixin, adaptive_avg_pool, check_weights, conv_norm_act, enter_network,
-                     max_pool)
+from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, build_with_weights, conv_norm_act, enter_network,
+                     head_pool, max_pool)
 
 __all__ = ["VGG", "make_layers", "CFGS", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
 
@@ -28,9 +28,9 @@ CFGS: dict[str, list[int | str]] = {
 }
 
 
-def make_layers(cfg: Sequence[int | str], batch_norm: bool = False) -> nn.Sequential:
+def make_layers(cfg: Sequence[int | str], batch_norm: bool = False, in_chans: int = 3) -> nn.Sequential:
     layers: list[nn.Module] = []
-    in_channels = 3
+    in_channels = in_chans
     for v in cfg:
         if v == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
@@ -80,12 +80,22 @@ def parse_features(features: nn.Sequential) -> list[tuple[list[ConvUnit], int | 
     return stages
 
 
-class VGG(FeaturesMixin, nn.Module):
+class VGG(ClassifierMixin, FeaturesMixin, nn.Module):
+    """torchvision's VGG; beyond its keywords, timm's `global_pool` (the pool to 7x7 before the MLP:
+    'avg', 'max', 'avgmax') and `drop_rate` (torchvision's `dropout`: both dropouts of the MLP, as
+    timm's VGG). timm's sense on torchvision's structure: forward_features is `features`' output,
+    num_features (4096) the input of the last Linear, which num_classes=0 makes an nn.Identity."""
     head_modules = ("avgpool", "classifier")
+    first_conv = "features.0"
+    classifier_path = "classifier.6"
+    pool_output_size = (7, 7)
+    global_pools = ("avg", "max", "avgmax")  # catavgmax / none would change the first Linear's shape
 
     def __init__(self, features: nn.Sequential, num_classes: int = 1000, init_weights: bool = True,
-                 dropout: float = 0.5):
+                 dropout: float = 0.5, *, global_pool: str = "avg", drop_rate: float | None = None):
         super().__init__()
+        if drop_rate is not None:
+            dropout = drop_rate
         self.features = features
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(
@@ -106,6 +116,8 @@ class VGG(FeaturesMixin, nn.Module):
                 elif isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, 0, 0.01)
                     nn.init.constant_(m.bias, 0)
+        self._hidden = self.classifier[3].out_features
+        self._init_classifier_api(global_pool, dropout)
 
     def _run_units(self, x: Tensor, units: list[ConvUnit], fused: bool) -> Tensor:
         f = self.features
@@ -138,6 +150,8 @@ class VGG(FeaturesMixin, nn.Module):
         return specs
 
     def forward_intermediates(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        if not indices:
+            return []
         x, fused = enter_network(self, x)
         feats, last = [], max(indices)
         for i, (units, pool) in enumerate(self._stages):
@@ -151,28 +165,50 @@ class VGG(FeaturesMixin, nn.Module):
         feats.append(x)  # the last pool's output
         return feats
 
+    # --- timm's model API (ClassifierMixin): forward = forward_head(forward_features(x)) ---
+
+    @property
+    def num_features(self) -> int:
+        return self._hidden
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """`features`' output (after the last max pool), unpooled."""
+        x, fused = enter_network(self, x)
+        return self._features(x, fused)
+
+    def _pre_logits(self, x: Tensor, fused: bool) -> Tensor:
+        x = head_pool(x, self.avgpool, fused=fused)
+        # flatten of the logical (N, C, H, W) shape is torchvision's NCHW order whatever the memory layout.
+        x = torch.flatten(x, 1)
+        for i in range(len(self.classifier) - 1):
+            x = self.classifier[i](x)
+        return x
+
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.feature_indices is not None:
             return self.forward_intermediates(x, self.feature_indices)
-        x, fused = enter_network(self, x)
-        x = self._features(x, fused)
-        x = adaptive_avg_pool(x, self.avgpool, fused=fused)
-        # flatten of the logical (N, C, H, W) shape is torchvision's NCHW order whatever the memory layout.
-        return self.classifier(torch.flatten(x, 1))
+        return self.forward_head(self.forward_features(x))
 
 
 def _vgg(name: str, cfg: str, batch_norm: bool, weights, kwargs) -> VGG:
-    check_weights(name, weights, kwargs)
-    return VGG(make_layers(CFGS[cfg], batch_norm=batch_norm), **kwargs)
+    if kwargs.get("drop_rate") is not None and "dropout" in kwargs and kwargs["dropout"] != kwargs["drop_rate"]:
+        raise ValueError(f"{name}(): dropout={kwargs['dropout']} and drop_rate={kwargs['drop_rate']} disagree "
+                         "(drop_rate is timm's name for VGG's dropout)")
+
+    def make(in_chans: int = 3, **kw) -> VGG:
+        return VGG(make_layers(CFGS[cfg], batch_norm=batch_norm, in_chans=in_chans), **kw)
+
+    # As torchvision's builder: published weights overwrite every parameter, so skip the init.
+    return build_with_weights(name, make, weights, kwargs, pretrained_kwargs={"init_weights": False})
 
 
-@register_model(reference="torchvision.models.vgg16", family="vgg")
+@register_model(reference="torchvision.models.vgg16", family="vgg", verify=True)
 def vgg16(*, weights=None, **kwargs) -> VGG:
     """VGG-16 (configuration D); keywords as torchvision.models.vgg16."""
     return _vgg("vgg16", "D", False, weights, kwargs)
 
 
-@register_model(reference="torchvision.models.vgg16_bn", family="vgg")
+@register_model(reference="torchvision.models.vgg16_bn", family="vgg", verify=True)
 def vgg16_bn(*, weights=None, **kwargs) -> VGG:
     """VGG-16 with BatchNorm (configuration D); keywords as torchvision.models.vgg16_bn."""
     return _vgg("vgg16_bn", "D", True, weights, kwargs)
@@ -193,10 +229,12 @@ def vgg19_bn(*, weights=None, **kwargs) -> VGG:
 _VGG_NAMES = {("D", False): "vgg16", ("D", True): "vgg16_bn", ("E", False): "vgg19", ("E", True): "vgg19_bn"}
 
 
-@register_converter
+@register_converter(sources={VGG: "torchvision.models.vgg.VGG"})
 def recognise_vgg(model: nn.Module) -> tuple[str, dict] | None:
-    """torchvision's VGG, recognised by its structure: `features` (convs and max pools,
-    whose widths give the configuration), `avgpool`, a 7-layer `classifier`. None when it is no VGG."""
+    """torchvision's VGG, recognised by its structure: `features` (convs and max pools, whose
+    widths give the configuration), `avgpool`, a 7-layer `classifier`; None when it is no VGG.
+    Only the builder and its keywords are read here; `fastbone.convert` then checks every module
+    against the model they build and refuses any difference."""
     features, classifier = getattr(model, "features", None), getattr(model, "classifier", None)
     if not (isinstance(features, nn.Sequential) and isinstance(classifier, nn.Sequential)
             and isinstance(getattr(model, "avgpool", None), nn.Module)):
@@ -216,4 +254,5 @@ def recognise_vgg(model: nn.Module) -> tuple[str, dict] | None:
         raise ValueError(f"convert: VGG features {cfg} (batch_norm={batch_norm}) match no fastbone builder; "
                          f"supported: {', '.join(_VGG_NAMES.values())}")
     dropout = next((m.p for m in classifier if isinstance(m, nn.Dropout)), 0.5)
-    return name, {"num_classes": classifier[-1].out_features, "dropout": dropout, "init_weights": False}
+    return name, {"num_classes": getattr(classifier[-1], "out_features", 1000), "dropout": dropout,
+                  "init_weights": False}

@@ -5,9 +5,11 @@ from . import ops
 from .registry import ModelInfo, convert, create_model, list_models, model_info
 from . import backbones  # noqa: E402  (registers the models; needs ops and registry loaded first)
 from .backbones import resnet18, resnet34, resnet50, resnet101, resnet152, vgg16, vgg16_bn, vgg19, vgg19_bn
+from . import weights  # noqa: E402
+from .weights import load_checkpoint  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "ModelInfo", "backend", "backbones", "convert", "create_model", "get_backend",
-           "list_models", "model_info", "ops", "set_backend", "__version__",
+           "list_models", "load_checkpoint", "model_info", "ops", "set_backend", "weights", "__version__",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import re
 import sys
+from importlib import metadata
 
 import torch
 
@@ -19,23 +22,74 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
+
+
+def device_arg(value: str) -> str:
+    """--device: cpu, cuda or cuda:N (cpu:N is the CPU too); anything else is a usage error (exit 2)."""
+    if not _DEVICE.fullmatch(value.strip()):
+        raise argparse.ArgumentTypeError(f"invalid device {value!r}; accepted: cpu, cuda, cuda:N (N a device index)")
+    return value.strip()
+
+
+def _versions() -> str:
+    from . import __version__
+
+    parts = [f"fastbone {__version__}", f"torch {torch.__version__}"]
+    for dist in ("triton", "torchvision"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return parts[0] + " (" + ", ".join(parts[1:]) + ")"
+
+
+def select_models(patterns: list[str], every: bool) -> tuple[list[str], list[str]]:
+    """(models to verify, patterns that match none): names or fnmatch patterns, in the order given
+    (each model once); none given: `--all` -> every model, else the default set (`verify=True`)."""
+    from .registry import list_models, verify_defaults
+
+    known = list_models()
+    if every:
+        return known, []
+    if not patterns:
+        return verify_defaults(), []
+    chosen, unmatched = [], []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            matches = fnmatch.filter(known, pattern)
+        else:
+            matches = [pattern] if pattern in known else []
+        if not matches:
+            unmatched.append(pattern)
+        chosen += [m for m in matches if m not in chosen]
+    return chosen, unmatched
+
+
 def cmd_verify(args) -> int:
     from tqdm import tqdm
 
     from .registry import list_models
     from .verify import verify_model
 
-    names = args.models or list_models()
-    known = set(list_models())
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        print(f"fastbone verify: unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
-              file=sys.stderr)
+    if args.all and args.models:
+        print("fastbone verify: give model names / patterns or --all, not both", file=sys.stderr)
         return 2
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("fastbone verify: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+    names, unmatched = select_models(args.models, args.all)
+    if unmatched:
+        print(f"fastbone verify: no model matches {', '.join(map(repr, unmatched))}; known: "
+              f"{', '.join(list_models())}", file=sys.stderr)
         return 2
-    size = args.size or (64 if args.device == "cpu" else 224)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("fastbone verify: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+            return 2
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            print(f"fastbone verify: --device {args.device} asked for, but torch sees "
+                  f"{torch.cuda.device_count()} CUDA device(s)", file=sys.stderr)
+            return 2
+    size = args.size or (64 if device.type == "cpu" else 224)
     print(f"fastbone verify: {len(names)} model(s), backend={args.backend}, device={args.device}, "
           f"dtype={args.dtype}, input {args.batch}x3x{size}x{size}; reference in float64 on the CPU")
     results = []
@@ -71,11 +125,17 @@ def cmd_list(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastbone", description=__doc__)
+    parser.add_argument("--version", action="version", version=_versions(),
+                        help="print fastbone's version (and torch's, triton's, torchvision's) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="check models against their references")
-    v.add_argument("models", nargs="*", help="model names (default: every model)")
+    v.add_argument("models", nargs="*", metavar="MODEL",
+                   help="model names or fnmatch patterns such as 'resnet*' (default: a set covering every family "
+                        "and kernel path; --all for every model)")
+    v.add_argument("--all", action="store_true", help="verify every model")
     v.add_argument("--backend", choices=[b for b in BACKENDS if b != "auto"], default="triton")
-    v.add_argument("--device", default=_default_device(), help="cpu or cuda[:N] (default: cuda if present)")
+    v.add_argument("--device", type=device_arg, default=_default_device(),
+                   help="cpu, cuda or cuda:N (default: cuda if present)")
     v.add_argument("--size", type=int, default=None, help="input height and width (default 64 on CPU, 224 on CUDA)")
     v.add_argument("--batch", type=int, default=2)
     v.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")

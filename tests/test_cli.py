@@ -3,7 +3,9 @@ non-zero on failure, bad arguments get a clear message."""
 import fastbone  # isort: skip  (before torchvision: see fastbone/_triton_env.py)
 
 import pytest
+import torch
 import torchvision
+from importlib import metadata
 
 from fastbone import verify
 from fastbone.cli import main
@@ -15,7 +17,8 @@ def test_list_reports_parameters_and_macs_of_every_model(capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
     assert set(rows) == set(fastbone.list_models())
     for name, (_, params, macs, size, reference) in rows.items():
-        tv_params = sum(p.numel() for p in getattr(torchvision.models, name)().parameters())
+        with torch.device("meta"):  # shapes only
+            tv_params = sum(p.numel() for p in getattr(torchvision.models, name)().parameters())
         assert params == f"{tv_params / 1e6:.2f}M"
         assert reference == f"torchvision.models.{name}" and size == "224"
     # Independent count for one model: ResNet-50's conv and fc multiply-adds at 224 are 4.09 G
@@ -34,8 +37,8 @@ def test_verify_passes_and_prints_the_table(capsys):
 
 
 def test_verify_fails_with_nonzero_exit_when_a_model_disagrees(capsys, monkeypatch):
-    monkeypatch.setitem(verify.TOLERANCE, __import__("torch").float32, 0.0)  # nothing agrees exactly
-    code = main(["verify", "resnet18", "--backend", "cuda", "--device", "cpu", "--size", "32", "--batch", "1",
+    monkeypatch.setitem(verify.TOLERANCE, torch.float32, 0.0)  # nothing agrees exactly
+    code = main(["verify", "resnet18", "--backend", "torch", "--device", "cpu", "--size", "32", "--batch", "1",
                  "--quiet"])
     assert code == 1
     assert "FAIL" in capsys.readouterr().out
@@ -50,15 +53,104 @@ def test_verify_reports_a_model_that_raises(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["verify", "resnet5"], "unknown model(s) resnet5"),
+    (["verify", "resnet5"], "no model matches 'resnet5'; known: resnet18, resnet34"),
+    (["verify", "resnet18", "efficient*"], "no model matches 'efficient*'; known: resnet18"),
+    (["verify", "resnet18", "--all"], "model names / patterns or --all, not both"),
     (["verify", "resnet18", "--device", "cuda"], "sees no CUDA device"),
+    (["verify", "resnet18", "--device", "cuda:1"], "sees no CUDA device"),
 ])
 def test_verify_refuses_bad_arguments(argv, message, capsys):
-    if "cuda" in argv and __import__("torch").cuda.is_available():
-        argv = ["verify", "resnet5"]
-        message = "unknown model(s) resnet5"
+    if "--device" in argv and torch.cuda.is_available():
+        argv = ["verify", "resnet18", "--device", f"cuda:{torch.cuda.device_count()}"]
+        message = f"torch sees {torch.cuda.device_count()} CUDA device(s)"
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# ids: a test whose id holds the word "gpu" would be taken for a gpu-marked test (conftest.py).
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu0", "mps", ""], ids=lambda d: f"bad-{d or 'empty'}")
+def test_verify_device_is_validated_up_front(device, capsys):
+    # A usage error (exit 2) listing the accepted values, before any model is built.
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", "resnet18", "--device", device])
+    assert exc.value.code == 2
+    assert f"invalid device {device!r}; accepted: cpu, cuda, cuda:N" in capsys.readouterr().err
+
+
+class _Recorder:
+    """Stands in for verify_model: records each call, returns a passing result at once."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, name, **kwargs):
+        self.calls.append((name, kwargs))
+        return verify.VerifyResult(name, kwargs["backend"], kwargs["device"], kwargs["dtype"], 0.0, 0.0, 1e-4, 0.0)
+
+    @property
+    def names(self):
+        return [name for name, _ in self.calls]
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(verify, "verify_model", rec)
+    return rec
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0"])
+def test_verify_on_any_cpu_device_uses_the_cpu_size(device, recorder, capsys):
+    assert main(["verify", "resnet18", "--device", device, "--quiet"]) == 0
+    (name, kwargs), = recorder.calls
+    assert name == "resnet18" and kwargs["size"] == 64 and kwargs["device"] == device
+    assert "input 2x3x64x64" in capsys.readouterr().out
+
+
+def test_verify_selects_names_patterns_and_all(recorder, capsys):
+    resnets = [n for n in fastbone.list_models() if n.startswith("resnet")]
+    assert main(["verify", "resnet*", "--device", "cpu", "--quiet"]) == 0
+    assert recorder.names == resnets
+    recorder.calls.clear()
+    # Order as given, each model once, exact names and patterns mixed.
+    assert main(["verify", "vgg16", "vgg1?", "resnet18", "--device", "cpu", "--quiet"]) == 0
+    assert recorder.names == ["vgg16", "vgg19", "resnet18"]
+    recorder.calls.clear()
+    assert main(["verify", "--all", "--device", "cpu", "--quiet"]) == 0
+    assert recorder.names == fastbone.list_models()
+    assert f"{len(fastbone.list_models())} passed, 0 failed" in capsys.readouterr().out
+
+
+def _profile(name: str) -> frozenset:
+    """What a model exercises: its family and the kinds of modules it is made of, with whether
+    its convs have a bias (a different epilogue)."""
+    with torch.device("meta"):
+        model = fastbone.model_info(name).builder()
+    kinds = {type(m).__qualname__ for m in model.modules()}
+    kinds |= {f"Conv2d(bias={m.bias is not None})" for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+    return frozenset(kinds | {fastbone.model_info(name).family})
+
+
+def test_verify_default_set_covers_every_family_and_kernel_path(recorder):
+    from fastbone.registry import verify_defaults
+
+    assert main(["verify", "--device", "cpu", "--quiet"]) == 0
+    defaults = recorder.names
+    assert defaults == verify_defaults() and set(defaults) < set(fastbone.list_models())
+    covered = {_profile(n) for n in defaults}
+    missing = {n for n in fastbone.list_models() if _profile(n) not in covered}
+    assert not missing, f"models exercising something no default model does (mark one verify=True): {missing}"
+    # The default run stays short on CPU: a few models, not all of them.
+    assert len(defaults) <= max(4, len(fastbone.list_models()) // 2)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"fastbone {fastbone.__version__} (torch {torch.__version__}, ")
+    assert f"torchvision {metadata.version('torchvision')}" in out
 
 
 def test_verify_rejects_tiny_sizes(capsys):
