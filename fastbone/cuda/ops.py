@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from fastbone.ops._autograd import register_reference_autograd
-from fastbone.ops._checks import check_kernel_dtype
+from fastbone.ops._checks import check_kernel_dtype, quiet_under_jit_trace
 from fastbone.ops._registry import register_impl
 from fastbone.ops.conv import (conv_output, conv_output_size, new_activation, reference_conv_bn_act,
                                reference_conv_bn_act_maxpool)
@@ -90,6 +90,7 @@ def stem_tile(ph_out: int, pw_out: int, pool) -> tuple[int, int]:
     return th, tw
 
 
+@quiet_under_jit_trace
 def stem_supported(c_in_g: int, kh: int, kw: int, pool) -> bool:
     """Whether the fused stem kernel takes this conv and pool (its shared-memory limits)."""
     return c_in_g * kh * kw <= _C["stem_max_taps"] and stem_tile(1, 1, pool)[0] == 1

@@ -292,12 +292,27 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, ac
                             out_channel_offset)
 
 
+@quiet_under_jit_trace
+def _check_stem_args(x, conv, bn_args, stride, padding, dilation, pk, ps, pp, ceil_mode) -> tuple[int, int]:
+    """The conv's and the pool's checks; the pooled output size."""
+    from .pool import check_window, pool_output_size  # pool imports nothing from here
+
+    bn_tensors = tuple(zip(("bn_weight", "bn_bias", "bn_mean", "bn_var"), bn_args[:4]))
+    _, _, oh, ow = _check_conv_args(x, conv.weight, conv.bias, stride, padding, dilation, conv.groups, None, None, 0,
+                                    bn_tensors)
+    check_window(x, pk, ps, pp)
+    pool_hw = (pool_output_size(oh, pk[0], ps[0], pp[0], ceil_mode), pool_output_size(ow, pk[1], ps[1], pp[1], ceil_mode))
+    if min(pool_hw) < 1:
+        raise ValueError(f"the stem's conv output {oh}x{ow} is too small for a {pk} max pool")
+    return pool_hw
+
+
 def conv_bn_act_maxpool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str = "relu", *,
                         slope: float = DEFAULT_LEAKY_SLOPE, pool_kernel=3, pool_stride=2, pool_padding=1,
                         ceil_mode: bool = False) -> Tensor:
     """The network stem, max_pool(act(bn(conv(x)))), in one launch where the backend has a
     fused stem kernel ("conv_bn_act_maxpool"); elsewhere the conv and the pool run in turn."""
-    from .pool import check_window, max_pool2d, pool_output_size  # pool imports nothing from here
+    from .pool import max_pool2d  # pool imports nothing from here
 
     check_activation_tensor(x)
     fused = find_impl("conv_bn_act_maxpool", resolve_backend(x.device))
@@ -307,14 +322,8 @@ def conv_bn_act_maxpool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = 
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     bn_args = batchnorm_tensors(bn, conv.out_channels)
-    bn_tensors = tuple(zip(("bn_weight", "bn_bias", "bn_mean", "bn_var"), bn_args[:4]))
     stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
-    _, _, oh, ow = _check_conv_args(x, conv.weight, conv.bias, stride, padding, dilation, conv.groups, None, None, 0,
-                                    bn_tensors)
     pk, ps, pp = pair(pool_kernel, "pool_kernel"), pair(pool_stride, "pool_stride"), pair(pool_padding, "pool_padding")
-    check_window(x, pk, ps, pp)
-    pool_hw = (pool_output_size(oh, pk[0], ps[0], pp[0], ceil_mode), pool_output_size(ow, pk[1], ps[1], pp[1], ceil_mode))
-    if min(pool_hw) < 1:
-        raise ValueError(f"the stem's conv output {oh}x{ow} is too small for a {pk} max pool")
+    pool_hw = _check_stem_args(x, conv, bn_args, stride, padding, dilation, pk, ps, pp, ceil_mode)
     return fused(x, conv.weight, conv.bias, *bn_args, stride, padding, dilation, conv.groups, activation_code(act),
                  float(slope), pk, ps, pp, bool(ceil_mode), pool_hw)
