@@ -82,7 +82,7 @@ def test_torch_export_and_jit_trace(backend):
         assert any(f"fastbone.{backend}_conv_bn_act" in o for o in ops), ops
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_onnx_export_runs_in_onnxruntime(backend, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     reference, model = _pair("resnet18")
