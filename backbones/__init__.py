@@ -2,6 +2,8 @@
 from . import layers
 from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from .vgg import VGG, vgg16, vgg16_bn, vgg19, vgg19_bn
+from .mobilenet import MobileNetV1, MobileNetV2, mobilenet_v2, mobilenetv1_100, mobilenetv1_100h, mobilenetv1_125
 
 __all__ = ["ResNet", "VGG", "layers", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-           "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+           "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+           "MobileNetV1", "MobileNetV2", "mobilenet_v2", "mobilenetv1_100", "mobilenetv1_100h", "mobilenetv1_125"]

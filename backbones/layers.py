@@ -4,7 +4,10 @@ Every family keeps its parameters in ordinary torch modules named as in the
 reference (torchvision, else timm) and runs them one of two ways:
   - train mode: the plain torch modules (autograd, BatchNorm statistics updates);
   - eval mode: fastbone's fused operators (BatchNorm applied in the conv's epilogue).
-`conv_norm_act` is that choice for one conv / norm / activation triple;
+`conv_norm_act` is that choice for one conv / norm / activation triple, `separable_norm_act` for a
+depthwise separable block (depthwise conv / norm / act -> pointwise conv / norm / act, one fused op);
+`BatchNormAct2d` and `SelectAdaptivePool2d` are timm's norm-with-activation and head pool, for the
+families whose reference is timm;
 `FeatureInfo` and `FeaturesMixin` give every family timm-style `features_only`;
 `ClassifierMixin` timm's model API (num_features, forward_features, forward_head,
 reset_classifier, pretrained_cfg); `build_with_weights` torchvision's builder keywords.
@@ -59,6 +62,34 @@ def check_norm_layer(norm_layer: Callable[[int], nn.Module]) -> None:
                         f"got {type(probe).__name__}")
 
 
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d (timm.layers.norm_act): a BatchNorm2d that holds its activation, with
+    the same children (`drop`, `act`) and state_dict keys, so timm-referenced families keep timm's
+    module tree. forward = act(drop(batch_norm(x))); the fused path applies the BatchNorm in a
+    conv's epilogue and takes `act` as that epilogue's activation (`drop` is the identity in eval)."""
+    convert_compares_attributes = True  # fastbone.convert: same attributes as timm's class
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, apply_act: bool = True,
+                 act_layer: Callable[..., nn.Module] = nn.ReLU, inplace: bool = True, device=None, dtype=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.drop = nn.Identity()
+        self.act = act_layer(inplace=inplace) if apply_act and act_layer is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _norm_and_act(norm: nn.Module | None, act: nn.Module | str | None):
+    """(norm, activation) for the fused epilogue: a BatchNormAct2d brings its own activation."""
+    if isinstance(norm, BatchNormAct2d):
+        if act is not None:
+            raise TypeError("a BatchNormAct2d holds its activation; pass act=None with it")
+        return norm, norm.act
+    return norm, act
+
+
 def conv_norm_act(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Module | str | None, *,
                   fused: bool, residual: Tensor | None = None) -> Tensor:
     """act(norm(conv(x)) + residual).
@@ -66,8 +97,11 @@ def conv_norm_act(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Mo
     fused=True runs one fastbone operator that applies `norm`'s running statistics in its
     epilogue (inference semantics). fused=False runs the modules themselves, so BatchNorm
     statistics update and `act` may be any module. A norm module left in train mode inside an
-    eval-mode model normalises with batch statistics, as in torch: it runs unfused too."""
+    eval-mode model normalises with batch statistics, as in torch: it runs unfused too.
+    A BatchNormAct2d norm (act=None) brings its own activation; the unfused path then adds a
+    residual after it, as timm's blocks do (callers fuse a residual only with an identity act)."""
     if fused and not (norm is not None and norm.training):
+        norm, act = _norm_and_act(norm, act)
         name, slope = activation_name(act)
         return ops.conv_bn_act(x, conv, norm, name, slope=slope, residual=residual)
     y = conv(x)
@@ -80,6 +114,25 @@ def conv_norm_act(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Mo
     if isinstance(act, str):
         return apply_activation(y, act)
     return act(y)
+
+
+def separable_norm_act(x: Tensor, dw_conv: nn.Conv2d, dw_norm: nn.Module | None, dw_act: nn.Module | str | None,
+                       pw_conv: nn.Conv2d, pw_norm: nn.Module | None, pw_act: nn.Module | str | None, *,
+                       fused: bool, residual: Tensor | None = None) -> Tensor:
+    """pw_act(pw_norm(pw_conv(dw_act(dw_norm(dw_conv(x))))) + residual): a depthwise separable block.
+
+    fused=True runs it as one fastbone operator (`ops.separable_conv_bn_act`: the depthwise result
+    stays on chip and feeds the pointwise GEMM; both BatchNorms in the epilogues, the residual in
+    the pointwise epilogue). fused=False, or a norm left in train mode, runs the modules in turn."""
+    if fused and not any(n is not None and n.training for n in (dw_norm, pw_norm)):
+        dw_norm, dw_act = _norm_and_act(dw_norm, dw_act)
+        pw_norm, pw_act = _norm_and_act(pw_norm, pw_act)
+        dw_name, dw_slope = activation_name(dw_act)
+        pw_name, pw_slope = activation_name(pw_act)
+        return ops.separable_conv_bn_act(x, dw_conv, dw_norm, dw_name, pw_conv, pw_norm, pw_name, dw_slope=dw_slope,
+                                         pw_slope=pw_slope, residual=residual)
+    y = conv_norm_act(x, dw_conv, dw_norm, dw_act, fused=False)
+    return conv_norm_act(y, pw_conv, pw_norm, pw_act, fused=False, residual=residual)
 
 
 def to_channels_last(x: Tensor) -> Tensor:
@@ -146,6 +199,22 @@ def _check_pool_type(pool_type: str, accepted: Sequence[str] = GLOBAL_POOLS) -> 
     return pool_type
 
 
+def global_pool(x: Tensor, pool_type: str, output_size=(1, 1), *, fused: bool = False) -> Tensor:
+    """GlobalPool2d's computation as a function (for heads that keep no pooling module); fused=True
+    runs 'avg' to 1x1 as fastbone's global average pool."""
+    if not pool_type:
+        return x
+    if pool_type == "avg":
+        if fused and output_size in (1, (1, 1)):
+            return ops.global_avg_pool(x)
+        return torch.nn.functional.adaptive_avg_pool2d(x, output_size)
+    mx = torch.nn.functional.adaptive_max_pool2d(x, output_size)
+    if pool_type == "max":
+        return mx
+    avg = torch.nn.functional.adaptive_avg_pool2d(x, output_size)
+    return 0.5 * (avg + mx) if pool_type == "avgmax" else torch.cat((avg, mx), dim=1)
+
+
 class GlobalPool2d(nn.Module):
     """Adaptive pooling to `output_size` in timm's vocabulary: 'avg', 'max', 'avgmax' (their mean),
     'catavgmax' (both, concatenated on channels: twice the width), '' (no pooling, identity).
@@ -157,18 +226,37 @@ class GlobalPool2d(nn.Module):
         self.output_size = output_size
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.pool_type:
-            return x
-        if self.pool_type == "avg":
-            return torch.nn.functional.adaptive_avg_pool2d(x, self.output_size)
-        mx = torch.nn.functional.adaptive_max_pool2d(x, self.output_size)
-        if self.pool_type == "max":
-            return mx
-        avg = torch.nn.functional.adaptive_avg_pool2d(x, self.output_size)
-        return 0.5 * (avg + mx) if self.pool_type == "avgmax" else torch.cat((avg, mx), dim=1)
+        return global_pool(x, self.pool_type, self.output_size)
 
     def extra_repr(self) -> str:
         return f"pool_type={self.pool_type!r}, output_size={self.output_size}"
+
+
+class SelectAdaptivePool2d(nn.Module):
+    """timm's SelectAdaptivePool2d (timm.layers.adaptive_avgmax_pool), the head of timm-referenced
+    families: the same children (`pool`, `flatten`) and `pool_type`; global pooling then flatten.
+    'avg' and 'max' are torch's adaptive pools, as in timm ('avg' runs fastbone's global average pool
+    on the fused path); 'avgmax' / 'catavgmax' are GlobalPool2d; '' is no pooling."""
+    convert_compares_attributes = True  # fastbone.convert: same attributes as timm's class
+
+    def __init__(self, pool_type: str = "avg", flatten: bool = True):
+        super().__init__()
+        self.pool_type = _check_pool_type(pool_type)
+        if pool_type == "":
+            self.pool = nn.Identity()
+        elif pool_type == "avg":
+            self.pool = nn.AdaptiveAvgPool2d(1)
+        elif pool_type == "max":
+            self.pool = nn.AdaptiveMaxPool2d(1)
+        else:
+            self.pool = GlobalPool2d(pool_type, 1)
+        self.flatten = nn.Flatten(1) if flatten and pool_type else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.flatten(self.pool(x))
+
+    def extra_repr(self) -> str:
+        return f"pool_type={self.pool_type}"
 
 
 def make_global_pool(pool_type: str, output_size=(1, 1)) -> nn.Module:
@@ -177,7 +265,7 @@ def make_global_pool(pool_type: str, output_size=(1, 1)) -> nn.Module:
 
 
 def global_pool_type(pool: nn.Module) -> str:
-    if isinstance(pool, GlobalPool2d):
+    if isinstance(pool, (GlobalPool2d, SelectAdaptivePool2d)):
         return pool.pool_type
     if isinstance(pool, nn.AdaptiveAvgPool2d):
         return "avg"
@@ -189,6 +277,8 @@ def global_pool_type(pool: nn.Module) -> str:
 def head_pool(x: Tensor, pool: nn.Module, *, fused: bool) -> Tensor:
     """The head's pooling: fastbone's global / adaptive average pool op for an nn.AdaptiveAvgPool2d on
     the fused path, the module itself otherwise."""
+    if isinstance(pool, SelectAdaptivePool2d):
+        return pool.flatten(head_pool(x, pool.pool, fused=fused))
     if fused and isinstance(pool, nn.AdaptiveAvgPool2d):
         if pool.output_size in (1, (1, 1)):
             return ops.global_avg_pool(x)

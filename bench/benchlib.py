@@ -17,6 +17,7 @@ import re
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -43,6 +44,59 @@ def distinct_conv_layers(model_name: str, size: int) -> list[tuple[ConvLayer, li
     by_key: dict[tuple, tuple[ConvLayer, list[str]]] = {}
     for layer in conv_layers(model_name, size):
         by_key.setdefault(layer.shape_key, (layer, []))[1].append(layer.name)
+    return list(by_key.values())
+
+
+@dataclass(frozen=True)
+class SeparableBlock:
+    """The depthwise conv and the 1x1 projection that follows it in one block (MobileNetV2's
+    inverted residual: depthwise + BN + ReLU6 -> project 1x1 + BN, + the block's input where the
+    block has a residual connection)."""
+    name: str
+    dw: ConvLayer
+    pw: ConvLayer
+    residual: bool
+
+    @property
+    def shape_key(self) -> tuple:
+        return (self.dw.shape_key, self.pw.shape_key, self.residual)
+
+    @property
+    def shape_id(self) -> str:
+        return f"{self.dw.shape_id}-to{self.pw.c_out}{'-res' if self.residual else ''}"
+
+
+def mobilenet_v2_blocks(size: int) -> list[SeparableBlock]:
+    """torchvision's mobilenet_v2, traced on the meta device: every inverted residual block's
+    depthwise conv and projection, in forward order (shapes from the modules, never typed in)."""
+    import torchvision
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    with torch.device("meta"):
+        model = torchvision.models.mobilenet_v2()
+    convs = {layer.name: layer for layer in trace_layers(model, size)[0]}
+    blocks = []
+    for name, module in model.named_modules():
+        if isinstance(module, InvertedResidual):
+            names = [f"{name}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+            dw = next(convs[n] for n in names if convs[n].groups == convs[n].c_in > 1)
+            blocks.append(SeparableBlock(name, dw, convs[names[-1]], bool(module.use_res_connect)))
+    return blocks
+
+
+def distinct_depthwise_layers(size: int) -> list[tuple[ConvLayer, list[str]]]:
+    """The distinct depthwise conv shapes of torchvision's mobilenet_v2, each with its layer names."""
+    by_key: dict[tuple, tuple[ConvLayer, list[str]]] = {}
+    for block in mobilenet_v2_blocks(size):
+        by_key.setdefault(block.dw.shape_key, (block.dw, []))[1].append(block.dw.name)
+    return list(by_key.values())
+
+
+def distinct_separable_blocks(size: int) -> list[tuple[SeparableBlock, list[str]]]:
+    """The distinct (depthwise, projection, residual) blocks of torchvision's mobilenet_v2."""
+    by_key: dict[tuple, tuple[SeparableBlock, list[str]]] = {}
+    for block in mobilenet_v2_blocks(size):
+        by_key.setdefault(block.shape_key, (block, []))[1].append(block.name)
     return list(by_key.values())
 
 

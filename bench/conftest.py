@@ -7,6 +7,7 @@
   --bench-backend  auto | triton | cuda | torch   fastbone's backend (on cpu: torch, or
                    triton = Triton's interpreter)   default: auto
   --bench-model    registered model whose conv shapes are benchmarked   default: resnet50
+                   (test_bench_depthwise.py always takes torchvision's mobilenet_v2)
   --bench-shapes   benchmark only the first N distinct shapes   default: all on cuda, 3 on cpu
   --bench-rounds   timed rounds per implementation   default: 100 on cuda, 3 on cpu
   --bench-cuda-graphs   replay each call from a CUDA graph (removes Python launch overhead)
@@ -120,6 +121,13 @@ def pytest_generate_tests(metafunc):
         layers = benchlib.distinct_conv_layers(cfg.model, cfg.size)[:cfg.max_shapes]
         metafunc.parametrize("conv_layer", layers, ids=[f"{i:02d}-{layer.shape_id}"
                                                         for i, (layer, _) in enumerate(layers)])
+    # The depthwise / separable benchmarks always take torchvision's mobilenet_v2 (--bench-size applies).
+    for name, distinct in (("depthwise_layer", benchlib.distinct_depthwise_layers),
+                           ("separable_block", benchlib.distinct_separable_blocks)):
+        if name in metafunc.fixturenames:
+            cfg = bench_config(metafunc.config)
+            items = distinct(cfg.size)[:cfg.max_shapes]
+            metafunc.parametrize(name, items, ids=[f"{i:02d}-{item.shape_id}" for i, (item, _) in enumerate(items)])
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -132,10 +140,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not rows:
         return
     tr = terminalreporter
-    tr.section("fastbone conv_bn_act vs torch conv2d + batch_norm + relu (same run)")
-    head = f"{'shape':<28} {'fastbone ms':>12} {'torch ms':>10} {'speedup':>8} {'TFLOP/s':>8} {'GB/s':>8} {'roofline':>9}"
-    tr.write_line(head)
+    # Rows carry a "section" (the op and the torch sequence it is timed against); conv rows have none.
+    sections: dict[str, list] = {}
     for r in rows:
-        tr.write_line(f"{r['id']:<28} {r['fastbone_s'] * 1e3:>12.4f} {r['torch_s'] * 1e3:>10.4f} "
-                      f"{r['speedup']:>8.2f} {r['tflops']:>8.2f} {r['gbps']:>8.1f} {r['roofline_fraction']:>9.1%}")
+        sections.setdefault(r.get("section", "fastbone conv_bn_act vs torch conv2d + batch_norm + relu"), []).append(r)
+    for title, section_rows in sections.items():
+        tr.section(f"{title} (same run)")
+        head = (f"{'shape':<34} {'fastbone ms':>12} {'torch ms':>10} {'speedup':>8} {'TFLOP/s':>8} {'GB/s':>8} "
+                f"{'roofline':>9}")
+        tr.write_line(head)
+        for r in section_rows:
+            tr.write_line(f"{r['id']:<34} {r['fastbone_s'] * 1e3:>12.4f} {r['torch_s'] * 1e3:>10.4f} "
+                          f"{r['speedup']:>8.2f} {r['tflops']:>8.2f} {r['gbps']:>8.1f} {r['roofline_fraction']:>9.1%}")
     tr.write_line("speedup = torch ms / fastbone ms; roofline = roofline time / fastbone time")

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "dispatch.h"
 #include "launch.h"
 #include "ops.h"
 #include "kernels/conv.cuh"
@@ -23,36 +24,7 @@
 
 namespace fb_ops {
 
-// --- dtype / activation dispatch: one generic lambda serves every instantiation ---------
-
-template <typename T>
-struct DtypeTag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(int64_t code, F&& f) {
-  switch (code) {
-    case fb::kFloat32: f(DtypeTag<float>{}); return;
-    case fb::kFloat16: f(DtypeTag<__half>{}); return;
-    case fb::kBFloat16: f(DtypeTag<__nv_bfloat16>{}); return;
-  }
-  throw std::invalid_argument("fastbone cuda kernels: unknown dtype code " + std::to_string(code) +
-                              "; accepted: 0 (float32), 1 (float16), 2 (bfloat16)");
-}
-
-template <int... Codes, typename F>
-void dispatch_act_impl(int64_t code, F&& f, std::integer_sequence<int, Codes...>) {
-  bool found = ((code == Codes ? (f(std::integral_constant<int, Codes>{}), true) : false) || ...);
-  if (!found)
-    throw std::invalid_argument("fastbone cuda kernels: unknown activation code " + std::to_string(code) +
-                                "; accepted: 0.." + std::to_string(fb::kNumActivations - 1));
-}
-
-template <typename F>
-void dispatch_act(int64_t code, F&& f) {
-  dispatch_act_impl(code, std::forward<F>(f), std::make_integer_sequence<int, fb::kNumActivations>{});
-}
+// dispatch_dtype / dispatch_act (one generic lambda serves every instantiation): csrc/dispatch.h
 
 void check_dims(const Dims& d, const char* name) {
   if (d.size() != 4) throw std::invalid_argument(std::string(name) + " must have 4 entries (N, C, H, W order)");
@@ -68,11 +40,6 @@ void check_int_range(int64_t v, const char* what) {
     throw std::invalid_argument(std::string(what) + " = " + std::to_string(v) +
                                 " exceeds the kernels' 32-bit index range; split the batch");
 }
-
-template <typename T>
-const T* in_ptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
-template <typename T>
-T* out_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 // --- conv + BatchNorm / bias + activation (+ residual, + channel slice) ------------------
 
@@ -99,6 +66,79 @@ bool device_has_tensor_core_conv() {
 }
 #endif
 
+// --- launch splitting ---------------------------------------------------------------------
+// A launch's grid must fit CUDA's limits (gridDim.y and gridDim.z <= 65535, gridDim.x < 2^31) and
+// the conv kernels index output pixels with 32-bit ints (cheap divisions in the inner loops;
+// element offsets are 64-bit). A problem beyond either is run as several launches over slices of
+// the tensors (pointer offsets; the kernels are unchanged), so no valid input is refused for its
+// size. NvrtcRuntime (fastbone/cuda/ops.py) mirrors this plan; tests compare the two.
+constexpr int64_t kMaxGridYZ = 65535;
+// Output pixels (M) of one conv launch: m0 + BM and every row index stay below 2^31.
+constexpr int64_t kMaxConvLaunchPixels = INT32_MAX - 256;
+
+// The limits the launchers split at: the constants above, lowered only by tests
+// (set_launch_limits) so that split launches run at small sizes in the emulator.
+struct LaunchLimits {
+  int64_t max_grid_yz = kMaxGridYZ, max_conv_launch_pixels = kMaxConvLaunchPixels;
+};
+LaunchLimits& launch_limits() {
+  static LaunchLimits limits;
+  return limits;
+}
+
+void set_launch_limits(int64_t max_grid_yz, int64_t max_conv_launch_pixels) {
+  if (max_grid_yz < 1 || max_grid_yz > kMaxGridYZ || max_conv_launch_pixels < 1 ||
+      max_conv_launch_pixels > kMaxConvLaunchPixels)
+    throw std::invalid_argument("set_launch_limits: accepted 1 <= max_grid_yz <= " + std::to_string(kMaxGridYZ) +
+                                " and 1 <= max_conv_launch_pixels <= " + std::to_string(kMaxConvLaunchPixels));
+  launch_limits() = LaunchLimits{max_grid_yz, max_conv_launch_pixels};
+}
+
+template <typename T>
+T* offset_or_null(T* p, int64_t elements) { return p == nullptr ? nullptr : p + elements; }
+
+struct ConvChunk {
+  int64_t n0, n, oh0, oh, g0, g, c0, c;
+};
+
+// The conv's launches: output images [n0, n0 + n) (rows [oh0, oh0 + oh) of one image when a
+// single image has more than kMaxConvLaunchPixels output pixels), groups [g0, g0 + g), output
+// channels [c0, c0 + c) of each of those groups (fewer than C_out/groups only when the channel
+// tiles of one group exceed gridDim.y; then g == 1).
+std::vector<ConvChunk> conv_chunks(int64_t n, int64_t oh, int64_t ow, int64_t groups, int64_t c_out_g,
+                                   int64_t block_n) {
+  const int64_t max_px = launch_limits().max_conv_launch_pixels, max_yz = launch_limits().max_grid_yz;
+  if (ow > max_px)
+    throw std::invalid_argument("conv: an output row of " + std::to_string(ow) + " pixels exceeds the kernels' " +
+                                std::to_string(max_px) + "-pixel launch");
+  std::vector<ConvChunk> chunks;
+  const int64_t image = oh * ow;
+  const int64_t max_c = max_yz * block_n;
+  const int64_t g_step = c_out_g > max_c ? 1 : max_yz, c_step = c_out_g > max_c ? max_c : c_out_g;
+  auto add = [&](int64_t n0, int64_t nn, int64_t oh0, int64_t ohn) {
+    for (int64_t g0 = 0; g0 < groups; g0 += g_step)
+      for (int64_t c0 = 0; c0 < c_out_g; c0 += c_step)
+        chunks.push_back({n0, nn, oh0, ohn, g0, std::min(g_step, groups - g0), c0, std::min(c_step, c_out_g - c0)});
+  };
+  if (image <= max_px) {
+    const int64_t per = std::max<int64_t>(1, max_px / std::max<int64_t>(image, 1));
+    for (int64_t n0 = 0; n0 < n; n0 += per) add(n0, std::min(per, n - n0), 0, oh);
+  } else {
+    const int64_t rows = max_px / ow;
+    for (int64_t n0 = 0; n0 < n; ++n0)
+      for (int64_t oh0 = 0; oh0 < oh; oh0 += rows) add(n0, 1, oh0, std::min(rows, oh - oh0));
+  }
+  return chunks;
+}
+
+std::vector<std::vector<int64_t>> conv_launch_plan(int64_t n, int64_t oh, int64_t ow, int64_t groups,
+                                                   int64_t c_out_g, int64_t block_n) {
+  std::vector<std::vector<int64_t>> plan;
+  for (const ConvChunk& c : conv_chunks(n, oh, ow, groups, c_out_g, block_n))
+    plan.push_back({c.n0, c.n, c.oh0, c.oh, c.g0, c.g, c.c0, c.c});
+  return plan;
+}
+
 // conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; residual == 0 for none.
 void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
                  const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight, uintptr_t bn_bias, uintptr_t bn_mean,
@@ -108,44 +148,59 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
   check_dims(x_shape, "x_shape"), check_dims(x_strides, "x_strides"), check_dims(w_shape, "w_shape");
   check_dims(w_strides, "w_strides"), check_dims(res_strides, "res_strides"), check_dims(out_shape, "out_shape");
   check_dims(out_strides, "out_strides"), check_params(conv, 6, "conv"), check_bn(bn_mean, bn_var);
+  if (groups < 1) throw std::invalid_argument("groups must be >= 1, got " + std::to_string(groups));
   const int64_t n = x_shape[0], c_out = w_shape[0], oh = out_shape[2], ow = out_shape[3];
   const int64_t c_out_g = c_out / groups;
-  const int64_t m = n * oh * ow;
-  if (m == 0 || c_out == 0) return;
-  check_int_range(m, "N * OH * OW");
-  check_int_range(w_shape[1] * w_shape[2] * w_shape[3], "C_in/groups * KH * KW");
+  if (n * oh * ow == 0 || c_out == 0) return;
+  // Sizes the kernels hold in ints (one launch's pixel count is split to fit, below).
+  check_int_range(x_shape[2], "H"), check_int_range(x_shape[3], "W"), check_int_range(oh, "OH");
+  check_int_range(out_c_offset + c_out, "out_c_offset + C_out");
+  check_int_range(w_shape[1] * w_shape[2] * w_shape[3] + 64, "C_in/groups * KH * KW");
   const bool narrow = c_out_g <= fb::kConvNarrowMaxCout;
-  // The kernels' arguments, the same for every variant (FB_CONV_PARAMS in conv.cuh).
-#define CONV_ARGS                                                                                               \
-  in_ptr<T>(x), in_ptr<T>(w), in_ptr<float>(bias), in_ptr<float>(bn_weight), in_ptr<float>(bn_bias),        \
-      in_ptr<float>(bn_mean), in_ptr<float>(bn_var), in_ptr<T>(residual), out_ptr<T>(out), (int)m,            \
-      (int)x_shape[2], (int)x_shape[3], (int)w_shape[1], (int)oh, (int)ow, (int)c_out_g, (int)w_shape[2],     \
-      (int)w_shape[3], (long long)x_strides[0], (long long)x_strides[1], (long long)x_strides[2],             \
-      (long long)x_strides[3], (long long)w_strides[0], (long long)w_strides[1], (long long)w_strides[2],     \
-      (long long)w_strides[3], (long long)res_strides[0], (long long)res_strides[1],                          \
-      (long long)res_strides[2], (long long)res_strides[3], (long long)out_strides[0],                        \
-      (long long)out_strides[1], (long long)out_strides[2], (long long)out_strides[3], (int)out_c_offset,     \
-      (int)conv[0], (int)conv[1], (int)conv[2], (int)conv[3], (int)conv[4], (int)conv[5], (float)eps,         \
-      (float)slope
+  const int64_t sxn = x_strides[0], sxc = x_strides[1], sxh = x_strides[2], sxw = x_strides[3];
+  const int64_t swo = w_strides[0], srn = res_strides[0], src = res_strides[1], srh = res_strides[2];
+  const int64_t son = out_strides[0], soh = out_strides[2];
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_act(act, [&](auto act_c) {
       constexpr int ACT = decltype(act_c)::value;
+      // One launch per chunk: pointers advanced to its first image / row, group and channel.
+      // A row band starts at output row oh0: the kernel sees rows 0.. and padding
+      // pad_h - oh0 * stride_h, so its input rows (oh * stride - pad) are the image's own.
+      auto run = [&](auto conv_kernel, int64_t bm, int64_t block_n, int threads) {
+        for (const ConvChunk& ch : conv_chunks(n, oh, ow, groups, c_out_g, block_n)) {
+          const int64_t oc0 = ch.g0 * c_out_g + ch.c0;  // first output channel of the chunk
+          const int64_t m = ch.n * ch.oh * ow;
+          const dim3 grid((unsigned)fb::ceil_div(m, bm), (unsigned)fb::ceil_div(ch.c, block_n), (unsigned)ch.g);
+          FB_LAUNCH(conv_kernel, grid, dim3(threads), 0, FB_STREAM(stream),
+                    in_ptr<T>(x) + ch.n0 * sxn + ch.g0 * w_shape[1] * sxc, in_ptr<T>(w) + oc0 * swo,
+                    offset_or_null(in_ptr<float>(bias), oc0), offset_or_null(in_ptr<float>(bn_weight), oc0),
+                    offset_or_null(in_ptr<float>(bn_bias), oc0), offset_or_null(in_ptr<float>(bn_mean), oc0),
+                    offset_or_null(in_ptr<float>(bn_var), oc0),
+                    offset_or_null(in_ptr<T>(residual), ch.n0 * srn + ch.oh0 * srh + oc0 * src),
+                    out_ptr<T>(out) + ch.n0 * son + ch.oh0 * soh, (int)m, (int)x_shape[2], (int)x_shape[3],
+                    (int)w_shape[1], (int)ch.oh, (int)ow, (int)ch.c, (int)w_shape[2], (int)w_shape[3],
+                    (long long)sxn, (long long)sxc, (long long)sxh, (long long)sxw, (long long)swo,
+                    (long long)w_strides[1], (long long)w_strides[2], (long long)w_strides[3], (long long)srn,
+                    (long long)src, (long long)srh, (long long)res_strides[3], (long long)son,
+                    (long long)out_strides[1], (long long)soh, (long long)out_strides[3],
+                    (int)(out_c_offset + oc0), (int)conv[0], (int)conv[1], (int)(conv[2] - ch.oh0 * conv[0]),
+                    (int)conv[3], (int)conv[4], (int)conv[5], (float)eps, (float)slope);
+        }
+      };
+      // The kernel's C_out_g is the chunk's channel count ch.c: both its bound on a group's
+      // channels and its stride between groups (oc = g * C_out_g + n from the chunk's first
+      // channel). Channels are split only one group per launch, so where a launch spans several
+      // groups ch.c is the whole C_out / groups and the stride is right.
       auto launch = [&](auto tile) {
         using Tile = decltype(tile);
-        const dim3 grid((unsigned)fb::ceil_div(m, Tile::BM), (unsigned)fb::ceil_div(c_out_g, Tile::BN),
-                        (unsigned)groups);
-        FB_LAUNCH((fb::conv_bn_act_kernel<T, ACT, Tile::BM, Tile::BN, Tile::BK, Tile::TM, Tile::TN>), grid,
-                  dim3(Tile::kThreads), 0, FB_STREAM(stream),
-                  CONV_ARGS);
+        run(fb::conv_bn_act_kernel<T, ACT, Tile::BM, Tile::BN, Tile::BK, Tile::TM, Tile::TN>, Tile::BM, Tile::BN,
+            Tile::kThreads);
       };
 #ifndef FASTBONE_EMU
       if constexpr (!std::is_same<T, float>::value) {
         if (!narrow && device_has_tensor_core_conv()) {  // float16 / bfloat16 on sm_80+: tensor cores
-          const dim3 grid((unsigned)fb::ceil_div(m, fb::kConvTcBM), (unsigned)fb::ceil_div(c_out_g, fb::kConvTcBN),
-                          (unsigned)groups);
-          FB_LAUNCH((fb::conv_bn_act_tc_kernel<T, ACT>), grid, dim3(fb::kConvTcThreads), 0, FB_STREAM(stream),
-                    CONV_ARGS);
+          run(fb::conv_bn_act_tc_kernel<T, ACT>, fb::kConvTcBM, fb::kConvTcBN, fb::kConvTcThreads);
           return;
         }
       }
@@ -153,7 +208,6 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
       if (narrow) launch(fb::ConvNarrow{}); else launch(fb::ConvWide{});
     });
   });
-#undef CONV_ARGS
 }
 
 // --- the fused stem: conv + BatchNorm / bias + activation + max pool ----------------------
@@ -198,28 +252,39 @@ void conv_bn_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides
                                 std::to_string(fb::kStemMaxTaps) + " and the pool window must fit " +
                                 std::to_string(fb::kStemMaxRegion) + " conv outputs; run conv and pool separately");
   const int64_t n = out_shape[0], c_out = out_shape[1], ph = out_shape[2], pw = out_shape[3];
-  if (n == 0 || c_out == 0) return;
+  if (n == 0 || c_out == 0 || ph == 0 || pw == 0) return;
   const StemTile tile = stem_tile(ph, pw, pool);
-  const dim3 grid((unsigned)(fb::ceil_div(ph, tile.ph) * fb::ceil_div(pw, tile.pw)),
-                  (unsigned)fb::ceil_div(c_out, fb::kStemCoTile), (unsigned)n);
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    dispatch_act(act, [&](auto act_c) {
-      constexpr int ACT = decltype(act_c)::value;
-      FB_LAUNCH((fb::conv_bn_act_maxpool_kernel<T, ACT>), grid, dim3(fb::kStemThreads), 0, FB_STREAM(stream),
-                in_ptr<T>(x), in_ptr<T>(w), in_ptr<float>(bias), in_ptr<float>(bn_weight), in_ptr<float>(bn_bias),
-                in_ptr<float>(bn_mean), in_ptr<float>(bn_var), out_ptr<T>(out),
-                (int)x_shape[2], (int)x_shape[3], (int)w_shape[1], (int)c_out, (int)(c_out / groups),
-                (int)w_shape[2], (int)w_shape[3], (int)conv_out_hw[0], (int)conv_out_hw[1], (int)ph, (int)pw,
-                (long long)x_strides[0], (long long)x_strides[1], (long long)x_strides[2], (long long)x_strides[3],
-                (long long)w_strides[0], (long long)w_strides[1], (long long)w_strides[2], (long long)w_strides[3],
-                (long long)out_strides[0], (long long)out_strides[1], (long long)out_strides[2],
-                (long long)out_strides[3],
-                (int)conv[0], (int)conv[1], (int)conv[2], (int)conv[3], (int)conv[4], (int)conv[5],
-                (int)pool[0], (int)pool[1], (int)pool[2], (int)pool[3], (int)pool[4], (int)pool[5],
-                (int)tile.ph, (int)tile.pw, (float)eps, (float)slope);
+  const int64_t tiles = fb::ceil_div(ph, tile.ph) * fb::ceil_div(pw, tile.pw);
+  const int64_t co_tiles = fb::ceil_div(c_out, fb::kStemCoTile);
+  const int64_t max_yz = launch_limits().max_grid_yz;
+  if (tiles > INT32_MAX || co_tiles > kMaxGridYZ)
+    throw std::invalid_argument("conv_bn_act_maxpool: " + std::to_string(tiles) + " pooled tiles per image and " +
+                                std::to_string(c_out) + " output channels exceed the fused kernel's grid (at most "
+                                "2^31 - 1 tiles and " + std::to_string(kMaxGridYZ * fb::kStemCoTile) +
+                                " channels); run conv and pool separately");
+  // Images go to gridDim.z, at most kMaxGridYZ per launch: larger batches run in several launches.
+  for (int64_t n0 = 0; n0 < n; n0 += max_yz) {
+    const dim3 grid((unsigned)tiles, (unsigned)co_tiles, (unsigned)std::min(max_yz, n - n0));
+    dispatch_dtype(dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      dispatch_act(act, [&](auto act_c) {
+        constexpr int ACT = decltype(act_c)::value;
+        FB_LAUNCH((fb::conv_bn_act_maxpool_kernel<T, ACT>), grid, dim3(fb::kStemThreads), 0, FB_STREAM(stream),
+                  in_ptr<T>(x) + n0 * x_strides[0], in_ptr<T>(w), in_ptr<float>(bias), in_ptr<float>(bn_weight),
+                  in_ptr<float>(bn_bias), in_ptr<float>(bn_mean), in_ptr<float>(bn_var),
+                  out_ptr<T>(out) + n0 * out_strides[0],
+                  (int)x_shape[2], (int)x_shape[3], (int)w_shape[1], (int)c_out, (int)(c_out / groups),
+                  (int)w_shape[2], (int)w_shape[3], (int)conv_out_hw[0], (int)conv_out_hw[1], (int)ph, (int)pw,
+                  (long long)x_strides[0], (long long)x_strides[1], (long long)x_strides[2], (long long)x_strides[3],
+                  (long long)w_strides[0], (long long)w_strides[1], (long long)w_strides[2], (long long)w_strides[3],
+                  (long long)out_strides[0], (long long)out_strides[1], (long long)out_strides[2],
+                  (long long)out_strides[3],
+                  (int)conv[0], (int)conv[1], (int)conv[2], (int)conv[3], (int)conv[4], (int)conv[5],
+                  (int)pool[0], (int)pool[1], (int)pool[2], (int)pool[3], (int)pool[4], (int)pool[5],
+                  (int)tile.ph, (int)tile.pw, (float)eps, (float)slope);
+      });
     });
-  });
+  }
 }
 
 // --- pools ----------------------------------------------------------------------------------
@@ -259,11 +324,17 @@ void adaptive_avg_pool2d(uintptr_t x, const Dims& x_shape, const Dims& x_strides
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (out_shape[2] == 1 && out_shape[3] == 1) {
-      const dim3 grid((unsigned)fb::ceil_div(x_shape[1], fb::kGapChannels), (unsigned)x_shape[0]);
-      FB_LAUNCH((fb::global_avg_pool_kernel<T>), grid, dim3(fb::kPoolThreads), 0, FB_STREAM(stream),
-                in_ptr<T>(x), out_ptr<T>(out), (int)x_shape[1], (int)x_shape[2], (int)x_shape[3],
-                (long long)x_strides[0], (long long)x_strides[1], (long long)x_strides[2],
-                (long long)x_strides[3], (long long)out_strides[0], (long long)out_strides[1]);
+      // Images go to gridDim.y, at most kMaxGridYZ per launch: larger batches run in several launches.
+      const int64_t max_yz = launch_limits().max_grid_yz;
+      for (int64_t n0 = 0; n0 < x_shape[0]; n0 += max_yz) {
+        const dim3 grid((unsigned)fb::ceil_div(x_shape[1], fb::kGapChannels),
+                        (unsigned)std::min(max_yz, x_shape[0] - n0));
+        FB_LAUNCH((fb::global_avg_pool_kernel<T>), grid, dim3(fb::kPoolThreads), 0, FB_STREAM(stream),
+                  in_ptr<T>(x) + n0 * x_strides[0], out_ptr<T>(out) + n0 * out_strides[0], (int)x_shape[1],
+                  (int)x_shape[2], (int)x_shape[3], (long long)x_strides[0], (long long)x_strides[1],
+                  (long long)x_strides[2], (long long)x_strides[3], (long long)out_strides[0],
+                  (long long)out_strides[1]);
+      }
       return;
     }
     FB_LAUNCH((fb::adaptive_avg_pool2d_kernel<T>), dim3(elementwise_blocks(total)), dim3(fb::kPoolThreads), 0,
@@ -308,7 +379,10 @@ std::vector<LaunchConstant> launch_constants() {
       {"pool_threads", {fb::kPoolThreads}, false},
       {"pool_max_blocks", {fb::kPoolMaxBlocks}, false},
       {"gap_channels", {fb::kGapChannels}, false},
+      {"max_grid_yz", {kMaxGridYZ}, false},
+      {"max_conv_launch_pixels", {kMaxConvLaunchPixels}, false},
   };
+  for (auto& c : depthwise_launch_constants()) constants.push_back(std::move(c));  // csrc/depthwise_ops.cu
   return constants;
 }
 

@@ -34,6 +34,16 @@ void conv_bn_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides
 
 bool stem_supported(int64_t c_in_g, int64_t kh, int64_t kw, const Dims& pool);
 
+// How conv_bn_act splits a problem into launches that fit the grid limits and the kernels' 32-bit
+// pixel index (mirrored by NvrtcRuntime): one {n0, n, oh0, oh, g0, g, c0, c} per launch (images,
+// output rows, groups, output channels per group), for a kernel whose block tile has block_n columns.
+std::vector<std::vector<int64_t>> conv_launch_plan(int64_t n, int64_t oh, int64_t ow, int64_t groups,
+                                                   int64_t c_out_g, int64_t block_n);
+
+// Lower the limits the launchers split at (gridDim.y / z, a conv launch's output pixels), for tests
+// that run split launches at small sizes; set_launch_limits(65535, 2^31 - 257) restores them.
+void set_launch_limits(int64_t max_grid_yz, int64_t max_conv_launch_pixels);
+
 void max_pool2d(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t out, const Dims& out_shape,
                 const Dims& out_strides, const Dims& pool, int64_t dtype, uintptr_t stream);
 
@@ -52,5 +62,40 @@ struct LaunchConstant {
   bool is_tuple;
 };
 std::vector<LaunchConstant> launch_constants();
+
+// --- depthwise separable convs (csrc/depthwise_ops.cu, kernels/depthwise.cuh) ---------------
+// conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w} of the depthwise conv; residual == 0 for
+// none; max_blocks > 0 caps the grid below its default (the blocks loop over the work items).
+
+// act(bn(depthwise_conv2d(x, w) + bias) [+ residual]) into out[:, off:off+C_out]; w (m * C_in, 1, KH, KW).
+void depthwise_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w,
+                           const Dims& w_shape, const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight,
+                           uintptr_t bn_bias, uintptr_t bn_mean, uintptr_t bn_var, double eps, uintptr_t residual,
+                           const Dims& res_strides, uintptr_t out, const Dims& out_shape, const Dims& out_strides,
+                           int64_t out_c_offset, const Dims& conv, int64_t dtype, int64_t act, double slope,
+                           int64_t max_blocks, uintptr_t stream);
+
+// pw_act(pw_bn(pw_conv(D)) [+ residual]) into out[:, off:off+C_out] in one launch, D[:, k] =
+// dw_act(dw_bn(depthwise_conv2d(x, dw_w)))[:, channel_order[k]] (identity when channel_order == 0,
+// an int64 pointer otherwise); pw_w (C_out, C_dw / pw_groups, 1, 1).
+void separable_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t dw_w,
+                           const Dims& dw_w_shape, const Dims& dw_w_strides, uintptr_t dw_bias,
+                           uintptr_t dw_bn_weight, uintptr_t dw_bn_bias, uintptr_t dw_bn_mean, uintptr_t dw_bn_var,
+                           double dw_eps, const Dims& conv, int64_t dw_act, double dw_slope, uintptr_t pw_w,
+                           const Dims& pw_w_shape, const Dims& pw_w_strides, uintptr_t pw_bias,
+                           uintptr_t pw_bn_weight, uintptr_t pw_bn_bias, uintptr_t pw_bn_mean, uintptr_t pw_bn_var,
+                           double pw_eps, int64_t pw_groups, int64_t pw_act, double pw_slope,
+                           uintptr_t channel_order, uintptr_t residual, const Dims& res_strides, uintptr_t out,
+                           const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset, int64_t dtype,
+                           int64_t max_blocks, uintptr_t stream);
+
+// The launch plans (mirrored in fastbone/cuda/depthwise_launch.py): {tile_h, tile_w, channel block,
+// shared memory bytes} / {tile_h, tile_w, column tile, shared memory bytes}; all 0 where the kernel's
+// shared memory cannot hold one output pixel's input region (run the unfused ops instead).
+std::vector<int64_t> depthwise_launch_plan(int64_t c_out, int64_t oh, int64_t ow, int64_t kh, int64_t kw,
+                                           const Dims& conv);
+std::vector<int64_t> separable_launch_plan(int64_t c_out_g, int64_t oh, int64_t ow, int64_t kh, int64_t kw,
+                                           const Dims& conv, bool tensor_cores);
+std::vector<LaunchConstant> depthwise_launch_constants();  // merged into launch_constants()
 
 }  // namespace fb_ops

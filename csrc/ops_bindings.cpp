@@ -24,6 +24,12 @@ void fb_register_ops(py::module_& m) {
         py::arg("act"), py::arg("slope"), py::arg("stream"));
   m.def("stem_supported", &fb_ops::stem_supported, "whether conv_bn_act_maxpool accepts this conv / pool",
         py::arg("c_in_g"), py::arg("kh"), py::arg("kw"), py::arg("pool"));
+  m.def("conv_launch_plan", &fb_ops::conv_launch_plan,
+        "conv_bn_act's launches: [n0, n, oh0, oh, g0, g, c0, c] each (images, output rows, groups, channels)",
+        py::arg("n"), py::arg("oh"), py::arg("ow"), py::arg("groups"), py::arg("c_out_g"), py::arg("block_n"));
+  m.def("set_launch_limits", &fb_ops::set_launch_limits,
+        "lower the grid / pixel limits the launchers split at (tests; the constants restore them)",
+        py::arg("max_grid_yz"), py::arg("max_conv_launch_pixels"));
   m.def("max_pool2d", &fb_ops::max_pool2d, "max pool 2d; pool = {kh, kw, sh, sw, ph, pw}", py::arg("x"),
         py::arg("x_shape"), py::arg("x_strides"), py::arg("out"), py::arg("out_shape"), py::arg("out_strides"),
         py::arg("pool"), py::arg("dtype"), py::arg("stream"));
@@ -33,6 +39,32 @@ void fb_register_ops(py::module_& m) {
   m.def("adaptive_avg_pool2d", &fb_ops::adaptive_avg_pool2d, "adaptive average pool 2d (global pool when out is 1x1)",
         py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("out"), py::arg("out_shape"),
         py::arg("out_strides"), py::arg("dtype"), py::arg("stream"));
+  m.def("depthwise_conv_bn_act", &fb_ops::depthwise_conv_bn_act,
+        "act(bn(depthwise_conv2d(x, w) + bias) [+ residual]) into out[:, off:off+C_out]; 0 for an absent "
+        "bias / bn_* / residual; max_blocks > 0 caps the grid",
+        py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w"), py::arg("w_shape"),
+        py::arg("w_strides"), py::arg("bias"), py::arg("bn_weight"), py::arg("bn_bias"), py::arg("bn_mean"),
+        py::arg("bn_var"), py::arg("eps"), py::arg("residual"), py::arg("res_strides"), py::arg("out"),
+        py::arg("out_shape"), py::arg("out_strides"), py::arg("out_c_offset"), py::arg("conv"), py::arg("dtype"),
+        py::arg("act"), py::arg("slope"), py::arg("max_blocks"), py::arg("stream"));
+  m.def("separable_conv_bn_act", &fb_ops::separable_conv_bn_act,
+        "pw_act(pw_bn(pw_conv(dw_act(dw_bn(dw_conv(x)))[:, channel_order])) [+ residual]) into "
+        "out[:, off:off+C_out] in one launch; 0 for an absent pointer",
+        py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("dw_w"), py::arg("dw_w_shape"),
+        py::arg("dw_w_strides"), py::arg("dw_bias"), py::arg("dw_bn_weight"), py::arg("dw_bn_bias"),
+        py::arg("dw_bn_mean"), py::arg("dw_bn_var"), py::arg("dw_eps"), py::arg("conv"), py::arg("dw_act"),
+        py::arg("dw_slope"), py::arg("pw_w"), py::arg("pw_w_shape"), py::arg("pw_w_strides"), py::arg("pw_bias"),
+        py::arg("pw_bn_weight"), py::arg("pw_bn_bias"), py::arg("pw_bn_mean"), py::arg("pw_bn_var"),
+        py::arg("pw_eps"), py::arg("pw_groups"), py::arg("pw_act"), py::arg("pw_slope"), py::arg("channel_order"),
+        py::arg("residual"), py::arg("res_strides"), py::arg("out"), py::arg("out_shape"), py::arg("out_strides"),
+        py::arg("out_c_offset"), py::arg("dtype"), py::arg("max_blocks"), py::arg("stream"));
+  m.def("depthwise_launch_plan", &fb_ops::depthwise_launch_plan,
+        "[tile_h, tile_w, channel block, smem bytes] of the depthwise kernel (all 0: does not fit)",
+        py::arg("c_out"), py::arg("oh"), py::arg("ow"), py::arg("kh"), py::arg("kw"), py::arg("conv"));
+  m.def("separable_launch_plan", &fb_ops::separable_launch_plan,
+        "[tile_h, tile_w, column tile, smem bytes] of the fused separable kernel (all 0: does not fit)",
+        py::arg("c_out_g"), py::arg("oh"), py::arg("ow"), py::arg("kh"), py::arg("kw"), py::arg("conv"),
+        py::arg("tensor_cores"));
   py::dict constants;
   for (const auto& c : fb_ops::launch_constants()) {
     if (c.is_tuple) constants[c.name.c_str()] = py::tuple(py::cast(c.values));

@@ -1,5 +1,5 @@
-"""`fastbone.convert`: a reference model (torchvision's ResNet or VGG) -> the fastbone model that
-computes exactly the same function, or a ValueError naming the first difference.
+"""`fastbone.convert`: a reference model (torchvision's ResNet, VGG or MobileNetV2; timm's MobileNet v1)
+-> the fastbone model that computes exactly the same function, or a ValueError naming the first difference.
 
 A family registers a recogniser with `@register_converter(sources=...)` (fastbone/registry.py): it
 looks at a model and says which registered builder, with which keywords, rebuilds it. convert then
@@ -7,7 +7,9 @@ builds that model and walks both module trees side by side, in module order, and
 
   - the class of every module: exactly the reference's class for fastbone's own containers (the
     root, the blocks; a subclass may have another forward, so it is refused) and exactly the same
-    torch class elsewhere (a Conv2d subclass or a parametrized Conv2d is refused);
+    torch class elsewhere (a Conv2d subclass or a parametrized Conv2d is refused); a fastbone class
+    with `convert_compares_attributes = True` (one that mirrors its source class's attributes, as
+    BatchNormAct2d mirrors timm's) has its hyper-parameters, parameters and buffers compared too;
   - the children: their names, their order, none added or missing;
   - every hyper-parameter of the leaf modules (all public attributes: kernel, stride, padding,
     dilation, groups, padding_mode, pooling parameters with ceil_mode, norm type with eps,
@@ -98,9 +100,15 @@ def _norm_value(key: str, v):
     return v
 
 
+def _carried(m: nn.Module) -> tuple[str, ...]:
+    """Attributes carried from the source: by isinstance, since classes are checked exactly elsewhere
+    (timm's BatchNormAct2d, a BatchNorm2d, carries eps / momentum as BatchNorm2d does)."""
+    return next((attrs for cls, attrs in _CARRIED.items() if isinstance(m, cls)), ())
+
+
 def _hyper_parameters(m: nn.Module) -> dict:
     return {k: _norm_value(k, v) for k, v in vars(m).items()
-            if not k.startswith("_") and k not in _IGNORED and k not in _CARRIED.get(type(m), ())}
+            if not k.startswith("_") and k not in _IGNORED and k not in _carried(m)}
 
 
 def _check_hooks(m: nn.Module, path: str) -> None:
@@ -144,8 +152,9 @@ def _compare(src: nn.Module, exp: nn.Module, path: str, swaps: list[tuple[str, n
             text += f" (it already is a fastbone model: copy.deepcopy it instead)"
         raise _Mismatch(path, text)
     _check_hooks(src, path)
-    if want is type(exp):
-        # Same torch class on both sides: every hyper-parameter, parameter and buffer must agree.
+    if want is type(exp) or getattr(type(exp), "convert_compares_attributes", False):
+        # Same torch class on both sides (or a fastbone class that mirrors its source class's
+        # attributes, e.g. timm's BatchNormAct2d): every hyper-parameter, parameter and buffer must agree.
         hs, he = _hyper_parameters(src), _hyper_parameters(exp)
         if hs != he:
             key = next(k for k in list(he) + list(hs) if hs.get(k, "<absent>") != he.get(k, "<absent>"))
@@ -197,8 +206,8 @@ def recognise(model: nn.Module, converters: list[Callable]) -> tuple[str, dict]:
         hint = " (a wrapper such as DataParallel: convert its .module)"
     elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
         hint = " (a torch.compile wrapper: convert its ._orig_mod, then compile the result)"
-    raise ValueError(f"convert does not recognise {_qualname(cls)}{hint}: supported are torchvision's ResNet and VGG "
-                     f"models ({', '.join(list_models())})")
+    raise ValueError(f"convert does not recognise {_qualname(cls)}{hint}: supported are torchvision's ResNet, VGG and "
+                     f"MobileNetV2 models and timm's MobileNet v1 ({', '.join(list_models())})")
 
 
 def _load(new: nn.Module, model: nn.Module, swaps: list[tuple[str, nn.Module]], *, assign: bool) -> None:
@@ -208,7 +217,7 @@ def _load(new: nn.Module, model: nn.Module, swaps: list[tuple[str, nn.Module]], 
     new_modules = dict(new.named_modules())
     for path, m in model.named_modules():
         target = new_modules[path]
-        for attr in _CARRIED.get(type(m), ()):
+        for attr in _carried(m):
             setattr(target, attr, getattr(m, attr))
     # Copies of the source's tensors, each with its own dtype, device and memory format.
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

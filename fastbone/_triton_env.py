@@ -72,6 +72,37 @@ def _interpret_preloaded_triton_library() -> None:
                     ns[attr] = interpreted(value)
 
 
+def _index_from_one_element_arrays() -> None:
+    """Every scalar in an interpreted kernel is a 1-element numpy array, and `range(0, HW, BLOCK)`
+    with a run-time bound calls the tensor's `__index__`. Triton up to 3.6 defines it as
+    `int(self.handle.data)`, which NumPy 2.4 refuses for an array of shape (1,) ("only
+    0-dimensional arrays can be converted to Python scalars"), so every kernel with a run-time loop
+    bound fails. Triton 3.7 fixed it (`.squeeze()`); here the interpreter's per-launch patch of
+    the tensor class is wrapped to install the fixed `__index__` after it, whatever the version
+    (a no-op where it was already right). `int(x.item())` takes any 1-element array."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_fastbone_index", False):
+        return
+
+    def index(self):
+        return int(self.handle.data.item())
+
+    def patch_lang_tensor(tensor, *args, **kwargs):
+        result = original(tensor, *args, **kwargs)
+        scope = args[0] if args else kwargs.get("scope")
+        if scope is not None and hasattr(scope, "set_attr"):
+            scope.set_attr(tensor, "__index__", index)  # restored with the rest after the launch
+        else:
+            tensor.__index__ = index
+        return result
+
+    patch_lang_tensor._fastbone_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 if INTERPRETED:
     _interpret_preloaded_triton_library()
     _use_blas_for_interpreted_dots()
+    _index_from_one_element_arrays()

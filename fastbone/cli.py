@@ -1,4 +1,4 @@
-"""The `fastbone` command: `fastbone verify` and `fastbone list`."""
+"""The `fastbone` command: `fastbone verify`, `fastbone list` and `fastbone profile`."""
 from __future__ import annotations
 
 import argparse
@@ -123,6 +123,34 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .profile import profile_model
+    from .registry import list_models
+
+    if args.model not in list_models():
+        print(f"fastbone profile: unknown model {args.model!r}; known: {', '.join(list_models())}", file=sys.stderr)
+        return 2
+    profile = profile_model(args.model, batch=args.batch, size=args.size, dtype=args.dtype, gpu=args.gpu)
+    print(profile.report())
+    if args.json:
+        profile.write_json(args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        profile.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if profile.unknown_macs else 0
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastbone", description=__doc__)
     parser.add_argument("--version", action="version", version=_versions(),
@@ -144,11 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
     ls = sub.add_parser("list", help="every model with its size, work and reference")
     ls.set_defaults(func=cmd_list)
+    from .gpus import DEFAULT_GPU, GPUS
+    pr = sub.add_parser("profile", help="launches, minimum HBM bytes and roofline time per layer, fastbone vs eager "
+                                        "(no GPU needed)")
+    pr.add_argument("model", metavar="MODEL", help="a registered model name (fastbone list)")
+    pr.add_argument("--batch", type=_positive_int, default=64, help="batch size (default 64)")
+    pr.add_argument("--size", type=_positive_int, default=None,
+                    help="input height and width, at least 32 (default: the model's, 224)")
+    pr.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    pr.add_argument("--gpu", choices=list(GPUS), default=DEFAULT_GPU,
+                    help=f"the GPU whose peaks the roofline uses (default {DEFAULT_GPU}; table: fastbone/gpus.py)")
+    pr.add_argument("--json", metavar="PATH", help="write the profile as JSON")
+    pr.add_argument("--plot", metavar="PATH", help="write a PNG: roofline of every launch, per-layer bytes and time")
+    pr.set_defaults(func=cmd_profile)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "profile" and args.size is not None and args.size < 32:
+        build_parser().error("--size must be at least 32 (the backbones downsample by 32)")
     if args.command == "verify":
         if args.size is not None and args.size < 32:
             build_parser().error("--size must be at least 32 (the backbones downsample by 32)")

@@ -123,8 +123,8 @@ def list_models(filter: str | Sequence[str] = "", *, exclude_filters: str | Sequ
     if families:
         names = [n for n in names if _MODELS[n].family in families]
     if pretrained:
-        from .weights import weights_enum
-        names = [n for n in names if weights_enum(n) is not None]
+        from .weights import has_pretrained
+        names = [n for n in names if has_pretrained(n)]
     return sorted(names, key=_natural_key)
 
 
@@ -186,7 +186,8 @@ def create_model(name: str, pretrained: bool = False, *, num_classes: int | None
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """The fastbone model that computes exactly what `model` (a torchvision ResNet or VGG) computes:
+    """The fastbone model that computes exactly what `model` (a torchvision ResNet, VGG or MobileNetV2, or
+    timm's MobileNet v1) computes:
     same architecture, copies of its parameters and buffers (each with its dtype and device), the
     same train/eval flags and requires_grad.
 

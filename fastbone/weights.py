@@ -3,9 +3,14 @@
 Weights come through the reference's own machinery: for a model whose reference is
 torchvision, its weights enum (`ResNet50_Weights.IMAGENET1K_V2`, "IMAGENET1K_V2", "DEFAULT")
 and `WeightsEnum.get_state_dict`, i.e. torch.hub's cache under $TORCH_HOME/hub/checkpoints,
-so a machine whose cache holds the file works offline.
+so a machine whose cache holds the file works offline. For a model whose reference is timm
+(`timm.models.efficientnet.mobilenetv1_100`), timm's pretrained tags ("ra4_e3600_r224_in1k",
+"DEFAULT") as `TimmWeights`, fetched by `timm.create_model(f"{arch}.{tag}", pretrained=True)`,
+i.e. the Hugging Face hub cache ($HF_HUB_CACHE, default ~/.cache/huggingface/hub).
 
-  resolve_weights(name, weights)           the weights enum member (or None); clear errors for bad names
+  resolve_weights(name, weights)           the weights enum member / TimmWeights (or None); clear errors
+  has_pretrained(name)                     whether the reference publishes weights fastbone can load
+  build_timm_model(name, make, ...)        a timm-referenced builder's body (timm's pretrained= meaning)
   builder_weights(name, weights, kwargs)   torchvision's builder semantics (pretrained=, progress=, num_classes)
   fetch_state_dict(weights, progress)      the published state_dict; says which file, where and the URL if it fails
   load_pretrained(model, weights, state)   adapts in_chans, drops a classifier of another size (timm's semantics)
@@ -23,9 +28,10 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointMismatchError", "LoadResult", "WeightsUnavailableError", "adapt_input_conv", "builder_weights",
-           "cache_path", "create_pretrained", "fetch_state_dict", "load_checkpoint", "load_pretrained",
-           "load_state_dict_checked", "pretrained_cfg", "resolve_weights", "weights_enum"]
+__all__ = ["CheckpointMismatchError", "LoadResult", "TimmWeights", "WeightsUnavailableError", "adapt_input_conv",
+           "build_timm_model", "builder_weights", "cache_path", "create_pretrained", "fetch_state_dict",
+           "has_pretrained", "load_checkpoint", "load_pretrained", "load_state_dict_checked", "pretrained_cfg",
+           "resolve_weights", "timm_arch", "weights_enum"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,11 +71,128 @@ def weights_enum(name: str):
     return None
 
 
-def resolve_weights(name: str, weights):
-    """`weights` (None, a weights enum member, its name "IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V2"
-    or "DEFAULT") as the reference's enum member, through its own `verify`. Errors list the accepted names."""
+# --- timm's published weights ---------------------------------------------------------------
+
+def timm_arch(name: str) -> str | None:
+    """The timm architecture a registered model stands for (its reference is timm's), else None."""
+    reference = _reference(name)
+    return reference.rpartition(".")[2] if reference.startswith("timm.") else None
+
+
+def _import_timm(what: str):
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError(f"{what} comes through timm's pretrained machinery, and timm cannot be imported "
+                          f"({e}); `pip install timm`") from e
+    return timm
+
+
+class TimmWeights(NamedTuple):
+    """One set of timm's published weights: an architecture and its pretrained tag, fetched through
+    timm itself (`timm.create_model(f"{arch}.{tag}", pretrained=True)`: the Hugging Face hub cache,
+    else a download)."""
+    arch: str
+    tag: str
+
+    def __str__(self) -> str:
+        return f"{self.arch}.{self.tag}"
+
+    @property
+    def name(self) -> str:
+        return self.tag
+
+    def cfg(self) -> dict:
+        """timm's pretrained_cfg of these weights, as a dict."""
+        timm = _import_timm(f"{self}")
+        return timm.models.get_pretrained_cfg(str(self)).to_dict()
+
+    @property
+    def url(self) -> str:
+        cfg = self.cfg()
+        return cfg.get("url") or (f"https://huggingface.co/{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else "")
+
+    @property
+    def meta(self) -> dict:
+        return {"num_classes": self.cfg().get("num_classes")}
+
+
+def _timm_tags(arch: str) -> list[str]:
+    timm = _import_timm(arch)
+    return [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+
+
+def _resolve_timm_weights(name: str, arch: str, weights) -> TimmWeights | None:
     if weights is None:
         return None
+    if isinstance(weights, TimmWeights):
+        if weights.arch != arch:
+            raise ValueError(f"{name}(weights={weights}): weights of {weights.arch}, not of {arch}")
+        return weights
+    tags = _timm_tags(arch)
+    accepted = f"{', '.join(tags) or '(none)'} (also as {arch}.TAG), 'DEFAULT', or None"
+    if not isinstance(weights, str):
+        raise TypeError(f"{name}(weights={weights!r}): expected a timm pretrained tag. Accepted: {accepted}")
+    if weights == "DEFAULT":
+        if not tags:
+            raise ValueError(f"{name}: timm publishes no pretrained weights for {arch}")
+        timm = _import_timm(arch)
+        return TimmWeights(arch, timm.models.get_pretrained_cfg(arch).tag or tags[0])
+    tag = weights[len(arch) + 1:] if weights.startswith(arch + ".") else weights
+    if tag not in tags:
+        raise ValueError(f"{name}(weights={weights!r}): unknown weights; accepted: {accepted}")
+    return TimmWeights(arch, tag)
+
+
+def has_pretrained(name: str) -> bool:
+    """Whether the reference publishes weights fastbone can load (torchvision's enum, timm's tags)."""
+    if weights_enum(name) is not None:
+        return True
+    arch = timm_arch(name)
+    if arch is None:
+        return False
+    try:
+        return bool(_timm_tags(arch))
+    except ImportError:
+        return False
+
+
+def _weights_num_classes(weights) -> int | None:
+    if isinstance(weights, TimmWeights):
+        return weights.meta["num_classes"]
+    categories = weights.meta.get("categories")
+    return None if categories is None else len(categories)
+
+
+def _fetch_timm(weights: TimmWeights) -> dict[str, Tensor]:
+    timm = _import_timm(str(weights))
+    cfg = weights.cfg()
+    where = f"the Hugging Face hub repository {cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else cfg.get("url")
+    try:
+        from huggingface_hub import constants
+        cache = constants.HF_HUB_CACHE
+    except ImportError:
+        cache = "the Hugging Face hub cache"
+    try:
+        reference = timm.create_model(str(weights), pretrained=True)
+    except Exception as e:  # noqa: BLE001  (offline: LocalEntryNotFoundError; downloads: HTTP / OS errors)
+        raise WeightsUnavailableError(
+            f"cannot load timm's {weights} weights: timm looked for {where} in the Hugging Face hub cache "
+            f"({cache}) and could not download it: {type(e).__name__}: {e}. Fetch it where there is network "
+            "access (timm.create_model(name, pretrained=True)) and copy the cache over, or point $HF_HUB_CACHE at "
+            "a cache that holds it") from e
+    return reference.state_dict()
+
+
+def resolve_weights(name: str, weights):
+    """`weights` (None, a weights enum member, its name "IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V2"
+    or "DEFAULT") as the reference's enum member, through its own `verify`; for a timm-referenced
+    model, a TimmWeights (a timm pretrained tag, "arch.tag" or "DEFAULT"). Errors list the accepted names."""
+    if weights is None:
+        return None
+    arch = timm_arch(name)
+    if arch is not None:
+        return _resolve_timm_weights(name, arch, weights)
     enum = weights_enum(name)
     if enum is None:
         raise ValueError(f"{name}: its reference {_reference(name)} publishes no pretrained weights fastbone can load")
@@ -124,7 +247,10 @@ def cache_path(url: str) -> str:
 
 
 def fetch_state_dict(weights, progress: bool = True) -> dict[str, Tensor]:
-    """The published state_dict through the weights enum (torch.hub's cache, else a download)."""
+    """The published state_dict through the weights enum (torch.hub's cache, else a download), or
+    through timm for TimmWeights (the Hugging Face hub cache, else a download)."""
+    if isinstance(weights, TimmWeights):
+        return _fetch_timm(weights)
     path = cache_path(weights.url)
     cached = os.path.exists(path)
     try:
@@ -240,9 +366,27 @@ def create_pretrained(name: str, builder, weights, kwargs: dict) -> nn.Module:
     state = fetch_state_dict(weights, kwargs.pop("progress", True))
     model = builder(**kwargs)
     model.pretrained_cfg = pretrained_cfg(name, model, weights)
-    categories = weights.meta.get("categories")
-    drop = categories is None or getattr(model, "num_classes", None) != len(categories)
+    n = _weights_num_classes(weights)
+    drop = n is None or getattr(model, "num_classes", None) != n
     return load_pretrained(model, weights, state, drop_classifier=drop)
+
+
+def build_timm_model(name: str, make, kwargs: dict, *, pretrained: bool = False, weights=None) -> nn.Module:
+    """A timm-referenced builder's body with timm's meaning: pretrained=True loads timm's default
+    weights for the architecture (weights= a pretrained tag picks others), fetched through timm (the
+    Hugging Face hub cache, else a download) before the model is built; a classifier for another
+    num_classes keeps its fresh init and everything else is loaded; in_chans adapts the stem."""
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"{name}(): pretrained must be True or False, got {pretrained!r} (use weights= for a tag)")
+    kwargs.pop("progress", None)
+    weights = resolve_weights(name, "DEFAULT" if pretrained and weights is None else weights)
+    state = fetch_state_dict(weights) if weights is not None else None
+    model = make(**kwargs)
+    model.pretrained_cfg = pretrained_cfg(name, model, weights)
+    if state is not None:
+        n = _weights_num_classes(weights)
+        load_pretrained(model, weights, state, drop_classifier=n is None or getattr(model, "num_classes", None) != n)
+    return model
 
 
 def _transform_cfg(weights) -> dict:
@@ -267,6 +411,17 @@ def pretrained_cfg(name: str | None, model: nn.Module, weights=None) -> dict:
     if name is None:
         return cfg
     cfg["reference"] = _reference(name)
+    arch = timm_arch(name)
+    if arch is not None:
+        try:
+            weights = weights or _resolve_timm_weights(name, arch, "DEFAULT")
+            timm_cfg = weights.cfg()
+        except (ImportError, ValueError):  # no timm, or no published weights: the defaults above
+            return cfg
+        cfg.update({k: timm_cfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode",
+                                             "num_classes") if timm_cfg.get(k) is not None},
+                   weights=f"timm/{weights}", tag=weights.tag, url=weights.url, hf_hub_id=timm_cfg.get("hf_hub_id"))
+        return cfg
     enum = weights_enum(name)
     if weights is None and enum is not None:
         weights = enum.DEFAULT

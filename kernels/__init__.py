@@ -8,6 +8,7 @@ Python function that allocates outputs and launches kernels as a torch.library o
 from fastbone import _triton_env  # noqa: F401  (must precede every @triton.jit)
 
 import contextvars
+import threading
 
 import torch
 
@@ -24,15 +25,39 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+# Triton's interpreter is not thread-safe: a launch patches triton.language's module attributes
+# for its duration and restores them at the end, so a second thread's launch in between sees the
+# GPU functions ("Did you forget to add @triton.jit?"). Every interpreted launch in the process
+# holds this lock (re-entrant, so a launch from inside a launch cannot deadlock): user threads
+# just work, one kernel at a time, as the CUDA emulator serialises its launches.
+INTERPRETER_LOCK = threading.RLock()
+
+
+class _Serialised:
+    """`kernel[grid](...)` under INTERPRETER_LOCK."""
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self._kernel[grid]
+
+        def run(*args, **kwargs):
+            with INTERPRETER_LOCK:
+                return launch(*args, **kwargs)
+        return run
+
+
 def launchable(kernel):
     """wrap_triton makes a launch traceable by torch.compile; interpreted kernels
-    (and older torch that rejects them) are launched directly, and not at all while
-    a `kernel_op` fake impl computes output shapes (the interpreter reads storage)."""
+    (and older torch that rejects them) are launched directly, one at a time in the
+    process (INTERPRETER_LOCK), and not at all while a `kernel_op` fake impl computes
+    output shapes (the interpreter reads storage)."""
     if not INTERPRETED:
         return torch.library.wrap_triton(kernel)
     if _shape_only.get():
         return _NoLaunch()
-    return kernel
+    return _Serialised(kernel)
 
 
 def kernel_op(name: str, *, mutates_args):

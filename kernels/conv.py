@@ -23,6 +23,15 @@ from .activation import apply_activation
 
 
 @triton.jit
+def _widen(v, INDEX64: tl.constexpr):
+    """v as int64 where the launcher asked for 64-bit indexing, else unchanged (int32)."""
+    if INDEX64:
+        return v.to(tl.int64)
+    else:
+        return v
+
+
+@triton.jit
 def _bias_batchnorm(acc, oc, mask_n, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
                     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
     """acc[m, n] * scale[n] + shift[n] in float32: the conv bias, then BatchNorm with running
@@ -61,9 +70,12 @@ def _conv_bn_act_kernel(
     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     ACT: tl.constexpr, HAS_RES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, INDEX64: tl.constexpr,
 ):
-    M = N * OH * OW
+    # INDEX64 (chosen by the launcher, `needs_int64_indices`): the output pixel index and every
+    # element offset are computed in int64. Otherwise int32, which the launcher has proven safe:
+    # every tensor's largest element offset and N*OH*OW + BLOCK_M are below 2^31.
+    M = _widen(N, INDEX64) * OH * OW
     # Grouped launch order along m keeps a band of weight tiles hot in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -85,7 +97,7 @@ def _conv_bn_act_kernel(
     ow = offs_m % OW
     oh = (offs_m // OW) % OH
     nb = offs_m // (OW * OH)
-    x_row = nb.to(tl.int64) * sxn + (g * C_IN_G) * sxc
+    x_row = nb.to(tl.int64) * sxn + (_widen(g, INDEX64) * C_IN_G) * sxc
     oc = g * C_OUT_G + offs_n
     w_col = oc.to(tl.int64) * swo
 
@@ -97,6 +109,7 @@ def _conv_bn_act_kernel(
         for k0 in range(0, k_total, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < k_total
+            k = _widen(k, INDEX64)
             c = k % C_IN_G
             kw_ = (k // C_IN_G) % KW
             kh_ = k // (C_IN_G * KW)
@@ -118,11 +131,12 @@ def _conv_bn_act_kernel(
             ih = oh * stride_h - pad_h + kh * dil_h
             iw = ow * stride_w - pad_w + kw * dil_w
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            c = c0 + offs_k
+            c = _widen(c0 + offs_k, INDEX64)
             c_ok = c < C_IN_G
             a = tl.load(x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + (w_col + kh * swh + kw * sww)[None, :] + c[:, None] * swc,
+            b = tl.load(w_ptr + (w_col + _widen(kh, INDEX64) * swh + _widen(kw, INDEX64) * sww)[None, :]
+                        + c[:, None] * swc,
                         mask=c_ok[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
@@ -131,11 +145,11 @@ def _conv_bn_act_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RES:
         r_off = nb.to(tl.int64) * srn + oh * srh + ow * srw
-        res = tl.load(res_ptr + r_off[:, None] + oc[None, :] * src, mask=mask, other=0.0)
+        res = tl.load(res_ptr + r_off[:, None] + _widen(oc, INDEX64)[None, :] * src, mask=mask, other=0.0)
         acc += res.to(tl.float32)
     acc = apply_activation(acc, ACT, slope)
     o_off = nb.to(tl.int64) * son + oh * soh + ow * sow
-    o_ptrs = out_ptr + o_off[:, None] + (out_c_offset + oc)[None, :] * soc
+    o_ptrs = out_ptr + o_off[:, None] + _widen(out_c_offset + oc, INDEX64)[None, :] * soc
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -191,16 +205,43 @@ def _prune_tiles(configs, named_args, **kwargs):
 _conv_bn_act_autotuned = triton.autotune(
     configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
              for bm, bn, bk, w, st in GPU_TILES],
-    key=["N", "H", "W", "C_IN_G", "OH", "OW", "C_OUT_G", "stride_h", "stride_w", "KH", "KW", "FLAT_K"],
+    key=["N", "H", "W", "C_IN_G", "OH", "OW", "C_OUT_G", "stride_h", "stride_w", "KH", "KW", "FLAT_K", "INDEX64"],
     prune_configs_by={"early_config_prune": _prune_tiles},
 )(_conv_bn_act_kernel) if AUTOTUNE else None
+
+
+# CUDA's grid limits (Triton launches CUDA grids): gridDim.y <= 65535, gridDim.x < 2^31.
+MAX_GRID_Y = 65535
+MAX_GRID_X = 2**31 - 1
+INT32_MAX = 2**31 - 1
+# The largest BLOCK_M any config uses (the interpreter's clamp; GPU tiles and autotuner <= 256):
+# with N*OH*OW + this below 2^31, every row index the kernel forms fits int32.
+MAX_BLOCK_M = 256
+
+
+def max_element_offset(t) -> int:
+    """The largest element offset a kernel forms into `t` (from its sizes and strides; no storage
+    is read, so meta tensors and views over small storage work)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def needs_int64_indices(m: int, *tensors) -> bool:
+    """Whether the conv / pool kernels must index in int64 (INDEX64): the output pixel count plus a
+    block, or some tensor's largest element offset, reaches 2^31. Else every index and offset the
+    kernels form for an element they touch fits int32 (each offset product is at most its tensor's
+    largest offset, and sums of them are taken onto an int64 base or a pointer), so the common case
+    keeps 32-bit arithmetic."""
+    return m + MAX_BLOCK_M > INT32_MAX or any(max_element_offset(t) > INT32_MAX for t in tensors)
 
 
 def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
                      act_code, slope, residual, out, out_c_offset, input_precision):
     """Launch the kernel: writes act(bn(conv(x, weight) + bias) [+ residual]) into
     out[:, out_c_offset : out_c_offset + C_out]. bias and the bn_* tensors may be None (BN is
-    applied iff bn_mean is given); shapes are validated by the op layer."""
+    applied iff bn_mean is given); shapes are validated by the op layer. The per-channel tensors
+    may have any strides (made contiguous here: the kernel reads them at ptr + channel)."""
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -208,6 +249,32 @@ def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
     m = n * oh * ow
     if m == 0 or c_out == 0:
         return out
+    bias, bn_weight, bn_bias, bn_mean, bn_var = (None if t is None else t.contiguous()
+                                                 for t in (bias, bn_weight, bn_bias, bn_mean, bn_var))
+    if groups > MAX_GRID_Y:
+        # The group is the grid's second axis: run the groups in launches of MAX_GRID_Y, each on
+        # the channel slices of its groups (views, no copies).
+        for g0 in range(0, groups, MAX_GRID_Y):
+            g1 = min(groups, g0 + MAX_GRID_Y)
+            ci, co = slice(g0 * c_in_g, g1 * c_in_g), slice(g0 * c_out_g, g1 * c_out_g)
+            conv_bn_act_into(x[:, ci], weight[co], *(None if t is None else t[co]
+                                                     for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)),
+                             eps, stride, padding, dilation, g1 - g0, act_code, slope,
+                             None if residual is None else residual[:, co], out, out_c_offset + g0 * c_out_g,
+                             input_precision)
+        return out
+    # Program ids along the first axis: split the batch where they would pass 2^31 - 1 (only at
+    # the smallest tiles, 16 x 16, and an enormous problem).
+    per_image = triton.cdiv(oh * ow, 16) * triton.cdiv(c_out_g, 16)
+    if n > 1 and triton.cdiv(m, 16) * triton.cdiv(c_out_g, 16) > MAX_GRID_X:
+        step = max(1, MAX_GRID_X // per_image - 1)
+        for n0 in range(0, n, step):
+            sl = slice(n0, min(n, n0 + step))
+            conv_bn_act_into(x[sl], weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
+                             groups, act_code, slope, None if residual is None else residual[sl], out[sl],
+                             out_c_offset, input_precision)
+        return out
+    index64 = needs_int64_indices(m, x, weight, residual, out)
     cfg = _block_config(m, c_out_g, c_in_g, kh * kw, x.element_size())
     if AUTOTUNE:
         kernel, cfg = _conv_bn_act_autotuned, dict(FLAT_K=cfg["FLAT_K"])
@@ -232,6 +299,6 @@ def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
         float(eps), float(slope),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_BN=bn_mean is not None, HAS_GAMMA=bn_weight is not None,
         HAS_BETA=bn_bias is not None, ACT=act_code, HAS_RES=residual is not None,
-        INPUT_PRECISION=input_precision, **cfg,
+        INPUT_PRECISION=input_precision, INDEX64=index64, **cfg,
     )
     return out

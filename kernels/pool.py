@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED, launchable
+from .conv import INT32_MAX, MAX_GRID_X, MAX_GRID_Y, _widen, max_element_offset
 
 # The kernel's MODE (compared as literals inside the kernel).
 MAX, AVG, ADAPTIVE_AVG = 0, 1, 2
@@ -36,12 +37,14 @@ def _window_pool_kernel(
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     MODE: tl.constexpr, COUNT_INCLUDE_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr,
 ):
     # MODE: 0 max, 1 avg, 2 adaptive avg. Rows: output pixels (n, oh, ow) flattened,
     # P = N*OH*OW. Columns: channels (contiguous in NHWC, so loads and stores coalesce).
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # INDEX64 (the launcher's choice): pixel indices and offsets in int64; else int32, proven
+    # safe by the launcher (P + BLOCK_P and every tensor's largest offset below 2^31).
+    offs_p = _widen(tl.program_id(0), INDEX64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = _widen(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX64)
     mask_p = offs_p < P
     mask_c = offs_c < C
     ow = offs_p % OW
@@ -49,10 +52,11 @@ def _window_pool_kernel(
     nb = offs_p // (OW * OH)
 
     if MODE == 2:
-        h0 = (oh * H) // OH
-        h1 = ((oh + 1) * H + OH - 1) // OH
-        w0 = (ow * W) // OW
-        w1 = ((ow + 1) * W + OW - 1) // OW
+        # torch's bins, in int64: oh * H can pass 2^31 for tensors far smaller (H = OH = 46341).
+        h0 = (oh.to(tl.int64) * H) // OH
+        h1 = ((oh.to(tl.int64) + 1) * H + OH - 1) // OH
+        w0 = (ow.to(tl.int64) * W) // OW
+        w1 = ((ow.to(tl.int64) + 1) * W + OW - 1) // OW
     else:
         h0 = oh * stride_h - pad_h
         w0 = ow * stride_w - pad_w
@@ -99,17 +103,17 @@ def _global_avg_pool_kernel(
     C, W, HW, NUM_C_BLOCKS,
     sxn, sxc, sxh, sxw,
     son, soc,
-    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nb = pid // NUM_C_BLOCKS
-    offs_c = (pid % NUM_C_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = _widen((pid % NUM_C_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX64)
     mask_c = offs_c < C
     x_base = x_ptr + nb.to(tl.int64) * sxn
     x_col = offs_c * sxc
     acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     for s0 in range(0, HW, BLOCK_HW):
-        s = s0 + tl.arange(0, BLOCK_HW)
+        s = _widen(s0 + tl.arange(0, BLOCK_HW), INDEX64)
         pos = (s // W) * sxh + (s % W) * sxw
         m = (s < HW)[:, None] & mask_c[None, :]
         acc += tl.load(x_base + pos[:, None] + x_col[None, :], mask=m, other=0.0).to(tl.float32)
@@ -139,6 +143,11 @@ def _tile(rows: int, channels: int) -> tuple[int, int]:
 _NUM_WARPS = 4
 
 
+def _index64(rows: int, block_rows: int, *tensors) -> bool:
+    """INDEX64: the row index (+ a block) or some tensor's largest element offset reaches 2^31."""
+    return rows + block_rows > INT32_MAX or any(max_element_offset(t) > INT32_MAX for t in tensors)
+
+
 def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=False):
     n, c, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -146,6 +155,13 @@ def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=F
     if out.numel() == 0:
         return out
     block_p, block_c = _tile(p, c)
+    if triton.cdiv(c, block_c) > MAX_GRID_Y:
+        # Channel blocks are the grid's second axis: launches over channel slices (views).
+        step = MAX_GRID_Y * block_c
+        for c0 in range(0, c, step):
+            sl = slice(c0, min(c, c0 + step))
+            _window_pool_into(x[:, sl], out[:, sl], kernel, stride, padding, mode, count_include_pad)
+        return out
     grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
     launchable(_window_pool_kernel)[grid](
         x, out,
@@ -154,7 +170,7 @@ def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=F
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         stride[0], stride[1], padding[0], padding[1],
         KH=kernel[0], KW=kernel[1], MODE=mode, COUNT_INCLUDE_PAD=bool(count_include_pad),
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+        BLOCK_P=block_p, BLOCK_C=block_c, INDEX64=_index64(p, block_p, x, out), num_warps=_NUM_WARPS,
     )
     return out
 
@@ -185,11 +201,16 @@ def adaptive_avg_pool2d_into(x, out):
         return _window_pool_into(x, out, kernel, (1, 1), (0, 0), ADAPTIVE_AVG)
     block_hw, block_c = _tile(h * w, c)
     num_c_blocks = triton.cdiv(c, block_c)
+    if n * num_c_blocks > MAX_GRID_X:  # one program per (image, channel block): split the batch
+        step = MAX_GRID_X // num_c_blocks
+        for n0 in range(0, n, step):
+            adaptive_avg_pool2d_into(x[n0:n0 + step], out[n0:n0 + step])
+        return out
     launchable(_global_avg_pool_kernel)[(n * num_c_blocks,)](
         x, out,
         c, w, h * w, num_c_blocks,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         out.stride(0), out.stride(1),
-        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+        BLOCK_HW=block_hw, BLOCK_C=block_c, INDEX64=_index64(h * w, block_hw, x, out), num_warps=_NUM_WARPS,
     )
     return out

@@ -57,11 +57,12 @@ def test_model_benchmark_cpu_smoke(tmp_path, monkeypatch):
     assert not bench_models.has_errors(record)
 
 
-def run_microbenchmarks(tmp_path, *options) -> list[dict]:
-    """`pytest bench` in a subprocess (as a user runs it, picking up bench/pytest.ini, which
-    must make pytest-benchmark time); returns its JSON records after checking them."""
+def run_microbenchmarks(tmp_path, *options, path: str = "bench") -> list[dict]:
+    """`pytest <path>` (bench, or one file of it) in a subprocess (as a user runs it, picking up
+    bench/pytest.ini, which must make pytest-benchmark time); returns its JSON records after
+    checking them."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", *options,
+    cmd = [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", *options,
            f"--benchmark-json={out}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           # Not this run's PYTEST_* variables: PYTEST_XDIST_WORKER makes pytest-benchmark
@@ -87,7 +88,8 @@ def test_microbenchmarks_cpu_smoke(tmp_path):
 
     backend = "torch" if torch.cuda.is_available() else "triton"
     records = run_microbenchmarks(tmp_path, "--bench-device", "cpu", "--bench-backend", backend,
-                                  "--bench-shapes", "3", "-k", "not 7x7", "--bench-rounds", "2")
+                                  "--bench-shapes", "3", "-k", "not 7x7", "--bench-rounds", "2",
+                                  path="bench/test_bench_conv.py")
     assert len(records) == 2
     for r in records:
         info = r["extra_info"]
@@ -99,7 +101,7 @@ def test_microbenchmarks_cpu_smoke(tmp_path):
 @pytest.mark.gpu
 def test_microbenchmarks_gpu_smoke(tmp_path):
     records = run_microbenchmarks(tmp_path, "--bench-device", "cuda", "--bench-batch", "2", "--bench-size", "64",
-                                  "--bench-shapes", "2", "--bench-rounds", "5")
+                                  "--bench-shapes", "2", "--bench-rounds", "5", path="bench/test_bench_conv.py")
     assert len(records) == 2
     for r in records:
         info = r["extra_info"]
@@ -110,8 +112,51 @@ def test_microbenchmarks_gpu_smoke(tmp_path):
 @pytest.mark.gpu
 def test_microbenchmarks_gpu_cuda_graphs_smoke(tmp_path):
     records = run_microbenchmarks(tmp_path, "--bench-device", "cuda", "--bench-batch", "2", "--bench-size", "64",
-                                  "--bench-shapes", "2", "--bench-rounds", "5", "--bench-cuda-graphs")
+                                  "--bench-shapes", "2", "--bench-rounds", "5", "--bench-cuda-graphs",
+                                  path="bench/test_bench_conv.py")
     assert len(records) == 2 and all(r["extra_info"]["cuda_graphs"] for r in records)
+
+
+def _check_depthwise_records(records, shapes: int):
+    ops = sorted(r["extra_info"]["op"] for r in records)
+    assert ops == ["depthwise_conv_bn_act"] * shapes + ["separable_conv_bn_act"] * shapes
+    for r in records:
+        info = r["extra_info"]
+        assert info["model"] == "torchvision.mobilenet_v2"
+        # The analytic traffic: the fused op moves less than the torch sequence, and the difference
+        # is at least the intermediates it keeps on chip (the depthwise output, written and read back).
+        saved, fused, unfused = info["bytes_saved_by_fusion"], info["min_bytes"], info["torch_bytes"]
+        assert saved == unfused - fused > 0 and unfused == sum(info["torch_bytes_by_step"].values())
+        assert info["launches_fused"] == 1 and info["launches_torch"] >= 3
+        if info["op"] == "separable_conv_bn_act":
+            dw = info["shape"]["dw"]
+            elem = {"float32": 4, "float16": 2, "bfloat16": 2}[info["dtype"]]
+            y_bytes = 2 * info["batch"] * dw["c_out"] * dw["out_hw"][0] * dw["out_hw"][1] * elem
+            assert saved >= y_bytes
+
+
+def test_depthwise_microbenchmarks_cpu_smoke(tmp_path):
+    # The first two distinct mobilenet_v2 blocks (at input size 64), both ops.
+    import torch
+
+    backend = "torch" if torch.cuda.is_available() else "triton"
+    records = run_microbenchmarks(tmp_path, "--bench-device", "cpu", "--bench-backend", backend,
+                                  "--bench-shapes", "2", "--bench-rounds", "2", path="bench/test_bench_depthwise.py")
+    _check_depthwise_records(records, 2)
+    for r in records:
+        info = r["extra_info"]
+        assert info["backend_resolved"] == backend and info["dtype"] == "float32" and info["batch"] == 1
+        assert r["stats"]["rounds"] == 2 and info["timer"] == "perf_counter"
+        assert info["check_rel_error"] < 1e-4
+
+
+@pytest.mark.gpu
+def test_depthwise_microbenchmarks_gpu_smoke(tmp_path):
+    records = run_microbenchmarks(tmp_path, "--bench-device", "cuda", "--bench-batch", "2", "--bench-size", "64",
+                                  "--bench-shapes", "2", "--bench-rounds", "5", path="bench/test_bench_depthwise.py")
+    _check_depthwise_records(records, 2)
+    assert all(r["extra_info"]["timer"] == "cuda_events" and r["extra_info"]["backend_resolved"] == "triton"
+               for r in records)
 
 
 @pytest.mark.gpu

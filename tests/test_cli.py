@@ -17,10 +17,12 @@ def test_list_reports_parameters_and_macs_of_every_model(capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
     assert set(rows) == set(fastbone.list_models())
     for name, (_, params, macs, size, reference) in rows.items():
-        with torch.device("meta"):  # shapes only
-            tv_params = sum(p.numel() for p in getattr(torchvision.models, name)().parameters())
-        assert params == f"{tv_params / 1e6:.2f}M"
-        assert reference == f"torchvision.models.{name}" and size == "224"
+        info = fastbone.model_info(name)
+        with torch.device("meta"):  # shapes only; the reference is torchvision's model, else timm's
+            ref_params = sum(p.numel() for p in info.reference_builder().parameters())
+        assert params == f"{ref_params / 1e6:.2f}M"
+        assert reference == info.reference and reference.endswith(f".{name}") and size == "224"
+        assert reference.startswith(("torchvision.models.", "timm.models."))
     # Independent count for one model: ResNet-50's conv and fc multiply-adds at 224 are 4.09 G
     # in the torchvision model card's GFLOPS column (they count multiply-adds).
     assert rows["resnet50"][2] == "4.09G"

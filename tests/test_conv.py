@@ -215,7 +215,7 @@ BAD_INPUTS = [
     ("wrong channels", dict(x=torch.randn(1, 5, 9, 9)), ValueError, "5 channels but the convolution expects 4"),
     ("device mismatch", dict(weight=torch.randn(6, 4, 3, 3, device="meta")), ValueError, "meta"),
     ("input too small", dict(x=torch.randn(1, 4, 1, 1), padding=0), ValueError, "too small"),
-    ("bad bias", dict(bias=torch.randn(5)), ValueError, r"bias must be a floating-point tensor of shape \(6,\)"),
+    ("bad bias", dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\) \(one value per output channel\)"),
     ("bad residual", dict(residual=torch.randn(1, 6, 3, 3)), ValueError, "residual has shape"),
     ("slice too narrow", dict(out=torch.empty(1, 7, 9, 9), out_channel_offset=2), ValueError, "to hold channels"),
     ("bad activation", dict(act="gelu"), ValueError, "unknown activation 'gelu'"),

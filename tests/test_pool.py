@@ -205,12 +205,17 @@ def test_bad_inputs_raise_clear_errors():
             pool.avg_pool2d(x, (2, 4), 1, (0, 3))
         with pytest.raises(ValueError, match="too small for a"):
             pool.max_pool2d(torch.randn(1, 3, 2, 8), 3, 1, 0)
-        with pytest.raises(ValueError, match="kernel_size and stride must be >= 1"):
+        with pytest.raises(ValueError, match=r"stride must be >= 1, got \(0, 0\)"):
             pool.avg_pool2d(x, 2, 0)
-        with pytest.raises(ValueError, match="output_size must be >= 1"):
-            pool.adaptive_avg_pool2d(x, (0, 3))
+        with pytest.raises(ValueError, match=r"kernel_size must be >= 1, got \(0, 0\)"):
+            pool.max_pool2d(x, 0, 1)
+        with pytest.raises(ValueError, match=r"output_size must be >= 0, got \(-1, 3\)"):
+            pool.adaptive_avg_pool2d(x, (-1, 3))
         with pytest.raises(ValueError, match="needs a non-empty input"):
             pool.adaptive_avg_pool2d(torch.randn(1, 3, 0, 8), 2)
+        # Each is also the RuntimeError torch raises for the same input (tests/test_robustness.py).
+        with pytest.raises(RuntimeError, match="needs an input with C, H and W > 0"):
+            pool.max_pool2d(torch.randn(1, 3, 0, 8), 2, 1, 1)
 
 
 def _op_samples(device="cpu"):

@@ -30,3 +30,8 @@ def test_triton_kernels_compile_for_sm90():
     # but the stem) the gathered loads become cp.async copies overlapped with the dots.
     body = [r for r in half if "Cin=64" in r["kernel"] or "Cin=256" in r["kernel"] or "autotune" in r["kernel"]]
     assert body and all(r["cp_async"] > 0 for r in body), [r["kernel"] for r in body if not r["cp_async"]]
+    # The fused separable block's pointwise GEMM runs on tensor cores (wgmma; mma.sync for
+    # tiles under wgmma's 64 rows) with the depthwise result as the register operand.
+    separable = [r for r in records if r["kernel"].startswith("separable") and "float32" not in r["kernel"]]
+    assert separable and all(r["wgmma"] + r["mma"] > 0 for r in separable)
+    assert any(r["kernel"].startswith("depthwise") for r in records)

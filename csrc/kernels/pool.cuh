@@ -44,7 +44,10 @@ window_pool2d_kernel(const T* __restrict__ x, T* __restrict__ out, long long tot
     const int h_lo = hs < 0 ? 0 : hs, h_hi = hs + kh < H ? hs + kh : H;
     const int w_lo = ws < 0 ? 0 : ws, w_hi = ws + kw < W ? ws + kw : W;
     const T* xp = x + o.n * sxn + o.c * sxc;
-    float acc = MODE == kPoolMax ? to_float(xp[h_lo * sxh + w_lo * sxw]) : 0.0f;
+    // -inf, not the window's first value: an empty window (an empty input, which the op layer
+    // refuses, reaching the kernel through a direct call) reads nothing and gives -inf, as the
+    // Triton kernel does; a NaN in the window still wins (nan_max).
+    float acc = MODE == kPoolMax ? -__int_as_float(0x7f800000) : 0.0f;
     for (int h = h_lo; h < h_hi; ++h)
       for (int v = w_lo; v < w_hi; ++v) {
         const float val = to_float(xp[h * sxh + v * sxw]);
@@ -98,16 +101,21 @@ global_avg_pool_kernel(const T* __restrict__ x, T* __restrict__ out, int C, int 
   const int c = blockIdx.x * kGapChannels + cl;
   const int n = blockIdx.y;
   float acc = 0.0f;
+  const long long hw = (long long)H * W;  // may exceed 2^31 (one huge image): 64-bit then
   if (c < C) {
     const T* xp = x + n * sxn + c * sxc;
-    for (int p = lane; p < H * W; p += kGapLanes) acc += to_float(xp[(p / W) * sxh + (p % W) * sxw]);
+    if (hw <= 0x7fffffffLL - kGapLanes) {  // the common case: 32-bit pixel index and divisions
+      for (int p = lane; p < (int)hw; p += kGapLanes) acc += to_float(xp[(p / W) * sxh + (p % W) * sxw]);
+    } else {
+      for (long long p = lane; p < hw; p += kGapLanes) acc += to_float(xp[(p / W) * sxh + (p % W) * sxw]);
+    }
   }
   partial[lane][cl] = acc;
   __syncthreads();
   if (lane == 0 && c < C) {
     float sum = 0.0f;
     for (int l = 0; l < kGapLanes; ++l) sum += partial[l][cl];
-    out[n * son + c * soc] = from_float<T>(sum / (float)(H * W));
+    out[n * son + c * soc] = from_float<T>(sum / (float)hw);
   }
 }
 

@@ -94,12 +94,14 @@ conv_bn_act_maxpool_kernel(const T* __restrict__ x, const T* __restrict__ w, con
     const int ph = ph0 + pix / tile_pw, pw = pw0 + pix % tile_pw;
     const int oc = co0 + co;
     if (ph >= PH || pw >= PW || oc >= C_out) continue;
-    // The window clipped to the conv output; never empty (padding <= kernel / 2 and
-    // torch's ceil_mode rule keep every window's start inside the input).
+    // The window clipped to the conv output; never empty for arguments the op layer accepts
+    // (padding <= kernel / 2 and torch's ceil_mode rule keep every window's start inside the
+    // input). Starting from -inf, an empty one (a direct call with bad arguments) reads no shared
+    // memory outside the tile and gives -inf, as the plain max pool does.
     const int hs = ph * pool_sh - pool_ph, ws = pw * pool_sw - pool_pw;
     const int h_lo = hs < 0 ? 0 : hs, h_hi = hs + pool_kh < OH ? hs + pool_kh : OH;
     const int w_lo = ws < 0 ? 0 : ws, w_hi = ws + pool_kw < OW ? ws + pool_kw : OW;
-    float m = conv_tile[(h_lo - r0) * RW + (w_lo - c0)][co];
+    float m = -__int_as_float(0x7f800000);
     for (int h = h_lo; h < h_hi; ++h)
       for (int v = w_lo; v < w_hi; ++v) m = nan_max(m, conv_tile[(h - r0) * RW + (v - c0)][co]);
     out[nb * son + ph * soh + pw * sow + oc * soc] = from_float<T>(m);

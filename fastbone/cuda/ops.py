@@ -39,6 +39,7 @@ from fastbone.ops.conv import (conv_output, conv_output_size, new_activation, re
                                reference_conv_bn_act_maxpool)
 from fastbone.ops.pool import (pool_output_size, reference_adaptive_avg_pool2d, reference_avg_pool2d,
                                reference_max_pool2d)
+from . import depthwise_launch as _dw  # the depthwise kernels' launch geometry and NVRTC tables
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CUDA_TYPE_NAMES = ("float", "__half", "__nv_bfloat16")  # by dtype code
@@ -53,6 +54,8 @@ LAUNCH_CONSTANTS = {
     "conv_narrow_max_cout": 16,
     "stem_threads": 256, "stem_co_tile": 16, "stem_max_taps": 256, "stem_max_region": 324, "stem_max_tile": 8,
     "pool_threads": 256, "pool_max_blocks": 4096, "gap_channels": 32,
+    "max_grid_yz": 65535, "max_conv_launch_pixels": 2**31 - 1 - 256,
+    **_dw.LAUNCH_CONSTANTS,
 }
 CONV_TC_TILE = (64, 64, 128)  # the tensor-core variant (GPU builds only): BM, BN, threads
 CONV_TC_MIN_CC = 80           # ... on devices of compute capability 8.0 and newer
@@ -97,9 +100,41 @@ def stem_supported(c_in_g: int, kh: int, kw: int, pool) -> bool:
 
 
 def _check_int_range(v: int, what: str) -> None:
-    """The kernels index pixels and channels with 32-bit ints (offsets are 64-bit)."""
+    """Sizes the kernels hold in 32-bit ints (offsets are 64-bit; a launch's pixel count is split to fit)."""
     if v > 2**31 - 1:
-        raise ValueError(f"{what} = {v} exceeds the kernels' 32-bit index range; split the batch")
+        raise ValueError(f"{what} = {v} exceeds the kernels' 32-bit index range")
+
+
+def conv_launch_plan(n: int, oh: int, ow: int, groups: int, c_out_g: int, block_n: int) -> list[list[int]]:
+    """csrc/ops.cu's conv_chunks: the launches [n0, n, oh0, oh, g0, g, c0, c] (images, output rows,
+    groups, output channels per group) that keep every grid within CUDA's limits (gridDim.y / z <=
+    65535) and every launch's output pixels within the kernels' 32-bit index (max_conv_launch_pixels):
+    whole images while one fits, else one image in bands of rows; channels of one group split only
+    where its channel tiles alone exceed gridDim.y (then one group per launch)."""
+    max_px, max_yz = _C["max_conv_launch_pixels"], _C["max_grid_yz"]
+    if ow > max_px:
+        raise ValueError(f"conv: an output row of {ow} pixels exceeds the kernels' {max_px}-pixel launch")
+    max_c = max_yz * block_n
+    g_step, c_step = (1, max_c) if c_out_g > max_c else (max_yz, c_out_g)
+    spans = []
+    image = oh * ow
+    if image <= max_px:
+        per = max(1, max_px // max(image, 1))
+        spans = [(n0, min(per, n - n0), 0, oh) for n0 in range(0, n, per)]
+    else:
+        rows = max_px // ow
+        spans = [(n0, 1, oh0, min(rows, oh - oh0)) for n0 in range(n) for oh0 in range(0, oh, rows)]
+    return [[n0, nn, oh0, ohn, g0, min(g_step, groups - g0), c0, min(c_step, c_out_g - c0)]
+            for n0, nn, oh0, ohn in spans for g0 in range(0, groups, g_step) for c0 in range(0, c_out_g, c_step)]
+
+
+CUDA_MAX_GRID_YZ = 65535  # the hardware's gridDim.y / gridDim.z limit (LAUNCH_CONSTANTS' may be lowered by tests)
+
+
+def stem_grid_supported(n_tiles: int, c_out: int) -> bool:
+    """Whether the fused stem's grid (pooled tiles x channel tiles x images, the images split into
+    launches of max_grid_yz) fits CUDA's limits; else the conv and the pool run separately."""
+    return n_tiles <= 2**31 - 1 and _cdiv(c_out, _C["stem_co_tile"]) <= CUDA_MAX_GRID_YZ
 
 
 def _elementwise_blocks(total: int) -> int:
@@ -124,6 +159,7 @@ NVRTC_KERNELS = {
     "pool.cuh": [f"fb::{k}<{t}{m}>" for t in _CUDA_TYPE_NAMES
                  for k, m in (("window_pool2d_kernel", ", 0"), ("window_pool2d_kernel", ", 1"),
                               ("adaptive_avg_pool2d_kernel", ""), ("global_avg_pool_kernel", ""))],
+    **_dw.NVRTC_KERNELS,
 }
 
 # Kernel parameter lists, one letter per parameter: p pointer, i int, q long long, f float.
@@ -136,6 +172,7 @@ _SIGNATURES = {
     "fb::window_pool2d_kernel": "ppqiiiii" + "q" * 8 + "i" * 7,
     "fb::adaptive_avg_pool2d_kernel": "ppqiiiii" + "q" * 8,
     "fb::global_avg_pool_kernel": "ppiii" + "q" * 6,
+    **_dw.SIGNATURES,
 }
 _ARG_TYPES = {"p": np.uint64, "i": np.int32, "q": np.int64, "f": np.float32}
 
@@ -146,12 +183,13 @@ def _check_bn_pointers(bn_mean: int, bn_var: int) -> None:
         raise ValueError("BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm)")
 
 
-class NvrtcRuntime:
+class NvrtcRuntime(_dw.DepthwiseNvrtcMixin):
     """csrc/ops.cu's functions over kernels compiled by NVRTC (fastbone.cuda.nvrtc.get_function).
     Same names, arguments and launch geometry as the pybind11 module."""
 
     build = "nvrtc"
-    launch_constants = {**LAUNCH_CONSTANTS, "conv_tc_tile": CONV_TC_TILE, "conv_tc_min_cc": CONV_TC_MIN_CC}
+    launch_constants = {**LAUNCH_CONSTANTS, "conv_tc_tile": CONV_TC_TILE, "conv_tc_min_cc": CONV_TC_MIN_CC,
+                        **_dw.GPU_LAUNCH_CONSTANTS}
 
     def __init__(self, device: torch.device | int | None = None):
         from .nvrtc import get_function  # the NVRTC module loads only when this runtime is built
@@ -162,7 +200,8 @@ class NvrtcRuntime:
         major, minor = torch.cuda.get_device_capability(self._device)
         self._compute_capability = major * 10 + minor
 
-    def _launch(self, file: str, name: str, template_args: str, grid, block: int, args, stream: int) -> None:
+    def _launch(self, file: str, name: str, template_args: str, grid, block: int, args, stream: int,
+                smem: int = 0) -> None:
         try:
             import cupy
         except ImportError as exc:
@@ -175,21 +214,19 @@ class NvrtcRuntime:
         with cupy.cuda.Device(self._device):
             kernel = self._get_function(file, f"{name}<{template_args}>", self._device)
             with cupy.cuda.ExternalStream(stream, self._device):
-                kernel(tuple(grid), (block,), packed)
+                kernel(tuple(grid), (block,), packed, shared_mem=smem)
 
     def conv_bn_act(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var,
                     eps, residual, res_strides, out, out_shape, out_strides, out_c_offset, conv, groups, dtype, act,
                     slope, stream):
         _check_bn_pointers(bn_mean, bn_var)
         n, c_out, oh, ow = x_shape[0], w_shape[0], out_shape[2], out_shape[3]
-        c_out_g, m = c_out // groups, n * oh * ow
-        if m == 0 or c_out == 0:
+        c_out_g = c_out // groups
+        if n * oh * ow == 0 or c_out == 0:
             return
-        _check_int_range(m, "N * OH * OW")
-        _check_int_range(w_shape[1] * w_shape[2] * w_shape[3], "C_in/groups * KH * KW")
-        args = (x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, out, m, x_shape[2], x_shape[3],
-                w_shape[1], oh, ow, c_out_g, w_shape[2], w_shape[3], *x_strides, *w_strides, *res_strides,
-                *out_strides, out_c_offset, *conv, eps, slope)
+        for v, what in ((x_shape[2], "H"), (x_shape[3], "W"), (oh, "OH"), (out_c_offset + c_out, "out_c_offset + C_out"),
+                        (w_shape[1] * w_shape[2] * w_shape[3] + 64, "C_in/groups * KH * KW")):
+            _check_int_range(v, what)
         variant = conv_variant(c_out_g, dtype, self._compute_capability)
         if variant == "tc":
             bm, bn, threads = CONV_TC_TILE
@@ -199,8 +236,24 @@ class NvrtcRuntime:
             threads = (bm // tm) * (bn // tn)
             name = "fb::conv_bn_act_kernel"
             template_args = f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {', '.join(map(str, tile))}"
-        self._launch("conv.cuh", name, template_args, (_cdiv(m, bm), _cdiv(c_out_g, bn), groups), threads, args,
-                     stream)
+        size = (4, 2, 2)[dtype]  # bytes per element of x, w, residual, out
+        sxn, sxc = x_strides[0], x_strides[1]
+        srn, src, srh = res_strides[0], res_strides[1], res_strides[2]
+        son, soh = out_strides[0], out_strides[2]
+
+        def at(ptr, elements, elem_bytes=size):  # csrc/ops.cu's pointer + offset (0 stays 0: absent)
+            return ptr + elements * elem_bytes if ptr else 0
+
+        for n0, nn, oh0, ohn, g0, gn, c0, cn in conv_launch_plan(n, oh, ow, groups, c_out_g, bn):
+            oc0 = g0 * c_out_g + c0
+            m = nn * ohn * ow
+            args = (at(x, n0 * sxn + g0 * w_shape[1] * sxc), at(w, oc0 * w_strides[0]),
+                    *(at(v, oc0, 4) for v in (bias, bn_weight, bn_bias, bn_mean, bn_var)),
+                    at(residual, n0 * srn + oh0 * srh + oc0 * src), at(out, n0 * son + oh0 * soh), m, x_shape[2],
+                    x_shape[3], w_shape[1], ohn, ow, cn, w_shape[2], w_shape[3], *x_strides, *w_strides,
+                    *res_strides, *out_strides, out_c_offset + oc0, conv[0], conv[1], conv[2] - oh0 * conv[0],
+                    *conv[3:], eps, slope)
+            self._launch("conv.cuh", name, template_args, (_cdiv(m, bm), _cdiv(cn, bn), gn), threads, args, stream)
 
     def stem_supported(self, c_in_g, kh, kw, pool):
         return stem_supported(c_in_g, kh, kw, pool)
@@ -214,15 +267,22 @@ class NvrtcRuntime:
                              f"the pool window must fit {_C['stem_max_region']} conv outputs; run conv and pool "
                              "separately")
         n, c_out, ph, pw = out_shape
-        if n == 0 or c_out == 0:
+        if n == 0 or c_out == 0 or ph == 0 or pw == 0:
             return
         th, tw = stem_tile(ph, pw, pool)
-        args = (x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, out, x_shape[2], x_shape[3], w_shape[1], c_out,
-                c_out // groups, w_shape[2], w_shape[3], conv_out_hw[0], conv_out_hw[1], ph, pw, *x_strides,
-                *w_strides, *out_strides, *conv, *pool, th, tw, eps, slope)
-        self._launch("stem.cuh", "fb::conv_bn_act_maxpool_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}",
-                     (_cdiv(ph, th) * _cdiv(pw, tw), _cdiv(c_out, _C["stem_co_tile"]), n),
-                     _C["stem_threads"], args, stream)
+        tiles = _cdiv(ph, th) * _cdiv(pw, tw)
+        if not stem_grid_supported(tiles, c_out):
+            raise ValueError(f"conv_bn_act_maxpool: {tiles} pooled tiles per image and {c_out} output channels "
+                             "exceed the fused kernel's grid; run conv and pool separately")
+        size = (4, 2, 2)[dtype]
+        for n0 in range(0, n, _C["max_grid_yz"]):  # images on gridDim.z, at most max_grid_yz per launch
+            args = (x + n0 * x_strides[0] * size, w, bias, bn_weight, bn_bias, bn_mean, bn_var,
+                    out + n0 * out_strides[0] * size, x_shape[2], x_shape[3], w_shape[1], c_out, c_out // groups,
+                    w_shape[2], w_shape[3], conv_out_hw[0], conv_out_hw[1], ph, pw, *x_strides, *w_strides,
+                    *out_strides, *conv, *pool, th, tw, eps, slope)
+            self._launch("stem.cuh", "fb::conv_bn_act_maxpool_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}",
+                         (tiles, _cdiv(c_out, _C["stem_co_tile"]), min(_C["max_grid_yz"], n - n0)),
+                         _C["stem_threads"], args, stream)
 
     def _window_pool(self, mode, x, x_shape, x_strides, out, out_shape, out_strides, pool, count_include_pad,
                      dtype, stream):
@@ -248,9 +308,13 @@ class NvrtcRuntime:
             return
         t = _CUDA_TYPE_NAMES[dtype]
         if out_shape[2] == 1 and out_shape[3] == 1:
-            args = (x, out, *x_shape[1:], *x_strides, out_strides[0], out_strides[1])
-            self._launch("pool.cuh", "fb::global_avg_pool_kernel", t, (_cdiv(x_shape[1], _C["gap_channels"]), x_shape[0]),
-                         _C["pool_threads"], args, stream)
+            size = (4, 2, 2)[dtype]
+            for n0 in range(0, x_shape[0], _C["max_grid_yz"]):  # images on gridDim.y, max_grid_yz per launch
+                args = (x + n0 * x_strides[0] * size, out + n0 * out_strides[0] * size, *x_shape[1:], *x_strides,
+                        out_strides[0], out_strides[1])
+                self._launch("pool.cuh", "fb::global_avg_pool_kernel", t,
+                             (_cdiv(x_shape[1], _C["gap_channels"]), min(_C["max_grid_yz"], x_shape[0] - n0)),
+                             _C["pool_threads"], args, stream)
             return
         args = (x, out, total, *x_shape[1:], out_shape[2], out_shape[3], *x_strides, *out_strides)
         self._launch("pool.cuh", "fb::adaptive_avg_pool2d_kernel", t, (_elementwise_blocks(total),),
@@ -491,9 +555,11 @@ def _cuda_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_v
     conv_args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), list(stride), list(padding),
                  list(dilation), int(groups), int(act_code), float(slope))
     pool_args = (list(pool_kernel), list(pool_stride), list(pool_padding), bool(ceil_mode))
-    if stem_supported(weight.shape[1], weight.shape[2], weight.shape[3], [*pool_kernel, *pool_stride]):
+    if stem_supported(weight.shape[1], weight.shape[2], weight.shape[3], [*pool_kernel, *pool_stride]) and \
+            stem_grid_supported(pool_out_hw[0] * pool_out_hw[1], weight.shape[0]):  # tiles <= pooled pixels
         return torch.ops.fastbone.cuda_conv_bn_act_maxpool(*conv_args, *pool_args)
-    # Too many taps (or too big a pool window) for the fused kernel's shared memory.
+    # Too many taps (or too big a pool window) for the fused kernel's shared memory, or a grid
+    # too large for it (more than a million output channels, or 2^31 pooled tiles per image).
     y = torch.ops.fastbone.cuda_conv_bn_act(*conv_args, None)
     return torch.ops.fastbone.cuda_max_pool2d(y, *pool_args)
 
@@ -512,3 +578,9 @@ def _cuda_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, o
 @register_impl("adaptive_avg_pool2d", "cuda")
 def _cuda_adaptive_avg_pool2d(x, out_hw):
     return torch.ops.fastbone.cuda_adaptive_avg_pool2d(x, list(out_hw))
+
+
+# The depthwise separable ops (fastbone::cuda_depthwise_conv_bn_act, cuda_separable_conv_bn_act and
+# their op-layer "cuda" implementations) live in fastbone/cuda/depthwise.py; importing this module
+# registers them too.
+from . import depthwise as _depthwise_ops  # noqa: E402,F401

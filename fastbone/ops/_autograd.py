@@ -19,6 +19,11 @@ import torch
 from torch import Tensor
 
 
+# Each operator's reference by qualified name ("fastbone::triton_conv_bn_act"): `fastbone profile`
+# runs it on fake tensors to count the operator's multiply-adds (fastbone/profile.py).
+REFERENCES: dict[str, Callable[..., Tensor]] = {}
+
+
 def _is_tensor(v) -> bool:
     return isinstance(v, Tensor)
 
@@ -26,6 +31,7 @@ def _is_tensor(v) -> bool:
 def register_reference_autograd(op, reference: Callable[..., Tensor]) -> None:
     """Give the custom / triton operator `op` (a torch.library CustomOpDef) the backward of
     `reference`, a differentiable torch function with the operator's positional arguments."""
+    REFERENCES[op._qualname] = reference
 
     def setup_context(ctx, inputs, output):
         positions = [i for i, v in enumerate(inputs) if _is_tensor(v)]

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import conv as triton_conv, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
-from ._checks import check_activation_tensor, check_kernel_dtype, check_same_device, pair, quiet_under_jit_trace
+from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_kernel_dtype,
+                      check_output_tensor, check_same_device, check_window, pair, quiet_under_jit_trace)
 from .._backend import resolve_backend
 from ._registry import find_impl, get_impl, register_impl
 from .activation import ACTIVATIONS, DEFAULT_LEAKY_SLOPE, activation_code, apply_activation
@@ -54,52 +55,81 @@ def new_activation(n: int, c: int, h: int, w: int, like: Tensor) -> Tensor:
 @quiet_under_jit_trace
 def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, out, out_channel_offset,
                      bn_tensors=()):
+    """torch's rules for conv2d (F.conv2d refuses the same inputs, with a RuntimeError: every error
+    here is an ArgumentError, which is one), plus the fused op's own arguments (BatchNorm tensors,
+    residual, the output slice). Returns the output shape (N, C_out, OH, OW)."""
     check_activation_tensor(x)
-    if not isinstance(weight, Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight must be a 4-D tensor (C_out, C_in/groups, kH, kW), got "
-                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4:
+        raise ArgumentError(f"weight must be a 4-D tensor (C_out, C_in/groups, kH, kW), got shape "
+                            f"{tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ArgumentTypeError(f"weight has dtype {weight.dtype}; accepted: a floating-point dtype")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ArgumentError(f"groups must be a positive int, got {groups!r}")
+    for name, v in (("stride", stride), ("dilation", dilation)):
+        if min(v) < 1:
+            raise ArgumentError(f"{name} must be >= 1, got {tuple(v)}")
+    if min(padding) < 0:
+        raise ArgumentError(f"padding must be >= 0, got {tuple(padding)}")
     c_out, c_in_g, kh, kw = weight.shape
-    if x.shape[1] != c_in_g * groups:
-        raise ValueError(f"input has {x.shape[1]} channels but the convolution expects {c_in_g * groups} "
-                         f"(weight {tuple(weight.shape)}, groups={groups})")
+    if kh < 1 or kw < 1:
+        raise ArgumentError(f"the kernel size must be >= 1 in each dimension, got a {kh}x{kw} weight "
+                            f"{tuple(weight.shape)}")
+    if c_out < 1:
+        raise ArgumentError(f"weight must have at least one output channel, got shape {tuple(weight.shape)}")
     if c_out % groups:
-        raise ValueError(f"C_out={c_out} is not divisible by groups={groups}")
+        raise ArgumentError(f"C_out={c_out} (weight {tuple(weight.shape)}) must be divisible by groups={groups}")
+    if x.shape[1] != c_in_g * groups:
+        raise ArgumentError(f"input has {x.shape[1]} channels but the convolution expects {c_in_g * groups} "
+                            f"(weight {tuple(weight.shape)}, groups={groups})")
     for name, t in (("bias", bias), *bn_tensors):
         if t is None:
             continue
-        if not isinstance(t, Tensor) or t.shape != (c_out,) or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor of shape ({c_out},) (one value per output "
-                             f"channel), got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != (c_out,):
+            raise ArgumentError(f"{name} must have shape ({c_out},) (one value per output channel), got "
+                                f"{tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ArgumentTypeError(f"{name} has dtype {t.dtype}; accepted: a floating-point tensor of shape "
+                                    f"({c_out},)")
     check_same_device(x, weight=weight, bias=bias, residual=residual, out=out,
                       **{name: t for name, t in bn_tensors})
-    for name, v in (("stride", stride), ("dilation", dilation)):
-        if min(v) < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
-    if min(padding) < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+    padded = (x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1])
+    reach = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    if padded[0] < reach[0] or padded[1] < reach[1]:
+        raise ArgumentError(f"input spatial size {tuple(x.shape[2:])} is too small for a {kh}x{kw} kernel "
+                            f"with padding {tuple(padding)} and dilation {tuple(dilation)}: the padded input "
+                            f"{padded[0]}x{padded[1]} must be at least the dilated kernel {reach[0]}x{reach[1]}")
+    if (x.shape[2] == 0 or x.shape[3] == 0) and x.shape[0] > 0 and x.shape[1] > 0:
+        raise ArgumentError(f"input has shape {tuple(x.shape)}: an empty image (H or W = 0) is accepted only "
+                            "with an empty batch or no channels (torch's rule), whatever the padding")
     oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    if oh < 1 or ow < 1:
-        raise ValueError(f"input spatial size {tuple(x.shape[2:])} is too small for a {kh}x{kw} kernel "
-                         f"with padding {padding} and dilation {dilation}")
     expect = (x.shape[0], c_out, oh, ow)
     if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
         if tuple(residual.shape) != expect:
-            raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {expect}")
+            raise ArgumentError(f"residual has shape {tuple(residual.shape)}, expected {expect}")
         if residual.dtype != x.dtype:
-            raise TypeError(f"residual has dtype {residual.dtype}, expected the input's {x.dtype}")
+            raise ArgumentTypeError(f"residual has dtype {residual.dtype}, expected the input's {x.dtype}")
     if out is not None:
-        if not isinstance(out_channel_offset, int) or out_channel_offset < 0:
-            raise ValueError(f"out_channel_offset must be an int >= 0, got {out_channel_offset!r}")
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if not isinstance(out_channel_offset, int) or isinstance(out_channel_offset, bool) or out_channel_offset < 0:
+            raise ArgumentError(f"out_channel_offset must be an int >= 0, got {out_channel_offset!r}")
         if out.dim() != 4 or (out.shape[0], out.shape[2], out.shape[3]) != (expect[0], oh, ow) \
                 or out.shape[1] < out_channel_offset + c_out:
-            raise ValueError(f"out has shape {tuple(out.shape)}; expected (N={expect[0]}, C>="
-                             f"{out_channel_offset + c_out}, {oh}, {ow}) to hold channels "
-                             f"[{out_channel_offset}, {out_channel_offset + c_out})")
+            raise ArgumentError(f"out has shape {tuple(out.shape)}; expected (N={expect[0]}, C>="
+                                f"{out_channel_offset + c_out}, {oh}, {ow}) to hold channels "
+                                f"[{out_channel_offset}, {out_channel_offset + c_out})")
         if out.dtype != x.dtype:
-            raise TypeError(f"out has dtype {out.dtype}, expected the input's {x.dtype}")
+            raise ArgumentTypeError(f"out has dtype {out.dtype}, expected the input's {x.dtype}")
+        check_output_tensor(out.narrow(1, out_channel_offset, c_out), reads_elementwise=(("residual", residual),),
+                            reads=(("input", x), ("weight", weight), ("bias", bias), *bn_tensors))
     return expect
 
 
@@ -220,6 +250,10 @@ def _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
     _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, out, out_channel_offset,
                      bn_tensors)
     _, impl = get_impl("conv_bn_act", x.device)
+    if x.shape[1] == 0:
+        # No input channels: torch's conv2d answers an (N, 0, OH, OW) tensor (not the bias), and
+        # every backend gives torch's answer, so the backends cannot disagree.
+        impl = _torch_conv_bn_act
     args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), stride, padding, dilation, groups,
             code, slope, residual)
     if out is not None and impl is not _torch_conv_bn_act and \
@@ -274,7 +308,8 @@ def batchnorm_tensors(bn: nn.Module | None, c_out: int):
                          "it normalises with batch statistics, which the fused epilogue does not compute; run the "
                          "model in train mode or build the BatchNorm with track_running_stats=True")
     if bn.num_features != c_out:
-        raise ValueError(f"{type(bn).__name__} has {bn.num_features} features but the conv has {c_out} output channels")
+        raise ArgumentError(f"{type(bn).__name__} has {bn.num_features} features but the conv has {c_out} output "
+                            "channels; accepted: a BatchNorm with num_features == conv.out_channels")
     return bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.eps)
 
 
@@ -294,16 +329,21 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, ac
 
 @quiet_under_jit_trace
 def _check_stem_args(x, conv, bn_args, stride, padding, dilation, pk, ps, pp, ceil_mode) -> tuple[int, int]:
-    """The conv's and the pool's checks; the pooled output size."""
-    from .pool import check_window, pool_output_size  # pool imports nothing from here
+    """The conv's checks, then the max pool's on the conv's output (as torch's max_pool2d would
+    check them there: window limits, a non-empty image); the pooled output size."""
+    from .pool import pool_output_size  # pool imports nothing from here
 
     bn_tensors = tuple(zip(("bn_weight", "bn_bias", "bn_mean", "bn_var"), bn_args[:4]))
-    _, _, oh, ow = _check_conv_args(x, conv.weight, conv.bias, stride, padding, dilation, conv.groups, None, None, 0,
+    n, _, oh, ow = _check_conv_args(x, conv.weight, conv.bias, stride, padding, dilation, conv.groups, None, None, 0,
                                     bn_tensors)
-    check_window(x, pk, ps, pp)
+    check_window(x, pk, ps, pp, names=("pool_kernel", "pool_stride", "pool_padding"))
+    if x.shape[1] == 0:
+        raise ArgumentError(f"input has shape {tuple(x.shape)}: with no input channels the conv has no output "
+                            "channels (torch's answer), which the max pool refuses")
     pool_hw = (pool_output_size(oh, pk[0], ps[0], pp[0], ceil_mode), pool_output_size(ow, pk[1], ps[1], pp[1], ceil_mode))
     if min(pool_hw) < 1:
-        raise ValueError(f"the stem's conv output {oh}x{ow} is too small for a {pk} max pool")
+        raise ArgumentError(f"the stem's conv output {oh}x{ow} is too small for a {tuple(pk)} max pool with "
+                            f"padding {tuple(pp)}")
     return pool_hw
 
 
@@ -311,19 +351,20 @@ def conv_bn_act_maxpool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = 
                         slope: float = DEFAULT_LEAKY_SLOPE, pool_kernel=3, pool_stride=2, pool_padding=1,
                         ceil_mode: bool = False) -> Tensor:
     """The network stem, max_pool(act(bn(conv(x)))), in one launch where the backend has a
-    fused stem kernel ("conv_bn_act_maxpool"); elsewhere the conv and the pool run in turn."""
+    fused stem kernel ("conv_bn_act_maxpool"); elsewhere the conv and the pool run in turn.
+    Every backend gets the same checks first (the conv's, then the pool's on the conv output)."""
     from .pool import max_pool2d  # pool imports nothing from here
 
     check_activation_tensor(x)
-    fused = find_impl("conv_bn_act_maxpool", resolve_backend(x.device))
-    if fused is None:
-        return max_pool2d(conv_bn_act(x, conv, bn, act, slope=slope), pool_kernel, pool_stride, pool_padding,
-                          ceil_mode)
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     bn_args = batchnorm_tensors(bn, conv.out_channels)
+    code = activation_code(act)
     stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
     pk, ps, pp = pair(pool_kernel, "pool_kernel"), pair(pool_stride, "pool_stride"), pair(pool_padding, "pool_padding")
     pool_hw = _check_stem_args(x, conv, bn_args, stride, padding, dilation, pk, ps, pp, ceil_mode)
-    return fused(x, conv.weight, conv.bias, *bn_args, stride, padding, dilation, conv.groups, activation_code(act),
+    fused = find_impl("conv_bn_act_maxpool", resolve_backend(x.device))
+    if fused is None:
+        return max_pool2d(conv_bn_act(x, conv, bn, act, slope=slope), pk, ps, pp, ceil_mode)
+    return fused(x, conv.weight, conv.bias, *bn_args, stride, padding, dilation, conv.groups, code,
                  float(slope), pk, ps, pp, bool(ceil_mode), pool_hw)

@@ -21,7 +21,8 @@ from torch import Tensor
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import kernel_op, pool as triton_pool
 from ._autograd import register_reference_autograd
-from ._checks import check_activation_tensor, check_kernel_dtype, pair, quiet_under_jit_trace
+from ._checks import (ArgumentError, check_activation_tensor, check_kernel_dtype, check_nonempty_image,
+                      check_window, pair, quiet_under_jit_trace)
 from ._registry import get_impl, register_impl
 
 
@@ -34,25 +35,21 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mod
     return out
 
 
-def check_window(x, kernel, stride, padding):
-    check_activation_tensor(x)
-    if min(kernel) < 1 or min(stride) < 1:
-        raise ValueError(f"kernel_size and stride must be >= 1, got {kernel} and {stride}")
-    if min(padding) < 0 or padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
-        raise ValueError(f"padding must be between 0 and half the kernel size {kernel}, got {padding}")
-
-
 @quiet_under_jit_trace
-def _window_args(x, kernel_size, stride, padding, ceil_mode):
+def _window_args(x, kernel_size, stride, padding, ceil_mode, op: str = "max_pool2d"):
+    """torch's rules for max_pool2d / avg_pool2d (the same inputs refused, as ArgumentErrors, which
+    are RuntimeErrors like torch's): window limits, a non-empty image, an output of >= 1 pixel."""
     kernel = pair(kernel_size, "kernel_size")
-    stride = kernel if stride is None or stride == [] else pair(stride, "stride")
+    stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) \
+        else pair(stride, "stride")
     padding = pair(padding, "padding")
     check_window(x, kernel, stride, padding)
+    check_nonempty_image(x, op)
     out_hw = tuple(pool_output_size(s, k, st, p, bool(ceil_mode))
                    for s, k, st, p in zip(x.shape[2:], kernel, stride, padding))
     if min(out_hw) < 1:
-        raise ValueError(f"input spatial size {tuple(x.shape[2:])} is too small for a {kernel} pool "
-                         f"with padding {padding}")
+        raise ArgumentError(f"input spatial size {tuple(x.shape[2:])} is too small for a {kernel} pool "
+                            f"with padding {padding}: the output would be {out_hw[0]}x{out_hw[1]}")
     return kernel, stride, padding, out_hw
 
 
@@ -64,7 +61,7 @@ def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool =
 
 def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True) -> Tensor:
-    kernel, stride, padding, out_hw = _window_args(x, kernel_size, stride, padding, ceil_mode)
+    kernel, stride, padding, out_hw = _window_args(x, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
     _, impl = get_impl("avg_pool2d", x.device)
     return impl(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), out_hw)
 
@@ -77,14 +74,17 @@ def adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
 
 @quiet_under_jit_trace
 def _adaptive_args(x: Tensor, output_size) -> tuple[int, int]:
+    """torch's rules: output sizes >= 0 (0 gives an empty output); an image with H or W = 0 only
+    for a 1x1 output (torch's mean over no pixels: NaN); any N and C."""
     check_activation_tensor(x)
     if isinstance(output_size, (tuple, list)) and any(s is None for s in output_size):
         output_size = tuple(x.shape[2 + i] if s is None else s for i, s in enumerate(output_size))
     out_hw = pair(output_size, "output_size")
-    if min(out_hw) < 1:
-        raise ValueError(f"output_size must be >= 1, got {out_hw}")
-    if min(x.shape[2:]) < 1:
-        raise ValueError(f"adaptive pooling needs a non-empty input, got spatial size {tuple(x.shape[2:])}")
+    if min(out_hw) < 0:
+        raise ArgumentError(f"output_size must be >= 0, got {out_hw}")
+    if min(x.shape[2:]) < 1 and out_hw != (1, 1):
+        raise ArgumentError(f"adaptive_avg_pool2d needs a non-empty input (H and W > 0) for an output other than "
+                            f"1x1, got input shape {tuple(x.shape)} and output_size {out_hw}")
     return out_hw
 
 

@@ -1,0 +1,490 @@
+// Depthwise separable convolution, fused (the CUDA counterpart of kernels/depthwise.py):
+//
+// 1. depthwise_conv_bn_act_kernel: act(bn(depthwise_conv2d(x, w) + bias) [+ residual]) into a
+//    channel slice of `out`. Output channel oc reads input channel oc / mult (C_out = mult * C_in).
+//    A block owns a work item = (image, tile_h x tile_w output pixels, cb output channels). It
+//    loads the input region under the tile (the tile plus its halo) for the channels it needs into
+//    shared memory once, as float32, consecutive threads reading consecutive channels (contiguous
+//    in NHWC); then thread t computes output channel t % cb for the pixels t / cb, t / cb + 256 / cb,
+//    ... from that tile. KS = 3 / 5 / 7 keeps a square kernel's taps in registers; KS = 0 takes any
+//    KH x KW, its taps staged in shared memory.
+//
+// 2. separable_conv_bn_act_kernel: the depthwise -> pointwise block in one launch,
+//      out = act_pw(bn_pw(W_pw . D) [+ residual]),  D[p, k] = act_dw(bn_dw(depthwise(x))[p, order[k]])
+//    A block owns (image, a tile of <= BM output pixels, pointwise group g, BN output channels).
+//    Its K loop walks the group's pointwise input channels BK at a time: the block stages the input
+//    region of those channels' depthwise sources in shared memory, computes their depthwise output
+//    for the tile (BatchNorm and activation applied) straight into the GEMM's A tile in shared
+//    memory, stages the BK x BN pointwise weights as the B tile and accumulates. The depthwise
+//    output never goes to global memory. `order` (int64, nullptr for the identity) is the channel
+//    order between the two convs (ShuffleNet v1's shuffle): pointwise input channel k reads
+//    depthwise channel order[k]; an index outside [0, C_dw) reads as NaN (a loud answer, not a fault).
+//
+// Both epilogues apply BatchNorm per channel in float32 exactly as the conv does (ChannelAffine in
+// common.cuh). Blocks loop over work items (grid-stride), so the grid stays within CUDA's limits
+// for any N, C and image size; offsets are 64-bit. The depthwise input region and taps live in
+// dynamic shared memory sized by the launchers (csrc/depthwise_ops.cu and DepthwiseNvrtcMixin in
+// fastbone/cuda/depthwise_launch.py choose the tile so it fits kDwSmemBudget).
+//
+// Plain CUDA (shared memory + __syncthreads): runs under the host emulator. The separable kernel
+// also has a tensor-core variant (WMMA, float16 / bfloat16, sm_80+) for its pointwise GEMM, GPU only.
+#pragma once
+
+#include "common.cuh"
+
+#ifndef FASTBONE_EMU
+#include <mma.h>
+#endif
+
+// The launch's dynamic shared memory as float* (launch.h's FB_DYNAMIC_SMEM pulls in host headers,
+// which NVRTC does not have; this spells the same thing for all three builds). 32-byte aligned: the
+// tensor-core epilogue stores WMMA fragments there.
+#ifdef FASTBONE_EMU
+#define FB_DW_DYNAMIC_SMEM(name) float* name = static_cast<float*>(::fb_emu::dynamic_smem())
+#else
+#define FB_DW_DYNAMIC_SMEM(name)                                      \
+  extern __shared__ __align__(32) unsigned char fb_dw_dynamic_smem_[]; \
+  float* name = reinterpret_cast<float*>(fb_dw_dynamic_smem_)
+#endif
+
+namespace fb {
+
+// --- launch geometry (mirrored by fastbone/cuda/depthwise_launch.py; tests compare) ----------
+constexpr int kDwThreads = 256;          // threads per block, both kernels
+constexpr int kDwTilePixels = 64;        // output pixels per block tile, before shrinking to fit
+constexpr int kDwTileMaxW = 8;           // ... at most this many of them along a row
+constexpr int kDwSmemBudget = 32 * 1024; // dynamic shared memory per block (bytes)
+constexpr int kDwMaxBlocks = 65536;      // grid cap: blocks loop over the remaining work items
+constexpr int kDwMinChannelBlock = 16;   // depthwise: output channels per block, 16 / 32 / 64
+constexpr int kDwMaxChannelBlock = 64;
+constexpr int kSepBM = 64, kSepBK = 16, kSepTM = 4;  // separable: pixels, K step, rows per thread
+// Separable column tiles (output channels per block): 16, 64, 128 (TN = BN / 16 per thread).
+// The tensor-core variant's epilogue scratch (one 16 x 16 float tile per warp, in the dynamic shared
+// memory): its launch plan sizes the dynamic shared memory to at least this (in every build, so the
+// plans the emulator exports match the GPU's).
+constexpr int kSepTcScratchBytes = (kDwThreads / 32) * 16 * 16 * 4;
+
+// An activation chosen at run time (the separable kernel's depthwise stage: its pointwise
+// activation is the template parameter, so the pair does not multiply the instantiations).
+__device__ __forceinline__ float activate_dynamic(int act, float x, float slope) {
+  switch (act) {
+    case kRelu: return activate<kRelu>(x, slope);
+    case kRelu6: return activate<kRelu6>(x, slope);
+    case kSilu: return activate<kSilu>(x, slope);
+    case kLeakyRelu: return activate<kLeakyRelu>(x, slope);
+    case kHardswish: return activate<kHardswish>(x, slope);
+    default: return x;
+  }
+}
+
+// (RH, RW) input rows / columns under a tile_h x tile_w output tile.
+__host__ __device__ __forceinline__ int dw_region(int tile, int kernel, int stride, int dilation) {
+  return (tile - 1) * stride + (kernel - 1) * dilation + 1;
+}
+
+// ============================================================================================
+// 1. depthwise conv + BatchNorm / bias + activation (+ residual, + channel slice)
+// ============================================================================================
+
+// bias, bn_*: float32 per output channel or nullptr (ChannelAffine); res: nullptr for none.
+// w: (C_out, 1, KH, KW) by strides; items = N * tiles_h * tiles_w * ceil(C_out / cb).
+template <typename T, int ACT, int KS>
+__global__ void __launch_bounds__(kDwThreads)
+depthwise_conv_bn_act_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
+                             const float* __restrict__ bn_weight, const float* __restrict__ bn_bias,
+                             const float* __restrict__ bn_mean, const float* __restrict__ bn_var,
+                             const T* __restrict__ res, T* __restrict__ out,
+                             int H, int W, int C_out, int OH, int OW, int KH, int KW, int mult,
+                             long long sxn, long long sxc, long long sxh, long long sxw,
+                             long long swo, long long swh, long long sww,
+                             long long srn, long long src, long long srh, long long srw,
+                             long long son, long long soc, long long soh, long long sow,
+                             int out_c_offset, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h,
+                             int dil_w, int tile_h, int tile_w, int cb, long long items, float eps, float slope) {
+  static_assert(KS == 0 || KS == 3 || KS == 5 || KS == 7, "KS: 0 (any KH x KW) or a square 3 / 5 / 7");
+  constexpr int KQ = KS > 0 ? KS : 1;  // the register taps' side (unused when KS == 0)
+  FB_DW_DYNAMIC_SMEM(smem);
+  const int RH = dw_region(tile_h, KH, stride_h, dil_h), RW = dw_region(tile_w, KW, stride_w, dil_w);
+  float* const x_s = smem;                // [RH * RW][cb]: the input region, channel fastest
+  float* const w_s = smem + RH * RW * cb; // [KH * KW][cb]: the taps (KS == 0 only)
+  const int tiles_w = (OW + tile_w - 1) / tile_w, tiles_h = (OH + tile_h - 1) / tile_h;
+  const int cblocks = (C_out + cb - 1) / cb;
+  const int lane = threadIdx.x % cb, slot = threadIdx.x / cb, slots = kDwThreads / cb;
+  const int taps = KH * KW;
+  const ChannelAffine affine{bias, bn_weight, bn_bias, bn_mean, bn_var, eps};
+
+  for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+    const int cblk = (int)(item % cblocks);
+    long long rest = item / cblocks;
+    const int tw_i = (int)(rest % tiles_w);
+    rest /= tiles_w;
+    const int th_i = (int)(rest % tiles_h);
+    const long long nb = rest / tiles_h;
+    const int c0 = cblk * cb, c_end = min(c0 + cb, C_out);
+    const int oh0 = th_i * tile_h, ow0 = tw_i * tile_w;
+    // The input channels this block's output channels read: ic0 .. ic0 + icn - 1.
+    const int ic0 = c0 / mult, icn = (c_end - 1) / mult - ic0 + 1;
+    const int ih0 = oh0 * stride_h - pad_h, iw0 = ow0 * stride_w - pad_w;
+    const long long x_base = nb * sxn + ic0 * sxc;
+    for (int idx = threadIdx.x; idx < RH * RW * icn; idx += kDwThreads) {
+      const int c = idx % icn, pix = idx / icn;
+      const int ih = ih0 + pix / RW, iw = iw0 + pix % RW;
+      const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
+      x_s[pix * cb + c] = inside ? to_float(x[x_base + ih * sxh + iw * sxw + c * sxc]) : 0.0f;
+    }
+    const int oc = c0 + lane;
+    const bool c_ok = oc < C_out;
+    float w_r[KQ * KQ];
+    if (KS == 0) {
+      for (int idx = threadIdx.x; idx < taps * cb; idx += kDwThreads) {
+        const int c = c0 + idx % cb, t = idx / cb;
+        w_s[idx] = c < C_out ? to_float(w[c * swo + (t / KW) * swh + (t % KW) * sww]) : 0.0f;
+      }
+    } else if (c_ok) {  // KS > 0
+      FB_UNROLL
+      for (int t = 0; t < KQ * KQ; ++t) w_r[t] = to_float(w[oc * swo + (t / KQ) * swh + (t % KQ) * sww]);
+    }
+    __syncthreads();
+    if (c_ok) {
+      const ChannelAffine::Coeffs coeffs = affine.at(oc);
+      const float* const xc = x_s + (oc / mult - ic0);
+      for (int p = slot; p < tile_h * tile_w; p += slots) {
+        const int r = p / tile_w, q = p % tile_w;
+        const int oh = oh0 + r, ow = ow0 + q;
+        if (oh >= OH || ow >= OW) continue;
+        const float* const xp = xc + (r * stride_h * RW + q * stride_w) * cb;
+        float acc = 0.0f;
+        if (KS > 0) {
+          FB_UNROLL
+          for (int kh = 0; kh < KQ; ++kh)
+            FB_UNROLL
+            for (int kw = 0; kw < KQ; ++kw)
+              acc = fmaf(xp[(kh * dil_h * RW + kw * dil_w) * cb], w_r[kh * KQ + kw], acc);
+        } else {
+          for (int kh = 0; kh < KH; ++kh)
+            for (int kw = 0; kw < KW; ++kw)
+              acc = fmaf(xp[(kh * dil_h * RW + kw * dil_w) * cb], w_s[(kh * KW + kw) * cb + lane], acc);
+        }
+        float v = coeffs.apply(acc);
+        if (res != nullptr) v += to_float(res[nb * srn + oh * srh + ow * srw + oc * src]);
+        out[nb * son + oh * soh + ow * sow + (long long)(out_c_offset + oc) * soc] = from_float<T>(activate<ACT>(v, slope));
+      }
+    }
+    __syncthreads();  // the next item overwrites the shared tiles
+  }
+}
+
+// ============================================================================================
+// 2. fused depthwise -> pointwise (separable) conv, each with BatchNorm / bias + activation
+// ============================================================================================
+
+// The kernels' parameters, flat so NVRTC launches pass plain scalars.
+//   dw_w (C_dw, 1, KH, KW), pw_w (C_out, C_dw / pw_groups, 1, 1), both by strides;
+//   dw_* / pw_*: float32 per channel or nullptr (ChannelAffine); order: int64 [C_dw] or nullptr;
+//   res: nullptr for none. items = N * tiles_h * tiles_w * pw_groups * ceil(C_out_g / BN).
+#define FB_SEP_PARAMS(T)                                                                                       \
+  const T *__restrict__ x, const T *__restrict__ dw_w, const float *__restrict__ dw_bias,                      \
+      const float *__restrict__ dw_bn_weight, const float *__restrict__ dw_bn_bias,                            \
+      const float *__restrict__ dw_bn_mean, const float *__restrict__ dw_bn_var, const T *__restrict__ pw_w,   \
+      const float *__restrict__ pw_bias, const float *__restrict__ pw_bn_weight,                               \
+      const float *__restrict__ pw_bn_bias, const float *__restrict__ pw_bn_mean,                              \
+      const float *__restrict__ pw_bn_var, const long long *__restrict__ order, const T *__restrict__ res,      \
+      T *__restrict__ out, int H, int W, int C_dw, int OH, int OW, int KH, int KW, int mult, int C_out_g,      \
+      int pw_groups, long long sxn, long long sxc, long long sxh, long long sxw, long long sdo, long long sdh,  \
+      long long sdw, long long spo, long long spc, long long srn, long long src, long long srh, long long srw,  \
+      long long son, long long soc, long long soh, long long sow, int out_c_offset, int stride_h,              \
+      int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int dw_act, int tile_h, int tile_w,            \
+      long long items, float dw_eps, float dw_slope, float pw_eps, float pw_slope
+#define FB_SEP_PROBLEM(T)                                                                                     \
+  SepProblem<T> {                                                                                             \
+    x, dw_w, ChannelAffine{dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean, dw_bn_var, dw_eps}, pw_w,           \
+        ChannelAffine{pw_bias, pw_bn_weight, pw_bn_bias, pw_bn_mean, pw_bn_var, pw_eps}, order, res, out, H, W,  \
+        C_dw, OH, OW, KH, KW, mult, C_out_g, pw_groups, sxn, sxc, sxh, sxw, sdo, sdh, sdw, spo, spc, srn, src,   \
+        srh, srw, son, soc, soh, sow, out_c_offset, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dw_act,     \
+        tile_h, tile_w, dw_slope, pw_slope                                                                    \
+  }
+
+template <typename T>
+struct SepProblem {
+  const T* x;
+  const T* dw_w;
+  ChannelAffine dw_affine;  // per depthwise channel
+  const T* pw_w;
+  ChannelAffine pw_affine;  // per output channel
+  const long long* order;
+  const T* res;
+  T* out;
+  int H, W, C_dw, OH, OW, KH, KW, mult, C_out_g, pw_groups;
+  long long sxn, sxc, sxh, sxw, sdo, sdh, sdw, spo, spc, srn, src, srh, srw, son, soc, soh, sow;
+  int out_c_offset, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, dw_act, tile_h, tile_w;
+  float dw_slope, pw_slope;
+
+  __device__ __forceinline__ int k_per_group() const { return C_dw / pw_groups; }
+};
+
+// One block's work item, decoded from its index (column block fastest, then group, tile, image).
+struct SepItem {
+  long long nb;
+  int g, n0, oh0, ow0;
+};
+
+template <typename T, int BN>
+__device__ __forceinline__ SepItem sep_item(const SepProblem<T>& p, long long item) {
+  const int nblocks = (p.C_out_g + BN - 1) / BN;
+  const int tiles_w = (p.OW + p.tile_w - 1) / p.tile_w, tiles_h = (p.OH + p.tile_h - 1) / p.tile_h;
+  SepItem it;
+  it.n0 = (int)(item % nblocks) * BN;
+  item /= nblocks;
+  it.g = (int)(item % p.pw_groups);
+  item /= p.pw_groups;
+  it.ow0 = (int)(item % tiles_w) * p.tile_w;
+  item /= tiles_w;
+  it.oh0 = (int)(item % tiles_h) * p.tile_h;
+  it.nb = item / tiles_h;
+  return it;
+}
+
+// One K step of the separable kernels, shared by the plain and the tensor-core variant.
+// Thread t owns pointwise input channel k0 + t % BK of the step (kThreads is a multiple of BK, so
+// every loop below keeps that channel): consecutive threads read consecutive channels.
+//   stage():     the input region of those channels' depthwise sources -> x_s [RH * RW][BK],
+//                their taps -> w_s [KH * KW][BK], their depthwise BatchNorm -> sc_s / sh_s [BK],
+//                the BK x BN pointwise weights -> put_b(k, n, float).
+//   depthwise(): put_a(pixel, k, float) = act_dw(scale * depthwise + shift) for the tile's BM pixels.
+// Channels past the group's K read as zero (x, taps, scale, shift and weights), so they add
+// exactly nothing; a depthwise index outside [0, C_dw) from `order` reads as NaN.
+template <typename T, int BM, int BN, int BK, int kThreads>
+struct SepStep {
+  static_assert(kThreads % BK == 0, "threads must keep one channel of the K step");
+  static constexpr int kRows = kThreads / BK;
+  float* x_s;
+  float* w_s;
+  float* sc_s;
+  float* sh_s;
+  int RH, RW;
+
+  __device__ SepStep(const SepProblem<T>& p, float* smem) {
+    RH = dw_region(p.tile_h, p.KH, p.stride_h, p.dil_h);
+    RW = dw_region(p.tile_w, p.KW, p.stride_w, p.dil_w);
+    x_s = smem;
+    w_s = x_s + RH * RW * BK;
+    sc_s = w_s + p.KH * p.KW * BK;
+    sh_s = sc_s + BK;
+  }
+
+  template <typename PutB>
+  __device__ __forceinline__ void stage(const SepProblem<T>& p, const SepItem& it, int k0, PutB put_b) const {
+    const int kk = threadIdx.x % BK, row = threadIdx.x / BK;
+    const int K = p.k_per_group();
+    const bool k_ok = k0 + kk < K;
+    const int kg = it.g * K + k0 + kk;  // the pointwise input channel (global)
+    long long cd = kg;                  // ... and the depthwise channel it reads
+    if (k_ok && p.order != nullptr) cd = p.order[kg];
+    const bool cd_ok = cd >= 0 && cd < p.C_dw;
+    const bool live = k_ok && cd_ok;
+    const int ci = live ? (int)cd / p.mult : 0;  // the input channel under that depthwise channel
+    const int ih0 = it.oh0 * p.stride_h - p.pad_h, iw0 = it.ow0 * p.stride_w - p.pad_w;
+    const long long x_base = it.nb * p.sxn + ci * p.sxc;
+    for (int pix = row; pix < RH * RW; pix += kRows) {
+      const int ih = ih0 + pix / RW, iw = iw0 + pix % RW;
+      const bool inside = live && ih >= 0 && ih < p.H && iw >= 0 && iw < p.W;
+      x_s[pix * BK + kk] = inside ? to_float(p.x[x_base + ih * p.sxh + iw * p.sxw]) : 0.0f;
+    }
+    const int taps = p.KH * p.KW;
+    for (int t = row; t < taps; t += kRows)
+      w_s[t * BK + kk] = live ? to_float(p.dw_w[cd * p.sdo + (t / p.KW) * p.sdh + (t % p.KW) * p.sdw]) : 0.0f;
+    if (row == 0) {
+      ChannelAffine::Coeffs c{0.0f, 0.0f};
+      if (live) c = p.dw_affine.at((int)cd);
+      else if (k_ok) c.shift = __int_as_float(0x7fffffff);  // a bad channel_order entry: NaN
+      sc_s[kk] = c.scale;
+      sh_s[kk] = c.shift;
+    }
+    const long long w_row = (long long)(k0 + kk) * p.spc;
+    for (int n = row; n < BN; n += kRows) {
+      const int nn = it.n0 + n;
+      const bool ok = k_ok && nn < p.C_out_g;
+      put_b(kk, n, ok ? to_float(p.pw_w[(long long)(it.g * p.C_out_g + nn) * p.spo + w_row]) : 0.0f);
+    }
+  }
+
+  template <typename PutA>
+  __device__ __forceinline__ void depthwise(const SepProblem<T>& p, PutA put_a) const {
+    const int kk = threadIdx.x % BK;
+    const float scale = sc_s[kk], shift = sh_s[kk];
+    const int tile = p.tile_h * p.tile_w;
+    for (int m = threadIdx.x / BK; m < BM; m += kRows) {
+      float v = 0.0f;
+      if (m < tile) {
+        const int r = m / p.tile_w, q = m % p.tile_w;
+        const float* const xp = x_s + (r * p.stride_h * RW + q * p.stride_w) * BK + kk;
+        float acc = 0.0f;
+        if (p.KH == 3 && p.KW == 3) {  // the common case, unrolled (a uniform branch)
+          FB_UNROLL
+          for (int kh = 0; kh < 3; ++kh)
+            FB_UNROLL
+            for (int kw = 0; kw < 3; ++kw)
+              acc = fmaf(xp[(kh * p.dil_h * RW + kw * p.dil_w) * BK], w_s[(kh * 3 + kw) * BK + kk], acc);
+        } else {
+          for (int kh = 0; kh < p.KH; ++kh)
+            for (int kw = 0; kw < p.KW; ++kw)
+              acc = fmaf(xp[(kh * p.dil_h * RW + kw * p.dil_w) * BK], w_s[(kh * p.KW + kw) * BK + kk], acc);
+        }
+        v = activate_dynamic(p.dw_act, fmaf(acc, scale, shift), p.dw_slope);
+      }
+      put_a(m, kk, v);
+    }
+  }
+};
+
+// The pointwise coefficients of column n (group g); an identity past C_out_g (never stored).
+template <typename T>
+__device__ __forceinline__ ChannelAffine::Coeffs sep_coeffs(const SepProblem<T>& p, int g, int n) {
+  return n < p.C_out_g ? p.pw_affine.at(g * p.C_out_g + n) : ChannelAffine::Coeffs{1.0f, 0.0f};
+}
+
+// out[pixel m of the tile, column n] = act(acc * scale + shift (+ residual)) into the channel slice.
+template <typename T, int ACT>
+__device__ __forceinline__ void sep_store(const SepProblem<T>& p, const SepItem& it, int m, int n, float acc,
+                                          ChannelAffine::Coeffs c) {
+  if (m >= p.tile_h * p.tile_w || n >= p.C_out_g) return;
+  const int oh = it.oh0 + m / p.tile_w, ow = it.ow0 + m % p.tile_w;
+  if (oh >= p.OH || ow >= p.OW) return;
+  const int oc = it.g * p.C_out_g + n;
+  float v = c.apply(acc);
+  if (p.res != nullptr) v += to_float(p.res[it.nb * p.srn + oh * p.srh + ow * p.srw + oc * p.src]);
+  p.out[it.nb * p.son + oh * p.soh + ow * p.sow + (long long)(p.out_c_offset + oc) * p.soc] =
+      from_float<T>(activate<ACT>(v, p.pw_slope));
+}
+
+// The plain (SIMT) variant: A (depthwise output) and B (pointwise weights) tiles as float32, each
+// thread accumulates TM x TN outputs, TN = BN / 16 (BN = 16, 64, 128).
+template <typename T, int ACT, int BN>
+__global__ void __launch_bounds__(kDwThreads) separable_conv_bn_act_kernel(FB_SEP_PARAMS(T)) {
+  constexpr int BM = kSepBM, BK = kSepBK, TM = kSepTM, TN = BN / 16;
+  static_assert((BM / TM) * (BN / TN) == kDwThreads, "one thread per TM x TN outputs");
+  const SepProblem<T> p = FB_SEP_PROBLEM(T);
+  __shared__ float a_tile[BK][BM + 1];  // [k][pixel]; +1 against bank conflicts on the writes
+  __shared__ float b_tile[BK][BN + 1];  // [k][output channel]
+  FB_DW_DYNAMIC_SMEM(smem);
+  const SepStep<T, BM, BN, BK, kDwThreads> step(p, smem);
+  // Thread (tm, tn) owns pixels tm + i * (BM / TM) and columns tn + j * (BN / TN): neighbouring
+  // threads store neighbouring output channels (contiguous in NHWC).
+  const int tn = threadIdx.x % (BN / TN), tm = threadIdx.x / (BN / TN);
+  const int K = C_dw / pw_groups;
+
+  for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+    const SepItem it = sep_item<T, BN>(p, item);
+    float acc[TM][TN];
+    FB_UNROLL
+    for (int i = 0; i < TM; ++i)
+      FB_UNROLL
+      for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += BK) {
+      step.stage(p, it, k0, [&](int k, int n, float v) { b_tile[k][n] = v; });
+      __syncthreads();
+      step.depthwise(p, [&](int m, int k, float v) { a_tile[k][m] = v; });
+      __syncthreads();
+      FB_UNROLL
+      for (int kk = 0; kk < BK; ++kk) {
+        float a[TM], b[TN];
+        FB_UNROLL
+        for (int i = 0; i < TM; ++i) a[i] = a_tile[kk][tm + i * (BM / TM)];
+        FB_UNROLL
+        for (int j = 0; j < TN; ++j) b[j] = b_tile[kk][tn + j * (BN / TN)];
+        FB_UNROLL
+        for (int i = 0; i < TM; ++i)
+          FB_UNROLL
+          for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+      __syncthreads();  // the next step overwrites every tile
+    }
+    FB_UNROLL
+    for (int j = 0; j < TN; ++j) {
+      const int n = it.n0 + tn + j * (BN / TN);
+      const ChannelAffine::Coeffs c = sep_coeffs(p, it.g, n);
+      FB_UNROLL
+      for (int i = 0; i < TM; ++i) sep_store<T, ACT>(p, it, tm + i * (BM / TM), n, acc[i][j], c);
+    }
+  }
+}
+
+#ifndef FASTBONE_EMU
+// The tensor-core variant for float16 / bfloat16 (WMMA 16x16x16, float32 accumulators), GPU only
+// (the emulator has no tensor cores; the launchers pick it on sm_80+ for BN = 64 / 128). The
+// depthwise stage is the plain variant's; its output is rounded to T for the A tile (as the unfused
+// sequence stores it). 8 warps: BN / 32 across the columns, the rest down the BM pixels, each warp
+// FR_M x 2 fragments. The accumulators leave through a per-warp 16 x 16 float scratch that reuses
+// the dynamic shared memory (the launcher sizes it to at least kSepTcScratchBytes).
+#define FB_SEP_TC_MIN_CC 80
+constexpr int kSepTcMinCC = FB_SEP_TC_MIN_CC;
+
+template <typename T, int ACT, int BN>
+__global__ void __launch_bounds__(kDwThreads) separable_conv_bn_act_tc_kernel(FB_SEP_PARAMS(T)) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < FB_SEP_TC_MIN_CC * 10
+  __trap();  // compiled for an older GPU (FASTBONE_CUDA_ARCHS): never launched there
+#else
+  using namespace nvcuda;
+  constexpr int BM = kSepBM, BK = kSepBK;
+  constexpr int kWarps = kDwThreads / 32, WARPS_N = BN / 32, WARPS_M = kWarps / WARPS_N;
+  constexpr int WR = BM / WARPS_M, FR_M = WR / 16;
+  static_assert(BN == 64 || BN == 128, "tensor-core column tiles: 64 or 128");
+  static_assert(WR % 16 == 0, "each warp owns whole 16-row fragments");
+  // Leading dimensions: multiples of 8 elements (16-bit) as WMMA requires, padded off powers of two;
+  // every fragment pointer stays 32-byte aligned.
+  constexpr int LDA = BK + 8, LDB = BN + 8;
+  const SepProblem<T> p = FB_SEP_PROBLEM(T);
+  __shared__ __align__(32) T a_tile[BM][LDA];
+  __shared__ __align__(32) T b_tile[BK][LDB];
+  FB_DW_DYNAMIC_SMEM(smem);
+  const SepStep<T, BM, BN, BK, kDwThreads> step(p, smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  const int K = C_dw / pw_groups;
+
+  for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+    const SepItem it = sep_item<T, BN>(p, item);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FR_M][2];
+    FB_UNROLL
+    for (int i = 0; i < FR_M; ++i)
+      FB_UNROLL
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    for (int k0 = 0; k0 < K; k0 += BK) {
+      step.stage(p, it, k0, [&](int k, int n, float v) { b_tile[k][n] = from_float<T>(v); });
+      __syncthreads();
+      step.depthwise(p, [&](int m, int k, float v) { a_tile[m][k] = from_float<T>(v); });
+      __syncthreads();
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[FR_M];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+      FB_UNROLL
+      for (int i = 0; i < FR_M; ++i) wmma::load_matrix_sync(fa[i], &a_tile[wm * WR + i * 16][0], LDA);
+      FB_UNROLL
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &b_tile[0][wn * 32 + j * 16], LDB);
+      FB_UNROLL
+      for (int i = 0; i < FR_M; ++i)
+        FB_UNROLL
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      __syncthreads();  // the next step overwrites every tile (and the scratch reuses x_s)
+    }
+    float* const scratch = smem + warp * 256;
+    const int col = lane % 16;
+    FB_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      const int n = it.n0 + wn * 32 + j * 16 + col;
+      const ChannelAffine::Coeffs c = sep_coeffs(p, it.g, n);
+      FB_UNROLL
+      for (int i = 0; i < FR_M; ++i) {
+        wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int r = lane / 16; r < 16; r += 2)
+          sep_store<T, ACT>(p, it, wm * WR + i * 16 + r, n, scratch[r * 16 + col], c);
+        __syncwarp();
+      }
+    }
+    __syncthreads();  // the next item's loads overwrite the scratch
+  }
+#endif  // __CUDA_ARCH__
+}
+#endif  // FASTBONE_EMU
+
+}  // namespace fb

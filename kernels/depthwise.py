@@ -1,0 +1,375 @@
+"""Depthwise convolution, and the fused depthwise -> pointwise (separable) block, over NHWC.
+
+Depthwise (`_depthwise_kernel`): a program owns BLOCK_P output pixels (n, oh, ow) x BLOCK_C
+output channels. Channels are the contiguous axis of NHWC, so consecutive lanes read
+consecutive channels of each tap; output channel c reads input channel c // MULT (the channel
+multiplier, C_out = MULT * C_in). The KH x KW taps are unrolled; a tap's offset from the
+pixel's base address is a scalar, so the per-pixel int64 base is computed once. The taps of
+neighbouring output pixels overlap, and are served by L1/L2 (Triton has no addressable shared
+memory; the CUDA C++ kernel stages the halo tile explicitly).
+
+Separable (`_separable_kernel`): out = pw_act(pw_bn(conv1x1(dw_act(dw_bn(depthwise(x)))))) [+ res]
+in one launch. A program owns BLOCK_M output pixels x BLOCK_N pointwise output channels of
+group g (the grid's second axis; ShuffleNet's grouped 1x1). Its K loop runs over the group's
+pointwise input channels BLOCK_K at a time: for each block it computes the depthwise result
+of those channels for its pixels in registers (taps, bias, BatchNorm, activation in float32),
+rounds it to the input dtype as a torch sequence would store it, and feeds it to tl.dot with
+the pointwise weight block. The depthwise output never goes to memory. With `channel_order`,
+pointwise input channel k takes depthwise channel channel_order[k] (ShuffleNet v1's shuffle);
+an index outside [0, C_dw) yields NaN in the output, never an out-of-bounds read (the op layer
+refuses such an order eagerly where it can check without a device sync).
+
+Both epilogues apply the conv bias and BatchNorm from the module's own tensors with
+kernels.conv's `_bias_batchnorm`, then the residual and the activation, and store into a
+channel slice of `out` (out_c_offset). Every tensor is addressed through its strides
+(logical NCHW shapes; any layout), with int64 per-pixel offsets.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+from . import INTERPRETED, launchable
+from .activation import apply_activation
+from .conv import _bias_batchnorm
+
+
+@triton.jit
+def _depthwise_kernel(
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, res_ptr, out_ptr,
+    P, H, W, OH, OW, C_OUT,
+    sxn, sxc, sxh, sxw,
+    swo, swh, sww,
+    srn, src, srh, srw,
+    son, soc, soh, sow,
+    out_c_offset,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    eps, slope,
+    KH: tl.constexpr, KW: tl.constexpr, MULT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    oc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < P
+    mask_c = oc < C_OUT
+    ow = offs_p % OW
+    oh = (offs_p // OW) % OH
+    nb = offs_p // (OW * OH)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_pix = nb.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+    x_col = (oc // MULT).to(tl.int64) * sxc
+    w_row = oc.to(tl.int64) * swo
+
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = ih0 + kh * dil_h
+        ok_h = mask_p & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = iw0 + kw * dil_w
+            ok = ok_h & (iw >= 0) & (iw < W)
+            tap = kh * dil_h * sxh + kw * dil_w * sxw
+            xv = tl.load(x_ptr + (x_pix + tap)[:, None] + x_col[None, :], mask=ok[:, None] & mask_c[None, :],
+                         other=0.0)
+            wv = tl.load(w_ptr + w_row + (kh * swh + kw * sww), mask=mask_c, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+
+    acc = _bias_batchnorm(acc, oc, mask_c, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
+                          HAS_BIAS, HAS_BN, HAS_GAMMA, HAS_BETA)
+    mask = mask_p[:, None] & mask_c[None, :]
+    nb64 = nb.to(tl.int64)
+    if HAS_RES:
+        r_pix = nb64 * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw
+        res = tl.load(res_ptr + r_pix[:, None] + (oc.to(tl.int64) * src)[None, :], mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    acc = apply_activation(acc, ACT, slope)
+    o_pix = nb64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
+    o_ptrs = out_ptr + o_pix[:, None] + ((out_c_offset + oc).to(tl.int64) * soc)[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _separable_kernel(
+    x_ptr, dw_w_ptr, dw_bias_ptr, dw_gamma_ptr, dw_beta_ptr, dw_mean_ptr, dw_var_ptr,
+    pw_w_ptr, pw_bias_ptr, pw_gamma_ptr, pw_beta_ptr, pw_mean_ptr, pw_var_ptr,
+    order_ptr, res_ptr, out_ptr,
+    P, H, W, OH, OW, C_DW, K_G, C_OUT_G,
+    sxn, sxc, sxh, sxw,
+    sdo, sdh, sdw,
+    spo, spc,
+    srn, src, srh, srw,
+    son, soc, soh, sow,
+    out_c_offset,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    dw_eps, dw_slope, pw_eps, pw_slope,
+    KH: tl.constexpr, KW: tl.constexpr, MULT: tl.constexpr,
+    DW_HAS_BIAS: tl.constexpr, DW_HAS_BN: tl.constexpr, DW_HAS_GAMMA: tl.constexpr, DW_HAS_BETA: tl.constexpr,
+    DW_ACT: tl.constexpr,
+    PW_HAS_BIAS: tl.constexpr, PW_HAS_BN: tl.constexpr, PW_HAS_GAMMA: tl.constexpr, PW_HAS_BETA: tl.constexpr,
+    PW_ACT: tl.constexpr,
+    HAS_ORDER: tl.constexpr, HAS_RES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # N blocks of one M tile are neighbours in launch order: they recompute the same depthwise
+    # tile from the same input pixels, which are then still in L2.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(C_OUT_G, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    g = tl.program_id(1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < P
+    mask_n = offs_n < C_OUT_G
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    nb = offs_m // (OW * OH)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_pix = nb.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+    oc = g * C_OUT_G + offs_n
+    pw_col = oc.to(tl.int64) * spo
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_G, BLOCK_K):
+        kk = k0 + offs_k                        # pointwise input channel within group g
+        k_ok = kk < K_G
+        if HAS_ORDER:
+            dwc = tl.load(order_ptr + (g * K_G + kk), mask=k_ok, other=0)
+            idx_ok = (dwc >= 0) & (dwc < C_DW)
+            dwc = tl.where(idx_ok, dwc, 0)
+        else:
+            dwc = g * K_G + kk                  # depthwise output channel it reads
+        x_col = (dwc // MULT).to(tl.int64) * sxc
+        dw_row = dwc.to(tl.int64) * sdo
+
+        d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for kh in tl.static_range(KH):
+            ih = ih0 + kh * dil_h
+            ok_h = mask_m & (ih >= 0) & (ih < H)
+            for kw in tl.static_range(KW):
+                iw = iw0 + kw * dil_w
+                ok = ok_h & (iw >= 0) & (iw < W)
+                tap = kh * dil_h * sxh + kw * dil_w * sxw
+                xv = tl.load(x_ptr + (x_pix + tap)[:, None] + x_col[None, :], mask=ok[:, None] & k_ok[None, :],
+                             other=0.0)
+                wv = tl.load(dw_w_ptr + dw_row + (kh * sdh + kw * sdw), mask=k_ok, other=0.0)
+                d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        d = _bias_batchnorm(d, dwc, k_ok, dw_bias_ptr, dw_gamma_ptr, dw_beta_ptr, dw_mean_ptr, dw_var_ptr, dw_eps,
+                            DW_HAS_BIAS, DW_HAS_BN, DW_HAS_GAMMA, DW_HAS_BETA)
+        d = apply_activation(d, DW_ACT, dw_slope)
+        if HAS_ORDER:
+            d = tl.where(idx_ok[None, :], d, float("nan"))
+        d = tl.where(k_ok[None, :], d, 0.0)
+        a = d.to(pw_w_ptr.dtype.element_ty)     # rounded as the unfused sequence stores it
+        b = tl.load(pw_w_ptr + pw_col[None, :] + (kk * spc)[:, None], mask=k_ok[:, None] & mask_n[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    acc = _bias_batchnorm(acc, oc, mask_n, pw_bias_ptr, pw_gamma_ptr, pw_beta_ptr, pw_mean_ptr, pw_var_ptr, pw_eps,
+                          PW_HAS_BIAS, PW_HAS_BN, PW_HAS_GAMMA, PW_HAS_BETA)
+    mask = mask_m[:, None] & mask_n[None, :]
+    nb64 = nb.to(tl.int64)
+    if HAS_RES:
+        r_pix = nb64 * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw
+        res = tl.load(res_ptr + r_pix[:, None] + (oc.to(tl.int64) * src)[None, :], mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    acc = apply_activation(acc, PW_ACT, pw_slope)
+    o_pix = nb64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
+    o_ptrs = out_ptr + o_pix[:, None] + ((out_c_offset + oc).to(tl.int64) * soc)[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --- configs --------------------------------------------------------------------------------
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+# Under the interpreter each program instance costs milliseconds while a numpy op on a tile of
+# this many elements costs microseconds, so tiles are big and there is no autotuning.
+_INTERPRETED_TILE = 16384
+AUTOTUNE = not INTERPRETED and os.environ.get("FASTBONE_TRITON_AUTOTUNE", "1") != "0"
+
+
+def depthwise_block_config(p: int, c_out: int) -> dict:
+    """The fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) config of the depthwise kernel."""
+    if INTERPRETED:
+        block_c = _pow2_clamp(c_out, 1, 256)
+        return dict(BLOCK_P=_pow2_clamp(p, 1, _INTERPRETED_TILE // block_c), BLOCK_C=block_c, num_warps=4)
+    block_c = _pow2_clamp(c_out, 8, 64)
+    return dict(BLOCK_P=2048 // block_c, BLOCK_C=block_c, num_warps=4)
+
+
+# GPU candidates (BLOCK_P, BLOCK_C, warps): wide channel blocks for coalescing, and pixel blocks
+# that keep 8-16 accumulators per thread.
+DEPTHWISE_GPU_TILES = [
+    (32, 64, 4), (64, 64, 4), (16, 128, 4), (32, 128, 4), (64, 32, 4), (128, 32, 4), (8, 256, 4), (64, 128, 8),
+]
+
+
+def _prune_depthwise(configs, named_args, **kwargs):
+    cap = _pow2_clamp(named_args["C_OUT"], 8, 256)
+    kept = [c for c in configs if c.kwargs["BLOCK_C"] <= cap]
+    return kept or configs[:1]
+
+
+_depthwise_autotuned = triton.autotune(
+    configs=[triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc), num_warps=w) for bp, bc, w in DEPTHWISE_GPU_TILES],
+    key=["P", "H", "W", "OH", "OW", "C_OUT", "stride_h", "stride_w", "KH", "KW", "MULT"],
+    prune_configs_by={"early_config_prune": _prune_depthwise},
+)(_depthwise_kernel) if AUTOTUNE else None
+
+
+def separable_block_config(m: int, c_out_g: int, k_g: int, elem_bytes: int = 2, taps: int = 9) -> dict:
+    """The fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) config of the separable kernel;
+    on the GPU pipelined (2 stages) where that fits 92 KiB of shared memory (sm_86 / sm_89 allow 99)."""
+    if INTERPRETED:
+        return dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_N=_pow2_clamp(c_out_g, 16, 256),
+                    BLOCK_K=_pow2_clamp(k_g, 16, 128), num_warps=4, num_stages=1)
+    block_n, block_k = _pow2_clamp(c_out_g, 16, 128), _pow2_clamp(k_g, 16, 32)
+    stages = 2 if separable_smem_bytes(64, block_n, block_k, taps, elem_bytes, 2) <= 92 * 1024 else 1
+    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+
+
+def separable_smem_bytes(block_m: int, block_n: int, block_k: int, taps: int, elem_bytes: int, stages: int) -> int:
+    """The shared memory of a separable config, modelled on what Triton 3.8 compiles for sm_90
+    (within 5% on the autotuner's tiles): the software pipeliner keeps stages - 1 copies of
+    every tap's input block in flight, and each stage the dot's two operand blocks."""
+    return ((stages - 1) * taps * block_m * block_k + stages * (block_m + block_n) * block_k) * elem_bytes
+
+
+# GPU candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). BLOCK_N covers MobileNet's narrow
+# projections (16..320 channels) in one to three blocks, each recomputing the depthwise tile.
+SEPARABLE_GPU_TILES = [
+    (64, 32, 32, 4, 2), (64, 64, 32, 4, 2), (128, 32, 32, 4, 2), (128, 64, 32, 4, 2), (64, 128, 32, 4, 2),
+    (128, 128, 32, 8, 2), (32, 64, 64, 4, 2), (64, 64, 64, 4, 2), (128, 16, 32, 4, 2), (256, 16, 32, 8, 2),
+    (256, 64, 32, 8, 2),
+]
+
+
+# Shared memory the autotuner's candidates may ask for (the H100's 227 KiB less headroom; on smaller
+# cards the autotuner skips candidates that do not fit).
+SMEM_BUDGET = 200 * 1024
+
+
+def _prune_separable(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem; unpipeline (num_stages=1) tiles whose staged taps
+    would not fit shared memory (a 7x7 kernel stages 49 input blocks per K step)."""
+    n_cap = _pow2_clamp(named_args["C_OUT_G"], 16, 256)
+    k_cap = _pow2_clamp(named_args["K_G"], 16, 64)
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap] or configs[:1]
+    x = named_args.get("x_ptr")
+    elem = x.element_size() if hasattr(x, "element_size") else 2
+    taps = kwargs.get("KH", 3) * kwargs.get("KW", 3)
+    out, seen = [], set()
+    for c in kept:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        stages = c.num_stages if separable_smem_bytes(bm, bn, bk, taps, elem, c.num_stages) <= SMEM_BUDGET else 1
+        if (bm, bn, bk, c.num_warps, stages) not in seen:
+            seen.add((bm, bn, bk, c.num_warps, stages))
+            out.append(c if stages == c.num_stages else triton.Config(dict(c.kwargs), num_warps=c.num_warps,
+                                                                      num_stages=stages))
+    return out
+
+
+_separable_autotuned = triton.autotune(
+    configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+             for bm, bn, bk, w, st in SEPARABLE_GPU_TILES],
+    key=["P", "H", "W", "OH", "OW", "C_DW", "K_G", "C_OUT_G", "stride_h", "stride_w", "KH", "KW", "MULT"],
+    prune_configs_by={"early_config_prune": _prune_separable},
+)(_separable_kernel) if AUTOTUNE else None
+
+
+# --- launchers ------------------------------------------------------------------------------
+
+def _bn_flags(prefix: str, bias, bn_weight, bn_bias, bn_mean) -> dict:
+    return {f"{prefix}HAS_BIAS": bias is not None, f"{prefix}HAS_BN": bn_mean is not None,
+            f"{prefix}HAS_GAMMA": bn_weight is not None, f"{prefix}HAS_BETA": bn_bias is not None}
+
+
+def depthwise_conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
+                               act_code, slope, residual, out, out_c_offset):
+    """out[:, off : off + C_out] <- act(bn(depthwise_conv(x, weight) + bias) [+ residual]).
+    weight (C_out, 1, KH, KW) with C_out = MULT * C_in; bias and bn_* may be None (BN iff
+    bn_mean); arguments validated by the op layer."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    oh, ow = out.shape[2], out.shape[3]
+    p = n * oh * ow
+    if p == 0 or c_out == 0:
+        return out
+    if AUTOTUNE:
+        kernel, cfg = _depthwise_autotuned, {}
+
+        def grid(meta):
+            return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c_out, meta["BLOCK_C"]))
+    else:
+        kernel, cfg = _depthwise_kernel, depthwise_block_config(p, c_out)
+        grid = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(c_out, cfg["BLOCK_C"]))
+    res = residual if residual is not None else out  # never read when HAS_RES is False
+    vectors = [t if t is not None else out for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
+    launchable(kernel)[grid](
+        x, weight, *vectors, res, out,
+        p, h, w, oh, ow, c_out,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        weight.stride(0), weight.stride(2), weight.stride(3),
+        res.stride(0), res.stride(1), res.stride(2), res.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        out_c_offset,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        float(eps), float(slope),
+        KH=kh, KW=kw, MULT=c_out // c_in, ACT=act_code, HAS_RES=residual is not None,
+        **_bn_flags("", bias, bn_weight, bn_bias, bn_mean), **cfg,
+    )
+    return out
+
+
+def separable_conv_bn_act_into(x, dw_weight, dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean, dw_bn_var, dw_eps,
+                               stride, padding, dilation, dw_act, dw_slope, pw_weight, pw_bias, pw_bn_weight,
+                               pw_bn_bias, pw_bn_mean, pw_bn_var, pw_eps, pw_groups, pw_act, pw_slope,
+                               channel_order, residual, out, out_c_offset, input_precision):
+    """out[:, off : off + C_out] <- the separable block (see the module docstring) in one launch.
+    dw_weight (C_dw, 1, KH, KW), pw_weight (C_out, C_dw / pw_groups, 1, 1) in x's dtype;
+    channel_order None or int64 (C_dw,); arguments validated by the op layer."""
+    n, c_in, h, w = x.shape
+    c_dw, _, kh, kw = dw_weight.shape
+    c_out = pw_weight.shape[0]
+    oh, ow = out.shape[2], out.shape[3]
+    p = n * oh * ow
+    if p == 0 or c_out == 0:
+        return out
+    k_g, c_out_g = c_dw // pw_groups, c_out // pw_groups
+    if AUTOTUNE:
+        kernel, cfg = _separable_autotuned, {}
+
+        def grid(meta):
+            return (triton.cdiv(p, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), pw_groups)
+    else:
+        kernel, cfg = _separable_kernel, separable_block_config(p, c_out_g, k_g, x.element_size(), kh * kw)
+        grid = (triton.cdiv(p, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), pw_groups)
+    res = residual if residual is not None else out
+    dw_vectors = [t if t is not None else out for t in (dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean, dw_bn_var)]
+    pw_vectors = [t if t is not None else out for t in (pw_bias, pw_bn_weight, pw_bn_bias, pw_bn_mean, pw_bn_var)]
+    order = channel_order if channel_order is not None else out
+    launchable(kernel)[grid](
+        x, dw_weight, *dw_vectors, pw_weight, *pw_vectors, order, res, out,
+        p, h, w, oh, ow, c_dw, k_g, c_out_g,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3),
+        pw_weight.stride(0), pw_weight.stride(1),
+        res.stride(0), res.stride(1), res.stride(2), res.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        out_c_offset,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        float(dw_eps), float(dw_slope), float(pw_eps), float(pw_slope),
+        KH=kh, KW=kw, MULT=c_dw // c_in, DW_ACT=dw_act, PW_ACT=pw_act,
+        HAS_ORDER=channel_order is not None, HAS_RES=residual is not None, INPUT_PRECISION=input_precision,
+        **_bn_flags("DW_", dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean),
+        **_bn_flags("PW_", pw_bias, pw_bn_weight, pw_bn_bias, pw_bn_mean), **cfg,
+    )
+    return out

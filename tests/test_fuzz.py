@@ -1,0 +1,600 @@
+"""A seeded differential fuzz of every op family against float64 torch references, on every backend.
+
+Valid input (`FAMILIES`): random shapes and arguments (groups, depthwise, dilation, stride, padding,
+residual, BatchNorm or a bias, every activation, NCHW / channels_last / strided inputs, float32 and
+float16, empty batches, channel-slice outputs); each call's output is compared with the float64
+reference, every freshly allocated output is NaN-poisoned (torch's deterministic mode fills
+`torch.empty` with NaN, so a position a kernel never writes fails the comparison), and a
+channel-slice output's buffer holds NaN in the slice and random sentinels outside it, which must
+come back bit for bit.
+
+Bad input (`BAD_INPUTS`): a valid call with one argument broken; the op must raise an exception of
+the type torch raises for the same input (an ArgumentError is a ValueError and a RuntimeError), or
+the one fastbone documents where torch has no counterpart. These run in subprocesses, all cases of a
+run in one process at a time: a crash fails the test naming the case, and the rest resume in a
+new process.
+
+Adding an op family (depthwise, separable, ...): write `gen_<family>(rng, dtype) -> Case` (and,
+for bad input, `bad_<family>(rng) -> BadCase`), then append it to FAMILIES (BAD_INPUTS) with its
+CI case count. Each case is derived from (FASTBONE_FUZZ_SEED, family, index) alone, so a failure
+message's case reproduces by itself.
+
+Size: the CI counts below take about two to three minutes on one core (Triton's interpreter costs
+milliseconds per program instance, so shapes stay small); FASTBONE_FUZZ_CASES=N runs N cases per
+family and backend (e.g. 2000 for a long run), FASTBONE_FUZZ_SEED picks another seed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+from typing import Callable, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastbone
+from fastbone.ops import (adaptive_avg_pool2d, avg_pool2d, conv_bias_act, conv_bn_act, conv_bn_act_maxpool,
+                          max_pool2d)
+from fastbone.ops._checks import ArgumentError
+from fastbone.ops.activation import ACTIVATIONS, apply_activation
+from helpers import rel_err
+
+SEED = int(os.environ.get("FASTBONE_FUZZ_SEED", "20260507"))
+CASES = int(os.environ.get("FASTBONE_FUZZ_CASES", "0"))  # 0: each family's CI count
+BACKENDS = ("torch", "triton", "cuda")
+DTYPES = (torch.float32, torch.float16)  # CPU: the interpreter's bfloat16 is not trusted (DESIGN.md)
+# Relative error bounds (||out - ref|| / ||ref||) against float64 on the same (rounded) inputs:
+# float32 differs by summation order only; float16 rounds the output (2^-11) and, through BatchNorm's
+# scale and a residual add, up to a few of those. The torch backend in float16 rounds after every op
+# (conv, BatchNorm, activation, as a torchvision half model does), so it gets a looser bound.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+TORCH_FLOAT16_TOL = 3e-2
+
+
+@dataclasses.dataclass
+class Case:
+    name: str                       # the arguments, printed on failure
+    run: Callable[[], tuple]        # -> (result, [problems]); calls fastbone's op on the current backend
+    reference: Callable[[], torch.Tensor]  # float64
+    tol: float
+    backends: tuple = BACKENDS
+
+
+@dataclasses.dataclass
+class BadCase:
+    name: str
+    ours: Callable[[], object]      # fastbone's call with the broken argument
+    torch_call: Optional[Callable[[], object]]  # torch's counterpart (None: no counterpart)
+    expect: Optional[type] = None   # the exception where torch has no counterpart
+
+
+def _rng(family: str, index: int) -> random.Random:
+    return random.Random(f"{SEED}/{family}/{index}")
+
+
+def _tensor(rng: random.Random, shape, dtype=torch.float32, scale=1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rng.getrandbits(31))
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+def _layout(rng: random.Random, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """x as NCHW, channels_last, or a strided view (every other column of a wider tensor)."""
+    kind = rng.choice(("nchw", "nhwc", "nhwc", "strided"))
+    if kind == "nhwc":
+        return x.contiguous(memory_format=torch.channels_last), kind
+    if kind == "strided":
+        wide = torch.empty(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+        wide[..., ::2] = x
+        return wide[..., ::2], kind
+    return x.contiguous(), kind
+
+
+def _random_bn(rng: random.Random, c: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c, eps=rng.choice((1e-5, 1e-3, 0.1)), affine=rng.random() < 0.8)
+    with torch.no_grad():
+        bn.running_mean.copy_(_tensor(rng, c, scale=0.5))
+        bn.running_var.copy_(_tensor(rng, c).abs() + 0.2)
+        if bn.affine:
+            bn.weight.copy_(1 + 0.3 * _tensor(rng, c))
+            bn.bias.copy_(0.3 * _tensor(rng, c))
+    return bn.eval()
+
+
+def _slice_buffer(rng, n, c, h, w, dtype) -> tuple[torch.Tensor, int]:
+    """A concat buffer with channels around the slice [offset, offset + c): NaN inside (a position
+    the kernel does not write fails), random sentinels outside (checked to come back unchanged)."""
+    before, after = rng.randint(0, 5), rng.randint(0, 5)
+    buf = _tensor(rng, (n, before + c + after, h, w), dtype)
+    if rng.random() < 0.7:
+        buf = buf.contiguous(memory_format=torch.channels_last)
+    buf[:, before:before + c] = float("nan")
+    return buf, before
+
+
+def _check_slice(buf, sentinel, offset, c) -> list[str]:
+    outside = torch.cat([buf[:, :offset], buf[:, offset + c:]], 1)
+    keep = torch.cat([sentinel[:, :offset], sentinel[:, offset + c:]], 1)
+    return [] if torch.equal(outside, keep) else ["channels outside the output slice changed"]
+
+
+# --- valid input: one generator per op family ---------------------------------------------------
+
+def gen_conv(rng: random.Random, dtype) -> Case:
+    """conv (+ BatchNorm or bias) + activation (+ residual) (+ channel-slice output): groups,
+    depthwise (with multiplier), dilation, strides, paddings, the FLAT_K and channel-blocked loops."""
+    kind = rng.choice(("dense", "dense", "grouped", "depthwise", "pointwise"))
+    groups = {"dense": 1, "pointwise": 1, "grouped": rng.randint(2, 4), "depthwise": rng.randint(1, 24)}[kind]
+    c_in_g = 1 if kind == "depthwise" else rng.choice((1, 2, 3, 5, 8, 13, 17, 20))
+    c_out_g = rng.choice((1, 2, 4)) if kind == "depthwise" else rng.choice((1, 3, 6, 11, 16, 19))
+    k = (1, 1) if kind == "pointwise" else (rng.choice((1, 2, 3, 3, 5, 7)), rng.choice((1, 2, 3, 3, 5)))
+    stride = (rng.randint(1, 3), rng.randint(1, 3))
+    dil = (rng.choice((1, 1, 2, 3)), rng.choice((1, 1, 2)))
+    pad = (rng.randint(0, 3), rng.randint(0, 3))
+    n = rng.choice((0, 1, 1, 2, 3)) if rng.random() < 0.1 else rng.choice((1, 2))
+    reach = [d * (kk - 1) + 1 for d, kk in zip(dil, k)]
+    h, w = (max(1, reach[i] - 2 * pad[i]) + rng.randint(0, 9) for i in range(2))
+    c_in, c_out = c_in_g * groups, c_out_g * groups
+    x, layout = _layout(rng, _tensor(rng, (n, c_in, h, w), dtype))
+    weight = (_tensor(rng, (c_out, c_in_g, *k)) / (c_in_g * k[0] * k[1]) ** 0.5).to(dtype)
+    if rng.random() < 0.5:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    use_bn, use_bias = rng.random() < 0.6, rng.random() < 0.6
+    act = rng.choice(list(ACTIVATIONS))
+    slope = rng.choice((0.1, 0.01))
+    oh = (h + 2 * pad[0] - reach[0]) // stride[0] + 1
+    ow = (w + 2 * pad[1] - reach[1]) // stride[1] + 1
+    residual = _layout(rng, _tensor(rng, (n, c_out, oh, ow), dtype))[0] if rng.random() < 0.3 else None
+    into = rng.random() < 0.3
+    conv = nn.Conv2d(c_in, c_out, k, stride, pad, dil, groups, bias=use_bias)
+    with torch.no_grad():
+        conv.weight.data = weight.float()
+        if use_bias:
+            conv.bias.copy_(_tensor(rng, c_out))
+    conv = conv.to(dtype)
+    bn = _random_bn(rng, c_out) if use_bn else None  # float32 statistics: the model's own, any dtype
+    name = (f"conv {dtype} {kind} x={tuple(x.shape)} {layout} w={tuple(weight.shape)} groups={groups} stride={stride} "
+            f"pad={pad} dil={dil} bn={use_bn} bias={use_bias} act={act} residual={residual is not None} "
+            f"into={into}")
+
+    # Without BatchNorm, half the calls take raw tensors (conv_bias_act) with a strided bias view.
+    raw = not use_bn and rng.random() < 0.5
+    bias_view = None
+    if raw and use_bias:
+        bias_view = torch.empty(2 * c_out, dtype=conv.bias.dtype)[::2]
+        bias_view.copy_(conv.bias.detach())
+    name += f" raw={raw}"
+
+    def call(**kw):
+        if raw:
+            return conv_bias_act(x, conv.weight.detach(), bias_view, stride=stride, padding=pad, dilation=dil,
+                                 groups=groups, act=act, **kw)
+        return conv_bn_act(x, conv, bn, act, **kw)
+
+    def run():
+        kw = dict(slope=slope, residual=residual)
+        if not into:
+            return call(**kw), []
+        buf, offset = _slice_buffer(rng_run(), n, c_out, oh, ow, dtype)
+        sentinel = buf.clone()
+        assert call(**kw, out=buf, out_channel_offset=offset) is buf
+        return buf[:, offset:offset + c_out], _check_slice(buf, sentinel, offset, c_out)
+
+    def rng_run():  # the same buffer layout on every backend
+        return random.Random(name)
+
+    def reference():
+        y = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(), stride, pad,
+                     dil, groups)
+        if bn is not None:
+            y = F.batch_norm(y, bn.running_mean.double(), bn.running_var.double(),
+                             None if bn.weight is None else bn.weight.double(),
+                             None if bn.bias is None else bn.bias.double(), False, 0.0, bn.eps)
+        if residual is not None:
+            y = y + residual.double()
+        return apply_activation(y, act, slope)
+
+    return Case(name, run, reference, TOL[dtype])
+
+
+def _pool_window(rng):
+    k = (rng.randint(1, 4), rng.randint(1, 4))
+    stride = None if rng.random() < 0.2 else (rng.randint(1, 3), rng.randint(1, 3))
+    pad = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
+    return k, stride, pad, rng.random() < 0.4
+
+
+def _pool_input(rng, dtype, k):
+    n = rng.choice((0, 1, 2)) if rng.random() < 0.1 else rng.choice((1, 2))
+    c = rng.choice((1, 3, 8, 17, 40))
+    h, w = k[0] + rng.randint(0, 10), k[1] + rng.randint(0, 10)
+    x = _tensor(rng, (n, c, h, w), dtype)
+    if rng.random() < 0.05 and x.numel():  # NaN propagates as in torch
+        x.view(-1)[rng.randrange(x.numel())] = float("nan")
+    return _layout(rng, x)
+
+
+def gen_max_pool2d(rng, dtype) -> Case:
+    k, stride, pad, ceil = _pool_window(rng)
+    x, layout = _pool_input(rng, dtype, k)
+    name = f"max_pool2d {dtype} x={tuple(x.shape)} {layout} k={k} stride={stride} pad={pad} ceil={ceil}"
+    return Case(name, lambda: (max_pool2d(x, k, stride, pad, ceil), []),
+                lambda: F.max_pool2d(x.double(), k, stride, pad, ceil_mode=ceil), 0.0 if dtype == torch.float32 else 1e-3)
+
+
+def gen_avg_pool2d(rng, dtype) -> Case:
+    k, stride, pad, ceil = _pool_window(rng)
+    include = rng.random() < 0.5
+    x, layout = _pool_input(rng, dtype, k)
+    name = (f"avg_pool2d {dtype} x={tuple(x.shape)} {layout} k={k} stride={stride} pad={pad} ceil={ceil} "
+            f"count_include_pad={include}")
+    return Case(name, lambda: (avg_pool2d(x, k, stride, pad, ceil, include), []),
+                lambda: F.avg_pool2d(x.double(), k, stride, pad, ceil_mode=ceil, count_include_pad=include),
+                TOL[dtype])
+
+
+def gen_adaptive_avg_pool2d(rng, dtype) -> Case:
+    x, layout = _pool_input(rng, dtype, (1, 1))
+    size = rng.choice(((1, 1), (1, 1), (2, 3), (x.shape[2], 1), (x.shape[2] + 2, x.shape[3] + 1), (None, 2),
+                       (rng.randint(1, 6), rng.randint(1, 6))))
+    name = f"adaptive_avg_pool2d {dtype} x={tuple(x.shape)} {layout} output_size={size}"
+    return Case(name, lambda: (adaptive_avg_pool2d(x, size), []), lambda: F.adaptive_avg_pool2d(x.double(), size),
+                TOL[dtype])
+
+
+def gen_stem(rng, dtype) -> Case:
+    """conv + BatchNorm + activation + max pool: the fused stem (cuda) or conv then pool."""
+    c_in = rng.choice((1, 2, 3, 3, 4))
+    c_out = rng.choice((1, 5, 16, 20))
+    k = rng.choice((1, 3, 5, 7))
+    stride, pad = rng.randint(1, 2), rng.randint(0, k // 2)
+    pk = rng.randint(1, 3)
+    ps, pp, ceil = rng.randint(1, 2), rng.randint(0, pk // 2), rng.random() < 0.3
+    n = rng.choice((0, 1, 2)) if rng.random() < 0.1 else rng.choice((1, 2))
+    h, w = k + rng.randint(0, 12), k + rng.randint(0, 12)
+    while (h + 2 * pad - k) // stride + 1 + 2 * pp < pk:  # the pool needs a large enough conv output
+        h += 1
+    while (w + 2 * pad - k) // stride + 1 + 2 * pp < pk:
+        w += 1
+    x, layout = _layout(rng, _tensor(rng, (n, c_in, h, w), dtype))
+    conv = nn.Conv2d(c_in, c_out, k, stride, pad, bias=rng.random() < 0.3)
+    with torch.no_grad():
+        conv.weight.copy_(_tensor(rng, conv.weight.shape) / (c_in * k * k) ** 0.5)
+    conv = conv.to(dtype)
+    bn = _random_bn(rng, c_out) if rng.random() < 0.8 else None
+    act = rng.choice(list(ACTIVATIONS))
+    name = (f"stem {dtype} x={tuple(x.shape)} {layout} conv {c_in}->{c_out} k={k} s={stride} p={pad} bn={bn is not None} "
+            f"act={act} pool k={pk} s={ps} p={pp} ceil={ceil}")
+
+    def reference():
+        with torch.no_grad():
+            y = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                         stride, pad)
+            if bn is not None:
+                y = F.batch_norm(y, bn.running_mean.double(), bn.running_var.double(),
+                                 None if bn.weight is None else bn.weight.double(),
+                                 None if bn.bias is None else bn.bias.double(), False, 0.0, bn.eps)
+            return F.max_pool2d(apply_activation(y, act, 0.1), pk, ps, pp, ceil_mode=ceil)
+
+    return Case(name, lambda: (conv_bn_act_maxpool(x, conv, bn, act, pool_kernel=pk, pool_stride=ps,
+                                                   pool_padding=pp, ceil_mode=ceil), []), reference, TOL[dtype])
+
+
+# family -> (generator, cases per backend in CI)
+FAMILIES: dict[str, tuple[Callable, int]] = {
+    "conv": (gen_conv, 250),
+    "max_pool2d": (gen_max_pool2d, 150),
+    "avg_pool2d": (gen_avg_pool2d, 150),
+    "adaptive_avg_pool2d": (gen_adaptive_avg_pool2d, 120),
+    "stem": (gen_stem, 120),
+}
+
+
+def _count(family: str) -> int:
+    return CASES or FAMILIES[family][1]
+
+
+@contextlib.contextmanager
+def _nan_poisoned_allocations():
+    """torch.empty (and every uninitialised output) filled with NaN while the op runs."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def _check_case(case: Case, backend: str) -> Optional[str]:
+    ref = case.reference()
+    tol = max(case.tol, TORCH_FLOAT16_TOL) if backend == "torch" and "float16" in case.name else case.tol
+    try:
+        with fastbone.backend(backend), _nan_poisoned_allocations():
+            out, problems = case.run()
+    except Exception as exc:  # noqa: BLE001  (reported with the case)
+        return f"raised {type(exc).__name__}: {exc}"
+    if tuple(out.shape) != tuple(ref.shape):
+        return f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    if out.numel():
+        finite, infs = torch.isfinite(ref), torch.isinf(ref)
+        if not torch.equal(torch.isnan(out), torch.isnan(ref)) or not torch.equal(out[infs].double(), ref[infs]):
+            return "NaN / inf positions differ from the reference (an unwritten output, or a lost NaN)"
+        err = rel_err(out[finite], ref[finite]) if finite.any() else 0.0
+        if not err <= tol:
+            return f"relative error {err:.3g} > {tol:g}"
+    return "; ".join(problems) or None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fuzz_matches_float64(family, backend):
+    generator, _ = FAMILIES[family]
+    failures, ran = [], 0
+    for i in range(_count(family)):
+        rng = _rng(family, i)
+        case = generator(rng, rng.choice(DTYPES))
+        if backend not in case.backends:
+            continue
+        ran += 1
+        problem = _check_case(case, backend)
+        if problem:
+            failures.append(f"[{family} #{i}] {case.name}: {problem}")
+    assert ran > 0
+    assert not failures, f"{len(failures)} of {ran} cases failed (FASTBONE_FUZZ_SEED={SEED}):\n" + "\n".join(failures[:20])
+
+
+# --- bad input: each broken in one argument; the exception torch raises for it ---------------------
+
+def _valid_conv(rng):
+    groups = rng.choice((1, 1, 2, 3))
+    c_in, c_out = groups * rng.randint(1, 4), groups * rng.randint(1, 4)
+    k = rng.choice((1, 3))
+    x = _tensor(rng, (rng.randint(1, 2), c_in, rng.randint(3, 7), rng.randint(3, 7)))
+    return x, _tensor(rng, (c_out, c_in // groups, k, k)), _tensor(rng, c_out), dict(padding=k // 2, groups=groups)
+
+
+def bad_conv(rng) -> BadCase:
+    x, w, b, kw = _valid_conv(rng)
+    n, c_in, h, wd = x.shape
+    c_out = w.shape[0]
+    kind = rng.choice(("groups0", "stride0", "dilation0", "padding-1", "kh0", "cout0", "channels", "divisible",
+                       "bias shape", "bias int", "empty image", "too small", "residual shape", "out narrow",
+                       "out overlap", "out overlaps input", "3-D input", "out dtype", "weight 3-D"))
+    ours_kw, torch_kw = dict(kw), dict(kw)
+    torch_call = None
+    expect = None
+    if kind == "groups0":
+        ours_kw["groups"] = torch_kw["groups"] = rng.choice((0, -1))
+    elif kind == "stride0":
+        ours_kw["stride"] = torch_kw["stride"] = (rng.choice((0, -1)), 1)
+    elif kind == "dilation0":
+        ours_kw["dilation"] = torch_kw["dilation"] = (1, 0)
+    elif kind == "padding-1":
+        ours_kw["padding"] = torch_kw["padding"] = (-1, 0)
+    elif kind == "kh0":
+        w = w[:, :, :0]
+    elif kind == "cout0":
+        w, b = w[:0], b[:0]
+    elif kind == "channels":
+        x = _tensor(rng, (n, c_in + 1, h, wd))
+    elif kind == "divisible":
+        if kw["groups"] == 1:
+            kw["groups"] = ours_kw["groups"] = torch_kw["groups"] = 2
+            x, w = _tensor(rng, (n, 2, h, wd)), _tensor(rng, (3, 1, 1, 1))
+        else:
+            w = torch.cat([w, w[:1]])
+        b = _tensor(rng, w.shape[0])
+    elif kind == "bias shape":
+        b = rng.choice((_tensor(rng, c_out + 1), _tensor(rng, (c_out, 1))))
+    elif kind == "bias int":
+        b = torch.ones(c_out, dtype=torch.int64)
+    elif kind == "empty image":
+        x = _tensor(rng, (n, c_in, 0, wd))
+        ours_kw["padding"] = torch_kw["padding"] = w.shape[2]  # enough padding: torch's other rule
+    elif kind == "too small":
+        x = _tensor(rng, (n, c_in, 1, wd))
+        w = _tensor(rng, (c_out, c_in // kw["groups"], 4, 1))
+        ours_kw["padding"] = torch_kw["padding"] = 0
+    elif kind == "weight 3-D":
+        w = w[..., 0]
+    # fastbone's own arguments: a residual of exactly the output's shape (torch's `+` would
+    # broadcast a size-1 mismatch), an output slice that holds C_out channels.
+    if kind == "residual shape":
+        y = F.conv2d(x, w, b, **torch_kw)
+        ours_kw["residual"] = _tensor(rng, (n, c_out, y.shape[2] + 1, y.shape[3]))
+        expect = ArgumentError
+    elif kind == "out narrow":
+        y = F.conv2d(x, w, b, **torch_kw)
+        ours_kw.update(out=torch.empty(n, c_out, y.shape[2], y.shape[3]), out_channel_offset=1)
+        expect = ArgumentError
+    elif kind == "out overlap":
+        y = F.conv2d(x, w, b, **torch_kw)
+        out = torch.zeros(1, c_out, 1, 1).expand(n, c_out, y.shape[2], y.shape[3])
+        ours_kw["out"] = out
+        torch_call = lambda: out.copy_(y)  # noqa: E731
+    elif kind == "out overlaps input":
+        buf = _tensor(rng, (n, c_in + c_out, h, wd))
+        x = buf[:, :c_in]
+        ours_kw.update(out=buf, out_channel_offset=c_in - 1 if c_in > 1 else 0)
+        flat = _tensor(rng, 10)
+        torch_call = lambda: torch.add(flat[:6], 1, out=flat[4:])  # noqa: E731  (torch's partial overlap)
+    elif kind == "3-D input":
+        x = x[0, :, :, :]
+        expect = ArgumentError  # torch takes an unbatched 3-D input; fastbone's ops are 4-D only
+    elif kind == "out dtype":
+        y = F.conv2d(x, w, b, **torch_kw)
+        ours_kw["out"] = torch.empty(y.shape, dtype=torch.float16)
+        expect = TypeError  # torch casts into `out`; fastbone's kernels write x's dtype only
+    if torch_call is None and expect is None:
+        torch_call = lambda: F.conv2d(x, w, b, **torch_kw)  # noqa: E731
+    name = f"conv {kind}: x={tuple(x.shape)} w={tuple(w.shape)} b={tuple(b.shape)} {ours_kw.keys()}"
+    return BadCase(name, lambda: conv_bias_act(x, w, b, **ours_kw), torch_call, expect)
+
+
+def bad_pool(rng) -> BadCase:
+    op, torch_op = rng.choice(((max_pool2d, F.max_pool2d), (avg_pool2d, F.avg_pool2d)))
+    x = _tensor(rng, (rng.randint(1, 2), rng.randint(1, 3), rng.randint(4, 7), rng.randint(4, 7)))
+    k, s, p = 3, 2, 1
+    kind = rng.choice(("kernel0", "kernel-1", "stride0", "stride-1", "padding>half", "padding-1", "empty H",
+                       "empty W", "empty C", "too small", "3-tuple", "3-D input"))
+    expect = None
+    if kind == "kernel0":
+        k = (0, 3)
+    elif kind == "kernel-1":
+        k = -1
+    elif kind == "stride0":
+        s = (2, 0)
+    elif kind == "stride-1":
+        s = -1
+    elif kind == "padding>half":
+        p = (1, 2)
+    elif kind == "padding-1":
+        p = -1
+    elif kind.startswith("empty"):
+        shape = list(x.shape)
+        shape[{"empty C": 1, "empty H": 2, "empty W": 3}[kind]] = 0
+        x = _tensor(rng, shape)
+    elif kind == "too small":
+        x = x[:, :, :2]
+        k, p = 5, 0
+    elif kind == "3-tuple":
+        k = (3, 3, 3)
+    elif kind == "3-D input":
+        x = x[0]
+        expect = ArgumentError
+    name = f"{op.__name__} {kind}: x={tuple(x.shape)} k={k} s={s} p={p}"
+    return BadCase(name, lambda: op(x, k, s, p), lambda: torch_op(x, k, s, p), expect)
+
+
+def bad_adaptive(rng) -> BadCase:
+    x = _tensor(rng, (1, 2, rng.randint(2, 5), rng.randint(2, 5)))
+    kind = rng.choice(("negative size", "empty image"))
+    size = (-1, 2) if kind == "negative size" else (2, 2)
+    if kind == "empty image":
+        x = x[:, :, :0]
+    return BadCase(f"adaptive_avg_pool2d {kind}: x={tuple(x.shape)} size={size}",
+                   lambda: adaptive_avg_pool2d(x, size), lambda: F.adaptive_avg_pool2d(x, size))
+
+
+def bad_stem(rng) -> BadCase:
+    x = _tensor(rng, (1, 3, rng.randint(6, 12), rng.randint(6, 12)))
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4).eval()
+    pk, ps, pp = 3, 2, 1
+    kind = rng.choice(("pool kernel0", "pool stride0", "pool padding>half", "pool padding-1", "conv too small",
+                       "no input channels"))
+    if kind == "pool kernel0":
+        pk = 0
+    elif kind == "pool stride0":
+        ps = 0
+    elif kind == "pool padding>half":
+        pk, pp = 2, 2
+    elif kind == "pool padding-1":
+        pp = -1
+    elif kind == "conv too small":
+        conv = nn.Conv2d(3, 4, 7)
+        x = x[:, :, :3]
+    elif kind == "no input channels":
+        conv = nn.Conv2d(4, 4, 3, padding=1)  # weight (4, 4, ...) reshaped to C_in = 0 below
+        conv.weight.data = conv.weight.data[:, :0]
+        x = x[:, :0]
+
+    def torch_call():
+        with torch.no_grad():
+            y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+            return F.max_pool2d(F.relu(bn(y) if y.shape[1] == 4 else y), pk, ps, pp)
+
+    return BadCase(f"stem {kind}: x={tuple(x.shape)} pool k={pk} s={ps} p={pp}",
+                   lambda: conv_bn_act_maxpool(x, conv, bn, pool_kernel=pk, pool_stride=ps, pool_padding=pp),
+                   torch_call)
+
+
+# family -> (generator, cases per backend in CI)
+BAD_INPUTS: dict[str, tuple[Callable, int]] = {
+    "conv": (bad_conv, 150),
+    "pool": (bad_pool, 80),
+    "adaptive_avg_pool2d": (bad_adaptive, 20),
+    "stem": (bad_stem, 40),
+}
+
+
+def _bad_verdict(case: BadCase) -> Optional[str]:
+    """None if `ours` is refused as torch refuses the input; else what went wrong."""
+    expected = case.expect
+    if expected is None:
+        try:
+            case.torch_call()
+        except Exception as exc:  # noqa: BLE001
+            expected = type(exc)
+        else:
+            return "torch accepts this input (the generator is wrong)"
+    try:
+        case.ours()
+    except Exception as exc:  # noqa: BLE001
+        if not isinstance(exc, expected):
+            return f"raised {type(exc).__name__} ({exc}), torch raises {expected.__name__}"
+        return None if len(str(exc)) > 15 else f"message too short: {exc!r}"
+    return f"accepted; torch raises {expected.__name__}"
+
+
+def _bad_cases():
+    """(family, index) of every bad-input case of this run."""
+    return [(family, i) for family, (_, count) in BAD_INPUTS.items() for i in range(CASES or count)]
+
+
+def run_bad_inputs_child(start: int) -> None:
+    """In a subprocess: run the bad-input cases from `start` on, one JSON line before and after
+    each (so the parent names the case a crash interrupted)."""
+    for position, (family, i) in enumerate(_bad_cases()):
+        if position < start:
+            continue
+        for backend in BACKENDS:
+            print(json.dumps({"begin": position, "backend": backend}), flush=True)
+            case = BAD_INPUTS[family][0](_rng("bad " + family, i))
+            with fastbone.backend(backend):
+                verdict = _bad_verdict(case)
+            print(json.dumps({"end": position, "backend": backend, "name": f"[bad {family} #{i}] {case.name}",
+                              "verdict": verdict}), flush=True)
+
+
+def test_fuzz_bad_inputs_are_refused_like_torch():
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    total = len(_bad_cases())
+    failures, checked, start = [], 0, 0
+    while start < total:
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import sys; sys.path.insert(0, {tests_dir!r}); import test_fuzz; "
+                                   f"test_fuzz.run_bad_inputs_child({start})"],
+            capture_output=True, text=True, timeout=1200, cwd=tests_dir,
+            env={**os.environ, "FASTBONE_FUZZ_SEED": str(SEED), "FASTBONE_FUZZ_CASES": str(CASES)})
+        last_begin, resume = None, total
+        for line in proc.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if "begin" in record:
+                last_begin = record
+            else:
+                last_begin = None
+                checked += 1
+                if record["verdict"]:
+                    failures.append(f"{record['name']} on {record['backend']}: {record['verdict']}")
+        if last_begin is not None or proc.returncode != 0:
+            where = last_begin["begin"] if last_begin else start
+            family, i = _bad_cases()[where]
+            name = BAD_INPUTS[family][0](_rng("bad " + family, i)).name
+            failures.append(f"[bad {family} #{i}] {name} on {last_begin['backend'] if last_begin else '?'}: the "
+                            f"process died (exit {proc.returncode}): {proc.stderr[-1500:]}")
+            resume = where + 1
+        start = resume
+    assert checked > 0
+    assert not failures, f"{len(failures)} of {checked} bad-input checks failed (FASTBONE_FUZZ_SEED={SEED}):\n" + \
+        "\n".join(failures[:30])
