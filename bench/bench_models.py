@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", nargs="*", default=[], choices=VARIANTS, help="variants not to run")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     p.add_argument("--tag", default="", help="appended to the output file names")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="a time.time() after which no further model is started (recorded as skipped); the JSON is "
+                        "rewritten after every model, so a run stopped from outside keeps the models done")
     args = p.parse_args(argv)
 
     if args.device is None:
@@ -131,7 +134,8 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def reference_model(name: str, device, dtype) -> torch.nn.Module:
     """The reference (torchvision) model with random weights and random BN statistics, in eval
     mode, channels_last, in the run dtype."""
-    model = fastbone.model_info(name).reference_builder()
+    with torch.device(device):  # initialised where it runs: seconds saved per large model on a GPU
+        model = fastbone.model_info(name).reference_builder()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -238,7 +242,7 @@ def plot(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(record["models"])
+    models = [m for m, r in record["models"].items() if "roofline_ms" in r]  # not those skipped
     variants = [v for v in VARIANTS if any("median_ms" in record["models"][m]["variants"].get(v, {}) for m in models)]
     fig, (ax_ms, ax_x) = plt.subplots(1, 2, figsize=(max(8, 2.5 * len(models) + 4), 4.5))
     width = 0.8 / max(1, len(variants))
@@ -267,6 +271,7 @@ def main(argv=None) -> dict:
     """Run the benchmark; returns {"record": the JSON dict, "json": path, "png": path}."""
     args = parse_args(argv)
     device, dtype = torch.device(args.device), benchlib.DTYPES[args.dtype]
+    benchlib.quick_autotune_from_env()
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -287,8 +292,17 @@ def main(argv=None) -> dict:
         "rotating_inputs": ROTATING_INPUTS,
         "models": {},
     }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = output_stem(env, device, args.tag)
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     for name in args.models:
+        if args.deadline is not None and time.time() > args.deadline:
+            record["models"][name] = {"model": name, "skipped": "time budget spent before this model", "variants": {}}
+            print(f"  {name}: skipped (time budget spent)", flush=True)
+            continue
         record["models"][name] = bench_model(name, args, device, dtype, peaks)
+        json_path.write_text(json.dumps(record, indent=1, default=str) + "\n")
         for variant, v in record["models"][name]["variants"].items():
             ratio = v.get("speedup_vs_torchvision_eager")
             shown = (f"{v['median_ms']:9.3f} ms" if "median_ms" in v else "") \
@@ -296,10 +310,6 @@ def main(argv=None) -> dict:
             print(f"    {variant:<22} {shown}", flush=True)
         print(f"    {'roofline':<22} {record['models'][name]['roofline_ms']:9.3f} ms", flush=True)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(env, device, args.tag)
-    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     json_path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     plot(record, png_path)
     print(f"wrote {json_path} and {png_path}")

@@ -288,12 +288,36 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "autotune_bench_ms": os.environ.get("FASTBONE_AUTOTUNE_BENCH_MS") or "triton default (25,100)",
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), sm_count=props.multi_processor_count,
                    compute_capability=f"{props.major}.{props.minor}")
     return env
+
+
+def quick_autotune_from_env() -> tuple[int, int] | None:
+    """FASTBONE_AUTOTUNE_BENCH_MS="5,20": Triton's autotuner times each candidate config with
+    do_bench(warmup=5, rep=20) (milliseconds) instead of its defaults (25, 100), so that autotuning every
+    model's layers fits gpu_session.sh's time budget. Triton's CUDA driver hands the autotuner
+    triton.testing.do_bench when the autotuner first benchmarks, so call this before the first
+    autotuned launch. Returns (warmup, rep), or None when the variable is unset."""
+    spec = os.environ.get("FASTBONE_AUTOTUNE_BENCH_MS", "").strip()
+    if not spec:
+        return None
+    warmup, rep = (int(v) for v in spec.split(","))
+    try:
+        import functools
+
+        import triton.testing
+    except ImportError:
+        return None
+    original = getattr(triton.testing.do_bench, "_fastbone_original", triton.testing.do_bench)
+    quick = functools.partial(original, warmup=warmup, rep=rep)
+    quick._fastbone_original = original
+    triton.testing.do_bench = quick
+    return warmup, rep
 
 
 def resolved_backend(requested: str, device: torch.device) -> str:

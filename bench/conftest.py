@@ -86,6 +86,7 @@ def bench_config(config) -> BenchConfig:
 
 def pytest_configure(config):
     config._fastbone_bench_rows = []
+    benchlib.quick_autotune_from_env()  # FASTBONE_AUTOTUNE_BENCH_MS (gpu_session.sh)
 
 
 @pytest.fixture(scope="session")

@@ -149,7 +149,9 @@ void depthwise_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strid
                                 " kernel with dilation " + std::to_string(conv[4]) + "x" + std::to_string(conv[5]) +
                                 " needs more shared memory than the depthwise kernel has; run conv_bn_act");
   const int64_t th = plan[0], tw = plan[1], cb = plan[2];
-  const int64_t items = n * fb::ceil_div(oh, th) * fb::ceil_div(ow, tw) * fb::ceil_div(c_out, cb);
+  const int64_t per_image = fb::ceil_div(oh, th) * fb::ceil_div(ow, tw) * fb::ceil_div(c_out, cb);
+  dw_check_int(per_image, "the depthwise kernel's work items per image");
+  const int64_t items = n * per_image;
   const int ks = depthwise_ks(kh, kw);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -169,7 +171,7 @@ void depthwise_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strid
                   (long long)res_strides[3], (long long)out_strides[0], (long long)out_strides[1],
                   (long long)out_strides[2], (long long)out_strides[3], (int)out_c_offset,
                   (int)conv[0], (int)conv[1], (int)conv[2], (int)conv[3], (int)conv[4], (int)conv[5],
-                  (int)th, (int)tw, (int)cb, (long long)items, (float)eps, (float)slope);
+                  (int)th, (int)tw, (int)cb, (long long)n, (float)eps, (float)slope);
       };
       switch (ks) {
         case 3: launch(std::integral_constant<int, 3>{}); break;
@@ -229,7 +231,9 @@ void separable_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strid
                                 std::to_string(conv[5]) + " needs more shared memory than the fused kernel has; "
                                 "run depthwise_conv_bn_act, then conv_bn_act");
   const int64_t th = plan[0], tw = plan[1], bn = plan[2];
-  const int64_t items = n * fb::ceil_div(oh, th) * fb::ceil_div(ow, tw) * pw_groups * fb::ceil_div(c_out_g, bn);
+  const int64_t per_image = fb::ceil_div(oh, th) * fb::ceil_div(ow, tw) * pw_groups * fb::ceil_div(c_out_g, bn);
+  dw_check_int(per_image, "the separable kernel's work items per image");
+  const int64_t items = n * per_image;
   const dim3 grid(grid_blocks(items, max_blocks));
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -247,7 +251,7 @@ void separable_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strid
       (long long)res_strides[1], (long long)res_strides[2], (long long)res_strides[3], (long long)out_strides[0],  \
       (long long)out_strides[1], (long long)out_strides[2], (long long)out_strides[3], (int)out_c_offset,         \
       (int)conv[0], (int)conv[1], (int)conv[2], (int)conv[3], (int)conv[4], (int)conv[5], (int)dw_act, (int)th,   \
-      (int)tw, (long long)items, (float)dw_eps, (float)dw_slope, (float)pw_eps, (float)pw_slope
+      (int)tw, (long long)n, (float)dw_eps, (float)dw_slope, (float)pw_eps, (float)pw_slope
       auto launch = [&](auto bn_c) {
         constexpr int BN = decltype(bn_c)::value;
 #ifndef FASTBONE_EMU

@@ -2,9 +2,21 @@
 
 Triton's interpreter runs kernels on the CPU but checks none of what the GPU compiler
 does (layouts, dot shapes, dtype rules), so CI also compiles each kernel, with the
-block configs the GPU launcher picks, down to a cubin. Run in a process where
-TRITON_INTERPRET=0 (the test runner does that); prints one JSON line per kernel.
+block configs the GPU launcher picks, down to a cubin, and reads ptxas's resource report:
+every kernel must compile with 0 bytes of register spills, fit the shared-memory limit of
+the cards it is meant for, and fit the register file at its thread count.
+
+Two sets of cases: hand-written ones (below: chosen problems, every activation, the 64-bit index
+variants, every autotuner tile on a generic shape) and the ones the models produce
+(`model_cases`): every registered model's forward, traced on fake CUDA tensors, with each Triton
+launch recorded (not run), specialised as Triton's launcher would specialise it, at every config
+the autotuner keeps after pruning and at the fixed config (FASTBONE_TRITON_AUTOTUNE=0).
+
+Run in a process where TRITON_INTERPRET=0 (the test runner does that); prints one JSON line per
+kernel; exits 1 if any kernel fails to compile or is unhealthy.
 """
+import contextlib
+import io
 import json
 import os
 import sys
@@ -19,36 +31,97 @@ from triton.compiler import ASTSource  # noqa: E402
 import fastbone  # noqa: E402,F401
 from fastbone.kernels import INTERPRETED  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import ptxas_report  # noqa: E402
+import triton_launches  # noqa: E402  (bench/: the models' launches, recorded on fake tensors)
+
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
+REGISTER_FILE = 65536  # 32-bit registers per block on every CUDA GPU since sm_50
+H100_SMEM = 227 * 1024  # the largest opt-in shared memory per block on sm_90
+FIXED_SMEM = 99 * 1024  # sm_86 / sm_89 (the fixed configs must run on those too)
 
 
-def compile_kernel(fn, *, pointers: dict, constexprs: dict, floats=(), num_warps=4, num_stages=3, arch=90,
-                   smem_limit=99 * 1024, divisible_by_16=()):
-    """Compile `fn` to a cubin. pointers: arg name -> element dtype; constexprs: name -> value;
-    floats: scalar args passed as fp32; every other argument is an i32 scalar. Stride arguments
-    of 1 are given as constants, and `divisible_by_16` int arguments marked so, as Triton's
-    launcher specialises ints equal to 1 and multiples of 16."""
-    signature, constants, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in pointers:
-            signature[name] = "*" + TRITON_DTYPE[pointers[name]]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch's allocations are 16-byte aligned
-        elif name in constexprs:
-            signature[name] = "constexpr"
-            constants[(i,)] = constexprs[name]
-        elif name in floats:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name in divisible_by_16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+def _ptxas_log_of(compile_fn):
+    """Run compile_fn() with Triton's ptxas log on; (its result, the log or None on a cache hit)."""
+    from triton import knobs
+
+    old = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            compiled = compile_fn()
+    finally:
+        knobs.nvidia.dump_ptxas_log = old
+    text = captured.getvalue()
+    return compiled, (text if "Compiling entry function" in text else None)
+
+
+def _resource_usage(compile_fn):
+    """(compiled kernel, ptxas's report on it). Triton does not keep ptxas's log (its metadata has no
+    spill count until a GPU loads the cubin), so the log is captured as it compiles; the parsed
+    report is kept next to Triton's cache entry, and a cache hit with no report recompiles."""
+    from triton import knobs
+
+    compiled, log = _ptxas_log_of(compile_fn)
+    store = os.path.join(knobs.cache.dir, "fastbone-ptxas", f"{compiled.hash}.json")
+    if log is None and os.path.isfile(store):
+        with open(store) as f:
+            return compiled, json.load(f)
+    if log is None:
+        old = knobs.compilation.always_compile
+        knobs.compilation.always_compile = True
+        try:
+            compiled, log = _ptxas_log_of(compile_fn)
+        finally:
+            knobs.compilation.always_compile = old
+    if log is None:
+        raise RuntimeError("Triton printed no ptxas log (TRITON_DUMP_PTXAS_LOG): cannot read register spills")
+    functions = ptxas_report.parse(log)
+    entries = [v for v in functions.values() if v.get("entry")]
+    if len(entries) != 1:
+        raise RuntimeError(f"expected one entry function in ptxas's log, found {len(entries)}:\n{log[-2000:]}")
+    # Spills of a called (non-inlined) device function count against the kernel too.
+    usage = dict(entries[0], spill_stores=sum(v.get("spill_stores", 0) for v in functions.values()),
+                 spill_loads=sum(v.get("spill_loads", 0) for v in functions.values()))
+    os.makedirs(os.path.dirname(store), exist_ok=True)
+    with open(store + f".{os.getpid()}.tmp", "w") as f:
+        json.dump(usage, f)
+    os.replace(store + f".{os.getpid()}.tmp", store)
+    return compiled, usage
+
+
+def compile_specialized(fn, *, signature: dict, constants: dict, attrs: dict, num_warps=4, num_stages=3, arch=90,
+                        smem_limit=FIXED_SMEM, options=None):
+    """Compile `fn` to a cubin as Triton's launcher would for this (signature, constants, attrs) and
+    check its health. Returns the record's fields; `problems` lists what is wrong (empty: healthy)."""
+    options = dict(options or {}, num_warps=num_warps, num_stages=num_stages)
+    target = GPUTarget("cuda", arch, 32)
+    compiled, usage = _resource_usage(
+        lambda: triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options))
     ptx = compiled.asm["ptx"]
-    if compiled.metadata.shared > smem_limit:
-        raise ValueError(f"needs {compiled.metadata.shared} bytes of shared memory, over {smem_limit}")
-    return {"shared_bytes": compiled.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async"),
-            "mma": ptx.count("mma.sync"), "cubin_bytes": len(compiled.asm["cubin"])}
+    threads = num_warps * 32
+    shared = compiled.metadata.shared
+    problems = []
+    if shared > smem_limit:
+        problems.append(f"needs {shared} bytes of shared memory, over {smem_limit}")
+    spilled = ptxas_report.spill_bytes(usage)
+    if spilled:
+        problems.append(f"spills registers: {usage['spill_stores']} bytes of spill stores, "
+                        f"{usage['spill_loads']} bytes of spill loads ({usage.get('stack_bytes', 0)} bytes stack frame)")
+    if usage.get("registers", 0) * threads > REGISTER_FILE:
+        problems.append(f"{usage['registers']} registers x {threads} threads exceed the register file")
+    return {"shared_bytes": shared, "smem_limit": smem_limit, "registers": usage.get("registers"),
+            "spill_stores": usage.get("spill_stores", 0), "spill_loads": usage.get("spill_loads", 0),
+            "stack_bytes": usage.get("stack_bytes", 0), "num_warps": num_warps, "num_stages": num_stages,
+            "wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async"), "mma": ptx.count("mma.sync"),
+            "cubin_bytes": len(compiled.asm["cubin"]), "problems": problems}
+
+
+def compile_kernel(fn, *, arch=90, **kwargs):
+    """compile_specialized on a hand-written case (hand_spec's arguments)."""
+    return compile_specialized(fn, arch=arch, **hand_spec(fn, **kwargs))
 
 
 # Channels are the contiguous axis of NHWC activations and of the channels_last weights; with
@@ -112,7 +185,7 @@ def conv_cases():
                                                **BN_FLAGS,
                                                INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, INDEX64=False),
-                               floats=("eps", "slope"), num_warps=warps, num_stages=stages, smem_limit=227 * 1024,
+                               floats=("eps", "slope"), num_warps=warps, num_stages=stages, smem_limit=H100_SMEM,
                                divisible_by_16=NHWC_DIVISIBLE)))
     return cases
 
@@ -196,22 +269,149 @@ def depthwise_cases():
     for bm, bn, bk, warps, stages in kd.SEPARABLE_GPU_TILES:
         sep_case(f"separable autotune tile float16 {bm}x{bn}x{bk} w{warps} s{stages}", torch.float16, 960, 320, 3, 1,
                  relu6, 0, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), dict(num_warps=warps, num_stages=stages,
-                                                                          smem_limit=227 * 1024))
+                                                                          smem_limit=H100_SMEM))
     return cases
 
 
-def main(arch: int) -> int:
+# --- the configs the models reach ------------------------------------------------------------
+
+MODEL_BATCHES = (1, 64)
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Constexprs that change only epilogue arithmetic (activation, BatchNorm / bias flags, with a DW_ / PW_
+# prefix in the separable kernel) or the kernel window's index arithmetic: launches that differ in
+# these alone share one compile (the one with the largest window). Tile, warps, stages, dtypes, the
+# K-loop shape (FLAT_K, MULT, HAS_ORDER), the residual load and 64-bit indexing all stay distinct.
+EPILOGUE_ONLY = ("ACT", "HAS_BIAS", "HAS_BN", "HAS_GAMMA", "HAS_BETA", "KH", "KW")
+
+
+def structure_key(fn, spec: dict) -> tuple:
+    declared = {p.name for p in fn.params if p.is_constexpr}
+    flags = []
+    for path, value in spec["constants"].items():
+        name = fn.arg_names[path[0]]
+        if name in declared and name.removeprefix("DW_").removeprefix("PW_") not in EPILOGUE_ONLY:
+            flags.append((name, repr(value)))
+    pointers = tuple(sorted({t for t in spec["signature"].values() if t.startswith("*")}))
+    return fn.__name__, pointers, tuple(sorted(flags)), spec["num_warps"], spec["num_stages"]
+
+
+def _window(fn, spec: dict) -> int:
+    named = {fn.arg_names[path[0]]: v for path, v in spec["constants"].items()}
+    return int(named.get("KH", 1)) * int(named.get("KW", 1))
+
+
+def model_cases(arch: int, models=None) -> list:
+    """One case per distinct compile (structure_key) among the Triton launches every registered model
+    makes (bench/triton_launches.py), at MODEL_DTYPES x MODEL_BATCHES: each at every config the
+    autotuner keeps after its pruning, and at the fixed config. Shared memory: the fixed configs must
+    fit sm_86 / sm_89 (99 KiB), the autotuner's candidates the H100."""
+    from triton.compiler import make_backend
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binders = {}
+    chosen: dict[tuple, tuple] = {}
+    launches = triton_launches.record_model_launches(models or fastbone.list_models(), MODEL_DTYPES, MODEL_BATCHES)
+    for kernel, args, kwargs, origin in launches:
+        smem_limit = H100_SMEM if isinstance(kernel, Autotuner) else FIXED_SMEM
+        for fn, kw in triton_launches.expand_autotuned(kernel, args, kwargs):
+            # Triton's own specialisation of these arguments (what JITFunction.run computes at launch).
+            if fn not in binders:
+                binders[fn] = create_function_from_signature(fn.signature, fn.params, backend)
+            bound, specialization, options = binders[fn](*triton_launches.as_pointers(args), **kw)
+            options, signature, constants, attrs = fn._pack_args(backend, kw, bound, specialization, options)
+            spec = dict(signature=signature, constants=constants, attrs=attrs, num_warps=options.num_warps,
+                        num_stages=options.num_stages, smem_limit=smem_limit)
+            key = structure_key(fn, spec)
+            if key in chosen:
+                old_fn, old_spec, old_origin = chosen[key]
+                spec["smem_limit"] = old_spec["smem_limit"] = min(smem_limit, old_spec["smem_limit"])
+                if _window(fn, spec) <= _window(old_fn, old_spec):
+                    continue
+            chosen[key] = (fn, spec, origin)
+    return [(f"{case_name(fn, spec)} ({origin})", fn, spec) for fn, spec, origin in chosen.values()]
+
+
+def case_name(fn, spec: dict) -> str:
+    """A model case's name, without where it came from: what KNOWN spill lists in the test match."""
+    name, pointers, flags, warps, stages = structure_key(fn, spec)
+    order = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_C", "BLOCK_HW")
+    named = dict(flags)
+    blocks = "x".join(named[k] for k in order if k in named)
+    rest = " ".join(f"{k}={v}" for k, v in flags if not k.startswith("BLOCK"))
+    dtype = spec["signature"][fn.arg_names[0]].lstrip("*")
+    return f"model {name.strip('_')} {dtype} {blocks} w{warps} s{stages} {rest}"
+
+
+def hand_spec(fn, *, pointers: dict, constexprs: dict, floats=(), num_warps=4, num_stages=3,
+              smem_limit=FIXED_SMEM, divisible_by_16=()) -> dict:
+    """compile_specialized's arguments for a hand-written case. pointers: arg name -> element dtype;
+    constexprs: name -> value; floats: scalar args passed as fp32; every other argument is an i32
+    scalar. Stride arguments of 1 are given as constants, and `divisible_by_16` int arguments marked
+    so, as Triton's launcher specialises ints equal to 1 and multiples of 16; pointers are 16-byte
+    aligned (torch's allocations are)."""
+    signature, constants, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in pointers:
+            signature[name] = "*" + TRITON_DTYPE[pointers[name]]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in constexprs:
+            signature[name] = "constexpr"
+            constants[(i,)] = constexprs[name]
+        elif name in floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name in divisible_by_16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return dict(signature=signature, constants=constants, attrs=attrs, num_warps=num_warps, num_stages=num_stages,
+                smem_limit=smem_limit)
+
+
+def all_cases(arch: int, with_models: bool = True) -> list:
+    """The hand-written cases, then the models' cases whose compile no hand-written case already makes."""
+    import time
+
+    cases = [(name, fn, hand_spec(fn, **kwargs)) for name, fn, kwargs in conv_cases() + pool_cases() +
+             depthwise_cases()]
+    if with_models:
+        start = time.monotonic()
+        covered = {structure_key(fn, spec) for _, fn, spec in cases}
+        found = model_cases(arch)
+        extra = [c for c in found if structure_key(c[1], c[2]) not in covered]
+        print(f"model configs: {len(found)} distinct compiles from {len(fastbone.list_models())} models, "
+              f"{len(found) - len(extra)} already among the hand-written cases ({time.monotonic() - start:.0f} s)",
+              file=sys.stderr, flush=True)
+        cases += extra
+    return cases
+
+
+def main(arch: int, with_models: bool = True) -> int:
     assert not INTERPRETED, "run with TRITON_INTERPRET=0"
     failures = 0
-    for name, fn, kwargs in conv_cases() + pool_cases() + depthwise_cases():
+    cases = all_cases(arch, with_models)
+    compiled_fns = {id(fn) for _, fn, _ in cases}
+    for qualname, fn in triton_launches.jit_kernels().items():
+        if id(fn) not in compiled_fns:  # a kernel no model launches and no hand-written case covers
+            failures += 1
+            print(json.dumps({"kernel": f"coverage {qualname}", "case": f"coverage {qualname}", "ok": False,
+                              "problems": [],
+                              "error": f"{qualname} has no compile case: no model launches it and "
+                                       "tests/triton_sm90_compile.py has no hand-written case for it"}), flush=True)
+    for name, fn, spec in cases:
+        case = name.split(" (", 1)[0] if name.startswith("model ") else name  # a model case without its origin
         try:
-            info = compile_kernel(fn, arch=arch, **kwargs)
-            print(json.dumps({"kernel": name, "ok": True, **info}), flush=True)
+            info = compile_specialized(fn, arch=arch, **spec)
+            failures += bool(info["problems"])
+            print(json.dumps({"kernel": name, "case": case, "ok": not info["problems"], **info}), flush=True)
         except Exception as e:  # report every failing kernel, not just the first
             failures += 1
-            print(json.dumps({"kernel": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
+            print(json.dumps({"kernel": name, "case": case, "ok": False, "problems": [],
+                              "error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
+    arch_arg = [a for a in sys.argv[1:] if not a.startswith("--")]
+    sys.exit(main(int(arch_arg[0]) if arch_arg else 90, with_models="--hand-only" not in sys.argv))

@@ -22,7 +22,9 @@
 //
 // Both epilogues apply BatchNorm per channel in float32 exactly as the conv does (ChannelAffine in
 // common.cuh). Blocks loop over work items (grid-stride), so the grid stays within CUDA's limits
-// for any N, C and image size; offsets are 64-bit. The depthwise input region and taps live in
+// for any N, C and image size; offsets are 64-bit. A work item is (image, r) with r < per_image, the
+// items of one image (< 2^31, the launchers check): the loop steps r in 32 bits and carries into the
+// image index (WorkCursor), so no 64-bit division (a called subroutine that spills) is ever needed. The depthwise input region and taps live in
 // dynamic shared memory sized by the launchers (csrc/depthwise_ops.cu and DepthwiseNvrtcMixin in
 // fastbone/cuda/depthwise_launch.py choose the tile so it fits kDwSmemBudget).
 //
@@ -58,6 +60,10 @@ constexpr int kDwMaxBlocks = 65536;      // grid cap: blocks loop over the remai
 constexpr int kDwMinChannelBlock = 16;   // depthwise: output channels per block, 16 / 32 / 64
 constexpr int kDwMaxChannelBlock = 64;
 constexpr int kSepBM = 64, kSepBK = 16, kSepTM = 4;  // separable: pixels, K step, rows per thread
+// Separable kernels' __launch_bounds__ minimum blocks per SM: 2 gives each thread up to 128 registers,
+// which holds the accumulators, the depthwise stage and the addressing without spilling (without the
+// hint ptxas aims at 64 / 80 registers and spills; the test of spills compiles every instantiation).
+constexpr int kSepMinBlocks = 2;
 // Separable column tiles (output channels per block): 16, 64, 128 (TN = BN / 16 per thread).
 // The tensor-core variant's epilogue scratch (one 16 x 16 float tile per warp, in the dynamic shared
 // memory): its launch plan sizes the dynamic shared memory to at least this (in every build, so the
@@ -77,6 +83,22 @@ __device__ __forceinline__ float activate_dynamic(int act, float x, float slope)
   }
 }
 
+// The grid-stride walk over work items (image nb, item r of that image): blockIdx.x, then every
+// gridDim.x-th. per_image < 2^31 and gridDim.x <= kDwMaxBlocks, so r + gridDim.x fits 32 bits.
+struct WorkCursor {
+  long long nb;
+  unsigned r, per_image;
+  __device__ __forceinline__ explicit WorkCursor(unsigned per_image_) : per_image(per_image_) {
+    nb = blockIdx.x / per_image;
+    r = blockIdx.x % per_image;
+  }
+  __device__ __forceinline__ void next() {
+    r += gridDim.x;
+    nb += r / per_image;
+    r %= per_image;
+  }
+};
+
 // (RH, RW) input rows / columns under a tile_h x tile_w output tile.
 __host__ __device__ __forceinline__ int dw_region(int tile, int kernel, int stride, int dilation) {
   return (tile - 1) * stride + (kernel - 1) * dilation + 1;
@@ -87,7 +109,7 @@ __host__ __device__ __forceinline__ int dw_region(int tile, int kernel, int stri
 // ============================================================================================
 
 // bias, bn_*: float32 per output channel or nullptr (ChannelAffine); res: nullptr for none.
-// w: (C_out, 1, KH, KW) by strides; items = N * tiles_h * tiles_w * ceil(C_out / cb).
+// w: (C_out, 1, KH, KW) by strides; an image's work items: tiles_h * tiles_w * ceil(C_out / cb).
 template <typename T, int ACT, int KS>
 __global__ void __launch_bounds__(kDwThreads)
 depthwise_conv_bn_act_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
@@ -100,7 +122,7 @@ depthwise_conv_bn_act_kernel(const T* __restrict__ x, const T* __restrict__ w, c
                              long long srn, long long src, long long srh, long long srw,
                              long long son, long long soc, long long soh, long long sow,
                              int out_c_offset, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h,
-                             int dil_w, int tile_h, int tile_w, int cb, long long items, float eps, float slope) {
+                             int dil_w, int tile_h, int tile_w, int cb, long long N, float eps, float slope) {
   static_assert(KS == 0 || KS == 3 || KS == 5 || KS == 7, "KS: 0 (any KH x KW) or a square 3 / 5 / 7");
   constexpr int KQ = KS > 0 ? KS : 1;  // the register taps' side (unused when KS == 0)
   FB_DW_DYNAMIC_SMEM(smem);
@@ -113,13 +135,11 @@ depthwise_conv_bn_act_kernel(const T* __restrict__ x, const T* __restrict__ w, c
   const int taps = KH * KW;
   const ChannelAffine affine{bias, bn_weight, bn_bias, bn_mean, bn_var, eps};
 
-  for (long long item = blockIdx.x; item < items; item += gridDim.x) {
-    const int cblk = (int)(item % cblocks);
-    long long rest = item / cblocks;
-    const int tw_i = (int)(rest % tiles_w);
-    rest /= tiles_w;
-    const int th_i = (int)(rest % tiles_h);
-    const long long nb = rest / tiles_h;
+  for (WorkCursor cur((unsigned)(tiles_h * tiles_w * cblocks)); cur.nb < N; cur.next()) {
+    const long long nb = cur.nb;
+    const int cblk = (int)(cur.r % cblocks);
+    const int rest = (int)(cur.r / cblocks);
+    const int tw_i = rest % tiles_w, th_i = rest / tiles_w;
     const int c0 = cblk * cb, c_end = min(c0 + cb, C_out);
     const int oh0 = th_i * tile_h, ow0 = tw_i * tile_w;
     // The input channels this block's output channels read: ic0 .. ic0 + icn - 1.
@@ -181,7 +201,7 @@ depthwise_conv_bn_act_kernel(const T* __restrict__ x, const T* __restrict__ w, c
 // The kernels' parameters, flat so NVRTC launches pass plain scalars.
 //   dw_w (C_dw, 1, KH, KW), pw_w (C_out, C_dw / pw_groups, 1, 1), both by strides;
 //   dw_* / pw_*: float32 per channel or nullptr (ChannelAffine); order: int64 [C_dw] or nullptr;
-//   res: nullptr for none. items = N * tiles_h * tiles_w * pw_groups * ceil(C_out_g / BN).
+//   res: nullptr for none. An image's work items: tiles_h * tiles_w * pw_groups * ceil(C_out_g / BN).
 #define FB_SEP_PARAMS(T)                                                                                       \
   const T *__restrict__ x, const T *__restrict__ dw_w, const float *__restrict__ dw_bias,                      \
       const float *__restrict__ dw_bn_weight, const float *__restrict__ dw_bn_bias,                            \
@@ -194,7 +214,7 @@ depthwise_conv_bn_act_kernel(const T* __restrict__ x, const T* __restrict__ w, c
       long long sdw, long long spo, long long spc, long long srn, long long src, long long srh, long long srw,  \
       long long son, long long soc, long long soh, long long sow, int out_c_offset, int stride_h,              \
       int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int dw_act, int tile_h, int tile_w,            \
-      long long items, float dw_eps, float dw_slope, float pw_eps, float pw_slope
+      long long N, float dw_eps, float dw_slope, float pw_eps, float pw_slope
 #define FB_SEP_PROBLEM(T)                                                                                     \
   SepProblem<T> {                                                                                             \
     x, dw_w, ChannelAffine{dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean, dw_bn_var, dw_eps}, pw_w,           \
@@ -220,27 +240,34 @@ struct SepProblem {
   float dw_slope, pw_slope;
 
   __device__ __forceinline__ int k_per_group() const { return C_dw / pw_groups; }
+  __device__ __forceinline__ int tiles_h() const { return (OH + tile_h - 1) / tile_h; }
+  __device__ __forceinline__ int tiles_w() const { return (OW + tile_w - 1) / tile_w; }
 };
 
-// One block's work item, decoded from its index (column block fastest, then group, tile, image).
+// One block's work item: image nb and its item r (column block fastest, then group, then tile).
 struct SepItem {
   long long nb;
   int g, n0, oh0, ow0;
 };
 
+template <int BN>
+__device__ __forceinline__ unsigned sep_items_per_image(int tiles_h, int tiles_w, int pw_groups, int C_out_g) {
+  return (unsigned)(tiles_h * tiles_w * pw_groups * ((C_out_g + BN - 1) / BN));
+}
+
 template <typename T, int BN>
-__device__ __forceinline__ SepItem sep_item(const SepProblem<T>& p, long long item) {
-  const int nblocks = (p.C_out_g + BN - 1) / BN;
-  const int tiles_w = (p.OW + p.tile_w - 1) / p.tile_w, tiles_h = (p.OH + p.tile_h - 1) / p.tile_h;
+__device__ __forceinline__ SepItem sep_item(const SepProblem<T>& p, const WorkCursor& cur) {
+  const unsigned nblocks = (p.C_out_g + BN - 1) / BN;
+  unsigned r = cur.r;
   SepItem it;
-  it.n0 = (int)(item % nblocks) * BN;
-  item /= nblocks;
-  it.g = (int)(item % p.pw_groups);
-  item /= p.pw_groups;
-  it.ow0 = (int)(item % tiles_w) * p.tile_w;
-  item /= tiles_w;
-  it.oh0 = (int)(item % tiles_h) * p.tile_h;
-  it.nb = item / tiles_h;
+  it.nb = cur.nb;
+  it.n0 = (int)(r % nblocks) * BN;
+  r /= nblocks;
+  it.g = (int)(r % p.pw_groups);
+  r /= p.pw_groups;
+  const unsigned tiles_w = p.tiles_w();
+  it.ow0 = (int)(r % tiles_w) * p.tile_w;
+  it.oh0 = (int)(r / tiles_w) * p.tile_h;
   return it;
 }
 
@@ -360,7 +387,7 @@ __device__ __forceinline__ void sep_store(const SepProblem<T>& p, const SepItem&
 // The plain (SIMT) variant: A (depthwise output) and B (pointwise weights) tiles as float32, each
 // thread accumulates TM x TN outputs, TN = BN / 16 (BN = 16, 64, 128).
 template <typename T, int ACT, int BN>
-__global__ void __launch_bounds__(kDwThreads) separable_conv_bn_act_kernel(FB_SEP_PARAMS(T)) {
+__global__ void __launch_bounds__(kDwThreads, kSepMinBlocks) separable_conv_bn_act_kernel(FB_SEP_PARAMS(T)) {
   constexpr int BM = kSepBM, BK = kSepBK, TM = kSepTM, TN = BN / 16;
   static_assert((BM / TM) * (BN / TN) == kDwThreads, "one thread per TM x TN outputs");
   const SepProblem<T> p = FB_SEP_PROBLEM(T);
@@ -373,8 +400,9 @@ __global__ void __launch_bounds__(kDwThreads) separable_conv_bn_act_kernel(FB_SE
   const int tn = threadIdx.x % (BN / TN), tm = threadIdx.x / (BN / TN);
   const int K = C_dw / pw_groups;
 
-  for (long long item = blockIdx.x; item < items; item += gridDim.x) {
-    const SepItem it = sep_item<T, BN>(p, item);
+  for (WorkCursor cur(sep_items_per_image<BN>(p.tiles_h(), p.tiles_w(), pw_groups, C_out_g)); cur.nb < N;
+       cur.next()) {
+    const SepItem it = sep_item<T, BN>(p, cur);
     float acc[TM][TN];
     FB_UNROLL
     for (int i = 0; i < TM; ++i)
@@ -420,7 +448,7 @@ __global__ void __launch_bounds__(kDwThreads) separable_conv_bn_act_kernel(FB_SE
 constexpr int kSepTcMinCC = FB_SEP_TC_MIN_CC;
 
 template <typename T, int ACT, int BN>
-__global__ void __launch_bounds__(kDwThreads) separable_conv_bn_act_tc_kernel(FB_SEP_PARAMS(T)) {
+__global__ void __launch_bounds__(kDwThreads, kSepMinBlocks) separable_conv_bn_act_tc_kernel(FB_SEP_PARAMS(T)) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < FB_SEP_TC_MIN_CC * 10
   __trap();  // compiled for an older GPU (FASTBONE_CUDA_ARCHS): never launched there
 #else
@@ -442,8 +470,9 @@ __global__ void __launch_bounds__(kDwThreads) separable_conv_bn_act_tc_kernel(FB
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
   const int K = C_dw / pw_groups;
 
-  for (long long item = blockIdx.x; item < items; item += gridDim.x) {
-    const SepItem it = sep_item<T, BN>(p, item);
+  for (WorkCursor cur(sep_items_per_image<BN>(p.tiles_h(), p.tiles_w(), pw_groups, C_out_g)); cur.nb < N;
+       cur.next()) {
+    const SepItem it = sep_item<T, BN>(p, cur);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FR_M][2];
     FB_UNROLL
     for (int i = 0; i < FR_M; ++i)

@@ -127,6 +127,13 @@ def _grid(items: int, max_blocks: int) -> int:
     return min(items, cap)
 
 
+def _check_per_image(per_image: int, kernel: str) -> None:
+    """The kernels step through an image's work items in 32 bits (csrc's dw_check_int)."""
+    if per_image > 2**31 - 1:
+        raise ValueError(f"the {kernel} kernel's work items per image = {per_image} is outside the depthwise "
+                         "kernels' 32-bit index range")
+
+
 def _check_bn(bn_mean: int, bn_var: int, prefix: str = "") -> None:
     if (bn_mean == 0) != (bn_var == 0):
         raise ValueError(f"{prefix}BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm)")
@@ -155,10 +162,12 @@ class DepthwiseNvrtcMixin:
         if th == 0:
             raise ValueError(f"depthwise_conv_bn_act: a {kh}x{kw} kernel with dilation {conv[4]}x{conv[5]} needs more "
                              "shared memory than the depthwise kernel has; run conv_bn_act")
-        items = n * _cdiv(oh, th) * _cdiv(ow, tw) * _cdiv(c_out, cb)
+        per_image = _cdiv(oh, th) * _cdiv(ow, tw) * _cdiv(c_out, cb)
+        _check_per_image(per_image, "depthwise")
+        items = n * per_image
         args = (x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, out, x_shape[2], x_shape[3], c_out, oh, ow,
                 kh, kw, c_out // c_in, *x_strides, w_strides[0], w_strides[2], w_strides[3], *res_strides,
-                *out_strides, out_c_offset, *conv, th, tw, cb, items, eps, slope)
+                *out_strides, out_c_offset, *conv, th, tw, cb, n, eps, slope)
         self._launch("depthwise.cuh", "fb::depthwise_conv_bn_act_kernel",
                      f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {depthwise_ks(kh, kw)}", (_grid(items, max_blocks),),
                      _C["dw_threads"], args, stream, smem)
@@ -183,12 +192,14 @@ class DepthwiseNvrtcMixin:
             raise ValueError(f"separable_conv_bn_act: a {kh}x{kw} depthwise kernel with dilation {conv[4]}x{conv[5]} "
                              "needs more shared memory than the fused kernel has; run depthwise_conv_bn_act, then "
                              "conv_bn_act")
-        items = n * _cdiv(oh, th) * _cdiv(ow, tw) * pw_groups * _cdiv(c_out_g, bn)
+        per_image = _cdiv(oh, th) * _cdiv(ow, tw) * pw_groups * _cdiv(c_out_g, bn)
+        _check_per_image(per_image, "separable")
+        items = n * per_image
         args = (x, dw_w, dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean, dw_bn_var, pw_w, pw_bias, pw_bn_weight,
                 pw_bn_bias, pw_bn_mean, pw_bn_var, channel_order, residual, out, x_shape[2], x_shape[3], c_dw, oh, ow,
                 kh, kw, c_dw // c_in, c_out_g, pw_groups, *x_strides, dw_w_strides[0], dw_w_strides[2],
                 dw_w_strides[3], pw_w_strides[0], pw_w_strides[1], *res_strides, *out_strides, out_c_offset, *conv,
-                dw_act, th, tw, items, dw_eps, dw_slope, pw_eps, pw_slope)
+                dw_act, th, tw, n, dw_eps, dw_slope, pw_eps, pw_slope)
         name = "fb::separable_conv_bn_act_tc_kernel" if tensor_cores and bn >= 64 else "fb::separable_conv_bn_act_kernel"
         self._launch("depthwise.cuh", name, f"{_CUDA_TYPE_NAMES[dtype]}, {pw_act}, {bn}", (_grid(items, max_blocks),),
                      _C["dw_threads"], args, stream, smem)
