@@ -21,8 +21,10 @@ $(STAMP): setup.py requirements-dev.txt $(CSRC)
 verify: install
 	$(BIN)/fastbone verify
 
+# --dist loadgroup: tests marked xdist_group(name) share one worker (an expensive session
+# fixture, e.g. the sm_90 compile checks, then runs once); the rest is distributed as --dist load.
 test: install
-	$(BIN)/python -m pytest -n 2 --durations=20
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=30
 
 bench: install
 	$(BIN)/python -m pytest bench

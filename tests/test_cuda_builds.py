@@ -42,9 +42,23 @@ def test_aot_build_was_built():
     assert public_functions(aot) == public_functions(emu) - emu_only
 
 
+def _one_per_template_and_dtype(names: list[str]) -> list[str]:
+    """The first instantiation of each kernel template per element type. NVRTC is what differs from
+    the nvcc build (headers, no host code), not the instantiations, which `_C`'s nvcc build compiles
+    in full for every arch; compiling all 200+ through NVRTC cost minutes of CI."""
+    seen, picked = set(), []
+    for name in names:
+        template, _, args = name.partition("<")
+        key = (template, args.split(",")[0])
+        if key not in seen:
+            seen.add(key)
+            picked.append(name)
+    return picked
+
+
 @pytest.mark.parametrize("file", sorted(NVRTC_KERNELS))
 def test_every_kernel_source_compiles_through_nvrtc_for_sm90(file):
-    names = NVRTC_KERNELS[file]
+    names = _one_per_template_and_dtype(NVRTC_KERNELS[file])
     compiled = nvrtc.compile_kernels(file, names, arch="sm_90")
     assert compiled.arch == "sm_90" and compiled.path.stat().st_size > 0
     assert set(compiled.lowered_names) == set(names)
