@@ -14,7 +14,7 @@ the one fastbone documents where torch has no counterpart. These run in subproce
 run in one process at a time: a crash fails the test naming the case, and the rest resume in a
 new process.
 
-Adding an op family (depthwise, separable, ...): write `gen_<family>(rng, dtype) -> Case` (and,
+Adding an op family: write `gen_<family>(rng, dtype) -> Case` (and,
 for bad input, `bad_<family>(rng) -> BadCase`), then append it to FAMILIES (BAD_INPUTS) with its
 CI case count. Each case is derived from (FASTBONE_FUZZ_SEED, family, index) alone, so a failure
 message's case reproduces by itself.
@@ -41,7 +41,7 @@ from torch import nn
 
 import fastbone
 from fastbone.ops import (adaptive_avg_pool2d, avg_pool2d, conv_bias_act, conv_bn_act, conv_bn_act_maxpool,
-                          max_pool2d)
+                          depthwise_conv_bn_act, max_pool2d, separable_conv_bn_act)
 from fastbone.ops._checks import ArgumentError
 from fastbone.ops.activation import ACTIVATIONS, apply_activation
 from helpers import rel_err
@@ -286,6 +286,107 @@ def gen_stem(rng, dtype) -> Case:
                                                    pool_padding=pp, ceil_mode=ceil), []), reference, TOL[dtype])
 
 
+def _reference_conv_bn(x, conv, bn):
+    y = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(), conv.stride,
+                 conv.padding, conv.dilation, conv.groups)
+    if bn is None:
+        return y
+    return F.batch_norm(y, bn.running_mean.double(), bn.running_var.double(),
+                        None if bn.weight is None else bn.weight.double(),
+                        None if bn.bias is None else bn.bias.double(), False, 0.0, bn.eps)
+
+
+def _random_conv(rng, c_in, c_out, k, stride, pad, dil, groups, dtype):
+    conv = nn.Conv2d(c_in, c_out, k, stride, pad, dil, groups, bias=rng.random() < 0.4)
+    with torch.no_grad():
+        conv.weight.copy_(_tensor(rng, conv.weight.shape) / (conv.weight[0].numel()) ** 0.5)
+        if conv.bias is not None:
+            conv.bias.copy_(_tensor(rng, c_out, scale=0.3))
+    return conv.to(dtype)
+
+
+def _into_runner(rng_name, call, n, c_out, oh, ow, dtype, into):
+    def run():
+        if not into:
+            return call(), []
+        buf, offset = _slice_buffer(random.Random(rng_name), n, c_out, oh, ow, dtype)
+        sentinel = buf.clone()
+        assert call(out=buf, out_channel_offset=offset) is buf
+        return buf[:, offset:offset + c_out], _check_slice(buf, sentinel, offset, c_out)
+    return run
+
+
+def gen_depthwise(rng, dtype) -> Case:
+    """depthwise kxk (channel multiplier, stride, dilation) + BatchNorm / bias + act (+ residual, slice)."""
+    c, mult = rng.choice((1, 3, 8, 17, 33)), rng.choice((1, 1, 2))
+    k = rng.choice(((3, 3), (3, 3), (5, 5), (7, 7), (3, 5), (1, 1)))
+    stride, dil = (rng.randint(1, 2), rng.randint(1, 2)), (rng.choice((1, 1, 2)), 1)
+    pad = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
+    n = rng.choice((1, 2))
+    h, w = (d * (kk - 1) + 1 + rng.randint(0, 9) for d, kk in zip(dil, k))
+    x, layout = _layout(rng, _tensor(rng, (n, c, h, w), dtype))
+    conv = _random_conv(rng, c, c * mult, k, stride, pad, dil, c, dtype)
+    bn = _random_bn(rng, c * mult) if rng.random() < 0.7 else None
+    act, slope = rng.choice(list(ACTIVATIONS)), 0.1
+    ref_conv = _reference_conv_bn(x, conv, bn)
+    oh, ow = ref_conv.shape[2:]
+    residual = _tensor(rng, (n, c * mult, oh, ow), dtype) if rng.random() < 0.3 else None
+    into = rng.random() < 0.3
+    name = (f"depthwise {dtype} x={tuple(x.shape)} {layout} mult={mult} k={k} stride={stride} pad={pad} dil={dil} "
+            f"bn={bn is not None} bias={conv.bias is not None} act={act} residual={residual is not None} into={into}")
+
+    def call(**kw):
+        return depthwise_conv_bn_act(x, conv, bn, act, slope=slope, residual=residual, **kw)
+
+    def reference():
+        y = ref_conv if residual is None else ref_conv + residual.double()
+        return apply_activation(y, act, slope)
+
+    return Case(name, _into_runner(name, call, n, c * mult, oh, ow, dtype, into), reference, TOL[dtype])
+
+
+def gen_separable(rng, dtype) -> Case:
+    """depthwise kxk + BN + act -> (channel order) -> pointwise 1x1 (groups) + BN + act (+ residual, slice)."""
+    pw_groups = rng.choice((1, 1, 1, 2))
+    c = pw_groups * rng.choice((1, 4, 9, 16, 20))
+    c_out = pw_groups * rng.choice((1, 3, 8, 17, 24))
+    k = rng.choice((3, 3, 5, 7))
+    stride, pad, dil = rng.randint(1, 2), rng.randint(0, k // 2), rng.choice((1, 1, 2))
+    n = rng.choice((1, 2))
+    h, w = dil * (k - 1) + 1 + rng.randint(0, 8), dil * (k - 1) + 1 + rng.randint(0, 8)
+    x, layout = _layout(rng, _tensor(rng, (n, c, h, w), dtype))
+    dw = _random_conv(rng, c, c, k, stride, pad, dil, c, dtype)
+    pw = _random_conv(rng, c, c_out, 1, 1, 0, 1, pw_groups, dtype)
+    dw_bn = _random_bn(rng, c) if rng.random() < 0.8 else None
+    pw_bn = _random_bn(rng, c_out) if rng.random() < 0.8 else None
+    dw_act, pw_act = rng.choice(list(ACTIVATIONS)), rng.choice(list(ACTIVATIONS))
+    order = torch.randperm(c, generator=torch.Generator().manual_seed(rng.getrandbits(31))) \
+        if rng.random() < 0.3 else None
+    ref_dw = apply_activation(_reference_conv_bn(x, dw, dw_bn), dw_act, 0.1)
+    oh, ow = ref_dw.shape[2:]
+    residual = _tensor(rng, (n, c_out, oh, ow), dtype) if rng.random() < 0.3 else None
+    into = rng.random() < 0.3
+    name = (f"separable {dtype} x={tuple(x.shape)} {layout} k={k} stride={stride} pad={pad} dil={dil} "
+            f"dw_bn={dw_bn is not None} dw_act={dw_act} -> {c_out} groups={pw_groups} pw_bn={pw_bn is not None} "
+            f"pw_act={pw_act} order={order is not None} residual={residual is not None} into={into}")
+
+    def call(**kw):
+        return separable_conv_bn_act(x, dw, dw_bn, dw_act, pw, pw_bn, pw_act, residual=residual,
+                                     channel_order=order, **kw)
+
+    def reference():
+        y = ref_dw if order is None else ref_dw[:, order]
+        y = _reference_conv_bn(y, pw, pw_bn)
+        if residual is not None:
+            y = y + residual.double()
+        return apply_activation(y, pw_act, 0.1)
+
+    # The depthwise result is rounded to the run dtype before the pointwise GEMM: in float16 that
+    # rounding is amplified by the pointwise sum and BatchNorm's scale.
+    return Case(name, _into_runner(name, call, n, c_out, oh, ow, dtype, into), reference,
+                TOL[dtype] * (1 if dtype == torch.float32 else 3))
+
+
 # family -> (generator, cases per backend in CI)
 FAMILIES: dict[str, tuple[Callable, int]] = {
     "conv": (gen_conv, 250),
@@ -293,6 +394,8 @@ FAMILIES: dict[str, tuple[Callable, int]] = {
     "avg_pool2d": (gen_avg_pool2d, 150),
     "adaptive_avg_pool2d": (gen_adaptive_avg_pool2d, 120),
     "stem": (gen_stem, 120),
+    "depthwise": (gen_depthwise, 60),
+    "separable": (gen_separable, 60),
 }
 
 
