@@ -35,6 +35,28 @@ from .conv import _bias_batchnorm
 
 
 @triton.jit
+def _depthwise_taps(x_ptr, w_ptr, x_pix, x_col, w_row, ih0, iw0, row_ok, col_ok, H, W, sxh, sxw, swh, sww,
+                    dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The depthwise sum over the KH x KW taps for a tile of output pixels (rows) x channels, in
+    float32: x_pix / ih0 / iw0 per pixel, x_col (input channel offset) and w_row (weight row) per
+    channel. Taps outside the image read as zero padding. Shared by the depthwise kernel and the
+    separable kernel's A side."""
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = ih0 + kh * dil_h
+        ok_h = row_ok & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = iw0 + kw * dil_w
+            ok = ok_h & (iw >= 0) & (iw < W)
+            tap = kh * dil_h * sxh + kw * dil_w * sxw
+            xv = tl.load(x_ptr + (x_pix + tap)[:, None] + x_col[None, :], mask=ok[:, None] & col_ok[None, :],
+                         other=0.0)
+            wv = tl.load(w_ptr + w_row + (kh * swh + kw * sww), mask=col_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _depthwise_kernel(
     x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, res_ptr, out_ptr,
     P, H, W, OH, OW, C_OUT,
@@ -63,18 +85,8 @@ def _depthwise_kernel(
     x_col = (oc // MULT).to(tl.int64) * sxc
     w_row = oc.to(tl.int64) * swo
 
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        ih = ih0 + kh * dil_h
-        ok_h = mask_p & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(KW):
-            iw = iw0 + kw * dil_w
-            ok = ok_h & (iw >= 0) & (iw < W)
-            tap = kh * dil_h * sxh + kw * dil_w * sxw
-            xv = tl.load(x_ptr + (x_pix + tap)[:, None] + x_col[None, :], mask=ok[:, None] & mask_c[None, :],
-                         other=0.0)
-            wv = tl.load(w_ptr + w_row + (kh * swh + kw * sww), mask=mask_c, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    acc = _depthwise_taps(x_ptr, w_ptr, x_pix, x_col, w_row, ih0, iw0, mask_p, mask_c, H, W, sxh, sxw, swh, sww,
+                          dil_h, dil_w, KH, KW, BLOCK_P, BLOCK_C)
 
     acc = _bias_batchnorm(acc, oc, mask_c, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
                           HAS_BIAS, HAS_BN, HAS_GAMMA, HAS_BETA)
@@ -147,18 +159,8 @@ def _separable_kernel(
         x_col = (dwc // MULT).to(tl.int64) * sxc
         dw_row = dwc.to(tl.int64) * sdo
 
-        d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for kh in tl.static_range(KH):
-            ih = ih0 + kh * dil_h
-            ok_h = mask_m & (ih >= 0) & (ih < H)
-            for kw in tl.static_range(KW):
-                iw = iw0 + kw * dil_w
-                ok = ok_h & (iw >= 0) & (iw < W)
-                tap = kh * dil_h * sxh + kw * dil_w * sxw
-                xv = tl.load(x_ptr + (x_pix + tap)[:, None] + x_col[None, :], mask=ok[:, None] & k_ok[None, :],
-                             other=0.0)
-                wv = tl.load(dw_w_ptr + dw_row + (kh * sdh + kw * sdw), mask=k_ok, other=0.0)
-                d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        d = _depthwise_taps(x_ptr, dw_w_ptr, x_pix, x_col, dw_row, ih0, iw0, mask_m, k_ok, H, W, sxh, sxw, sdh, sdw,
+                            dil_h, dil_w, KH, KW, BLOCK_M, BLOCK_K)
         d = _bias_batchnorm(d, dwc, k_ok, dw_bias_ptr, dw_gamma_ptr, dw_beta_ptr, dw_mean_ptr, dw_var_ptr, dw_eps,
                             DW_HAS_BIAS, DW_HAS_BN, DW_HAS_GAMMA, DW_HAS_BETA)
         d = apply_activation(d, DW_ACT, dw_slope)
