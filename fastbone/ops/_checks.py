@@ -181,3 +181,29 @@ def quiet_under_jit_trace(check):
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             return check(*args, **kwargs)
     return wrapper
+
+
+def check_result_args(x, expect, residual, out, out_channel_offset, reads) -> None:
+    """A residual and an `out` channel slice for an op whose result has shape `expect`; `reads`
+    are the (name, tensor) pairs the op reads, which `out` must not overlap."""
+    n, c_out, oh, ow = expect
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if tuple(residual.shape) != expect:
+            raise ArgumentError(f"residual has shape {tuple(residual.shape)}, expected {expect}")
+        if residual.dtype != x.dtype:
+            raise ArgumentTypeError(f"residual has dtype {residual.dtype}, expected the input's {x.dtype}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if not isinstance(out_channel_offset, int) or isinstance(out_channel_offset, bool) or out_channel_offset < 0:
+            raise ArgumentError(f"out_channel_offset must be an int >= 0, got {out_channel_offset!r}")
+        if out.dim() != 4 or (out.shape[0], out.shape[2], out.shape[3]) != (n, oh, ow) \
+                or out.shape[1] < out_channel_offset + c_out:
+            raise ArgumentError(f"out has shape {tuple(out.shape)}; expected (N={n}, C>={out_channel_offset + c_out}, "
+                                f"{oh}, {ow}) to hold channels [{out_channel_offset}, {out_channel_offset + c_out})")
+        if out.dtype != x.dtype:
+            raise ArgumentTypeError(f"out has dtype {out.dtype}, expected the input's {x.dtype}")
+        check_output_tensor(out.narrow(1, out_channel_offset, c_out), reads_elementwise=(("residual", residual),),
+                            reads=reads)

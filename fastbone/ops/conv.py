@@ -37,7 +37,7 @@ from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kerne
 from fastbone.kernels import conv as triton_conv, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
 from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_kernel_dtype,
-                      check_output_tensor, check_same_device, check_window, pair, quiet_under_jit_trace)
+                      check_result_args, check_same_device, check_window, pair, quiet_under_jit_trace)
 from .._backend import resolve_backend
 from ._registry import find_impl, get_impl, register_impl
 from .activation import ACTIVATIONS, DEFAULT_LEAKY_SLOPE, activation_code, apply_activation
@@ -109,27 +109,8 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
     oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
     expect = (x.shape[0], c_out, oh, ow)
-    if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-        if tuple(residual.shape) != expect:
-            raise ArgumentError(f"residual has shape {tuple(residual.shape)}, expected {expect}")
-        if residual.dtype != x.dtype:
-            raise ArgumentTypeError(f"residual has dtype {residual.dtype}, expected the input's {x.dtype}")
-    if out is not None:
-        if not isinstance(out, Tensor):
-            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-        if not isinstance(out_channel_offset, int) or isinstance(out_channel_offset, bool) or out_channel_offset < 0:
-            raise ArgumentError(f"out_channel_offset must be an int >= 0, got {out_channel_offset!r}")
-        if out.dim() != 4 or (out.shape[0], out.shape[2], out.shape[3]) != (expect[0], oh, ow) \
-                or out.shape[1] < out_channel_offset + c_out:
-            raise ArgumentError(f"out has shape {tuple(out.shape)}; expected (N={expect[0]}, C>="
-                                f"{out_channel_offset + c_out}, {oh}, {ow}) to hold channels "
-                                f"[{out_channel_offset}, {out_channel_offset + c_out})")
-        if out.dtype != x.dtype:
-            raise ArgumentTypeError(f"out has dtype {out.dtype}, expected the input's {x.dtype}")
-        check_output_tensor(out.narrow(1, out_channel_offset, c_out), reads_elementwise=(("residual", residual),),
-                            reads=(("input", x), ("weight", weight), ("bias", bias), *bn_tensors))
+    check_result_args(x, expect, residual, out, out_channel_offset,
+                      (("input", x), ("weight", weight), ("bias", bias), *bn_tensors))
     return expect
 
 

@@ -62,8 +62,8 @@ from torch import Tensor, nn
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import depthwise as triton_dw, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
-from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_kernel_dtype,
-                      check_output_tensor, check_same_device, quiet_under_jit_trace)
+from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_kernel_dtype, check_result_args,
+                      check_same_device, quiet_under_jit_trace)
 from ._registry import get_impl, register_impl
 from .activation import DEFAULT_LEAKY_SLOPE, activation_code
 from .conv import (_channel_vector, _conv_padding, _input_precision, batchnorm_tensors, conv_output_size,
@@ -100,30 +100,6 @@ def _check_weight(w, name: str, layout: str) -> None:
         raise ArgumentError(f"{name} must be a 4-D tensor {layout}, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
         raise ArgumentTypeError(f"{name} has dtype {w.dtype}; accepted: a floating-point dtype")
-
-
-def _check_result_args(x, expect, residual, out, out_channel_offset, reads) -> None:
-    n, c_out, oh, ow = expect
-    if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-        if tuple(residual.shape) != expect:
-            raise ArgumentError(f"residual has shape {tuple(residual.shape)}, expected {expect}")
-        if residual.dtype != x.dtype:
-            raise ArgumentTypeError(f"residual has dtype {residual.dtype}, expected the input's {x.dtype}")
-    if out is not None:
-        if not isinstance(out, Tensor):
-            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-        if not isinstance(out_channel_offset, int) or isinstance(out_channel_offset, bool) or out_channel_offset < 0:
-            raise ArgumentError(f"out_channel_offset must be an int >= 0, got {out_channel_offset!r}")
-        if out.dim() != 4 or (out.shape[0], out.shape[2], out.shape[3]) != (n, oh, ow) \
-                or out.shape[1] < out_channel_offset + c_out:
-            raise ArgumentError(f"out has shape {tuple(out.shape)}; expected (N={n}, C>={out_channel_offset + c_out}, "
-                                f"{oh}, {ow}) to hold channels [{out_channel_offset}, {out_channel_offset + c_out})")
-        if out.dtype != x.dtype:
-            raise ArgumentTypeError(f"out has dtype {out.dtype}, expected the input's {x.dtype}")
-        check_output_tensor(out.narrow(1, out_channel_offset, c_out), reads_elementwise=(("residual", residual),),
-                            reads=reads)
 
 
 def _check_depthwise_part(x, weight, bias, bn_tensors, stride, padding, dilation, prefix: str):
@@ -173,7 +149,7 @@ def _check_depthwise_args(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, 
     bn_tensors = _bn_named("", bn_weight, bn_bias, bn_mean, bn_var)
     expect = _check_depthwise_part(x, weight, bias, bn_tensors, stride, padding, dilation, "")
     check_same_device(x, weight=weight, bias=bias, residual=residual, out=out, **dict(bn_tensors))
-    _check_result_args(x, expect, residual, out, out_channel_offset,
+    check_result_args(x, expect, residual, out, out_channel_offset,
                        reads=(("input", x), ("weight", weight), ("bias", bias), *bn_tensors))
     return expect
 
@@ -219,7 +195,7 @@ def _check_separable_args(x, dw_weight, dw_bias, dw_bn, stride, padding, dilatio
     check_same_device(x, dw_weight=dw_weight, dw_bias=dw_bias, pw_weight=pw_weight, pw_bias=pw_bias,
                       channel_order=channel_order, residual=residual, out=out, **dict(dw_named), **dict(pw_named))
     expect = (n, c_out, oh, ow)
-    _check_result_args(x, expect, residual, out, out_channel_offset,
+    check_result_args(x, expect, residual, out, out_channel_offset,
                        reads=(("input", x), ("dw_weight", dw_weight), ("dw_bias", dw_bias), *dw_named,
                               ("pw_weight", pw_weight), ("pw_bias", pw_bias), *pw_named,
                               ("channel_order", channel_order)))
