@@ -14,11 +14,12 @@ The group index is the third grid axis: grouped and depthwise convolutions are
 the same kernel with G > 1.
 """
 import os
+from types import MappingProxyType
 
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, launchable
+from . import INTERPRETED, cdiv, launchable, memoize_for_ints, pow2_clamp
 from .activation import apply_activation
 
 
@@ -153,15 +154,12 @@ def _conv_bn_act_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
 # Below this many input channels per group the K loop runs over (kh, kw, c) flattened.
 FLAT_K_MAX_CHANNELS = 16
 
 
-def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: int = 2) -> dict:
+@memoize_for_ints
+def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: int = 2) -> MappingProxyType:
     """One fixed config per problem shape. Under the interpreter each program instance and
     each loop step costs milliseconds whatever the block size, so blocks are as big as the
     problem allows and there is no autotuning. On the GPU the pipelined tiles must fit
@@ -169,17 +167,18 @@ def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: in
     flat_k = c_in_g < FLAT_K_MAX_CHANNELS
     k_extent = c_in_g * k_area if flat_k else c_in_g
     if INTERPRETED:
-        return dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_N=_pow2_clamp(c_out_g, 16, 256),
-                    BLOCK_K=_pow2_clamp(k_extent, 16, 256), GROUP_M=8, FLAT_K=flat_k, num_warps=4, num_stages=1)
-    block_n = _pow2_clamp(c_out_g, 16, 128)
-    block_k = _pow2_clamp(k_extent, 16, 64 if elem_bytes <= 2 else 32)
+        return MappingProxyType(dict(BLOCK_M=pow2_clamp(m, 16, 256), BLOCK_N=pow2_clamp(c_out_g, 16, 256),
+                                     BLOCK_K=pow2_clamp(k_extent, 16, 256), GROUP_M=8, FLAT_K=flat_k,
+                                     num_warps=4, num_stages=1))
+    block_n = pow2_clamp(c_out_g, 16, 128)
+    block_k = pow2_clamp(k_extent, 16, 64 if elem_bytes <= 2 else 32)
     block_m = 128 if m >= 4096 else 64
     stages = 3 if block_k <= 32 else 2
     while stages > 1 and stages * (block_m + block_n) * block_k * elem_bytes > 96 * 1024:
         stages -= 1
     warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, FLAT_K=flat_k,
-                num_warps=warps, num_stages=stages)
+    return MappingProxyType(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, FLAT_K=flat_k,
+                                 num_warps=warps, num_stages=stages))
 
 
 # GPU tile candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for the autotuner; each problem
@@ -196,8 +195,8 @@ def _prune_tiles(configs, named_args, **kwargs):
     """Drop tiles far larger than the problem (a 64-channel layer gains nothing from BLOCK_N=256)."""
     c_out_g, c_in_g = named_args["C_OUT_G"], named_args["C_IN_G"]
     k_extent = c_in_g * kwargs.get("KH", 1) * kwargs.get("KW", 1) if kwargs.get("FLAT_K") else c_in_g
-    n_cap = _pow2_clamp(c_out_g, 16, 256)
-    k_cap = _pow2_clamp(k_extent, 16, 64)
+    n_cap = pow2_clamp(c_out_g, 16, 256)
+    k_cap = pow2_clamp(k_extent, 16, 64)
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
     return kept or configs[:1]
 
@@ -265,8 +264,8 @@ def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
         return out
     # Program ids along the first axis: split the batch where they would pass 2^31 - 1 (only at
     # the smallest tiles, 16 x 16, and an enormous problem).
-    per_image = triton.cdiv(oh * ow, 16) * triton.cdiv(c_out_g, 16)
-    if n > 1 and triton.cdiv(m, 16) * triton.cdiv(c_out_g, 16) > MAX_GRID_X:
+    per_image = cdiv(oh * ow, 16) * cdiv(c_out_g, 16)
+    if n > 1 and cdiv(m, 16) * cdiv(c_out_g, 16) > MAX_GRID_X:
         step = max(1, MAX_GRID_X // per_image - 1)
         for n0 in range(0, n, step):
             sl = slice(n0, min(n, n0 + step))
@@ -280,10 +279,10 @@ def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
         kernel, cfg = _conv_bn_act_autotuned, dict(FLAT_K=cfg["FLAT_K"])
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)
+            return (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out_g, meta["BLOCK_N"]), groups)
     else:
         kernel = _conv_bn_act_kernel
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups)
+        grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), groups)
     res = residual if residual is not None else out  # never read when HAS_RES is False
     # Absent per-channel tensors are never read (their HAS_* flag is False); any pointer will do.
     vectors = [t if t is not None else out for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]

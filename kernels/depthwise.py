@@ -25,11 +25,12 @@ channel slice of `out` (out_c_offset). Every tensor is addressed through its str
 (logical NCHW shapes; any layout), with int64 per-pixel offsets.
 """
 import os
+from types import MappingProxyType
 
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, launchable
+from . import INTERPRETED, cdiv, launchable, memoize_for_ints, pow2_clamp
 from .activation import apply_activation
 from .conv import _bias_batchnorm
 
@@ -188,9 +189,6 @@ def _separable_kernel(
 
 # --- configs --------------------------------------------------------------------------------
 
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
 
 # Under the interpreter each program instance costs milliseconds while a numpy op on a tile of
 # this many elements costs microseconds, so tiles are big and there is no autotuning.
@@ -198,13 +196,15 @@ _INTERPRETED_TILE = 16384
 AUTOTUNE = not INTERPRETED and os.environ.get("FASTBONE_TRITON_AUTOTUNE", "1") != "0"
 
 
-def depthwise_block_config(p: int, c_out: int) -> dict:
+@memoize_for_ints
+def depthwise_block_config(p: int, c_out: int) -> MappingProxyType:
     """The fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) config of the depthwise kernel."""
     if INTERPRETED:
-        block_c = _pow2_clamp(c_out, 1, 256)
-        return dict(BLOCK_P=_pow2_clamp(p, 1, _INTERPRETED_TILE // block_c), BLOCK_C=block_c, num_warps=4)
-    block_c = _pow2_clamp(c_out, 8, 64)
-    return dict(BLOCK_P=2048 // block_c, BLOCK_C=block_c, num_warps=4)
+        block_c = pow2_clamp(c_out, 1, 256)
+        return MappingProxyType(dict(BLOCK_P=pow2_clamp(p, 1, _INTERPRETED_TILE // block_c), BLOCK_C=block_c,
+                                     num_warps=4))
+    block_c = pow2_clamp(c_out, 8, 64)
+    return MappingProxyType(dict(BLOCK_P=2048 // block_c, BLOCK_C=block_c, num_warps=4))
 
 
 # GPU candidates (BLOCK_P, BLOCK_C, warps): wide channel blocks for coalescing, and pixel blocks
@@ -215,7 +215,7 @@ DEPTHWISE_GPU_TILES = [
 
 
 def _prune_depthwise(configs, named_args, **kwargs):
-    cap = _pow2_clamp(named_args["C_OUT"], 8, 256)
+    cap = pow2_clamp(named_args["C_OUT"], 8, 256)
     kept = [c for c in configs if c.kwargs["BLOCK_C"] <= cap]
     return kept or configs[:1]
 
@@ -227,15 +227,16 @@ _depthwise_autotuned = triton.autotune(
 )(_depthwise_kernel) if AUTOTUNE else None
 
 
-def separable_block_config(m: int, c_out_g: int, k_g: int, elem_bytes: int = 2, taps: int = 9) -> dict:
+@memoize_for_ints
+def separable_block_config(m: int, c_out_g: int, k_g: int, elem_bytes: int = 2, taps: int = 9) -> MappingProxyType:
     """The fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) config of the separable kernel;
     on the GPU pipelined (2 stages) where that fits 92 KiB of shared memory (sm_86 / sm_89 allow 99)."""
     if INTERPRETED:
-        return dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_N=_pow2_clamp(c_out_g, 16, 256),
-                    BLOCK_K=_pow2_clamp(k_g, 16, 128), num_warps=4, num_stages=1)
-    block_n, block_k = _pow2_clamp(c_out_g, 16, 128), _pow2_clamp(k_g, 16, 32)
+        return MappingProxyType(dict(BLOCK_M=pow2_clamp(m, 16, 256), BLOCK_N=pow2_clamp(c_out_g, 16, 256),
+                                     BLOCK_K=pow2_clamp(k_g, 16, 128), num_warps=4, num_stages=1))
+    block_n, block_k = pow2_clamp(c_out_g, 16, 128), pow2_clamp(k_g, 16, 32)
     stages = 2 if separable_smem_bytes(64, block_n, block_k, taps, elem_bytes, 2) <= 92 * 1024 else 1
-    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+    return MappingProxyType(dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages))
 
 
 def separable_smem_bytes(block_m: int, block_n: int, block_k: int, taps: int, elem_bytes: int, stages: int) -> int:
@@ -262,8 +263,8 @@ SMEM_BUDGET = 200 * 1024
 def _prune_separable(configs, named_args, **kwargs):
     """Drop tiles far larger than the problem; unpipeline (num_stages=1) tiles whose staged taps
     would not fit shared memory (a 7x7 kernel stages 49 input blocks per K step)."""
-    n_cap = _pow2_clamp(named_args["C_OUT_G"], 16, 256)
-    k_cap = _pow2_clamp(named_args["K_G"], 16, 64)
+    n_cap = pow2_clamp(named_args["C_OUT_G"], 16, 256)
+    k_cap = pow2_clamp(named_args["K_G"], 16, 64)
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap] or configs[:1]
     x = named_args.get("x_ptr")
     elem = x.element_size() if hasattr(x, "element_size") else 2
@@ -309,10 +310,10 @@ def depthwise_conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_
         kernel, cfg = _depthwise_autotuned, {}
 
         def grid(meta):
-            return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c_out, meta["BLOCK_C"]))
+            return (cdiv(p, meta["BLOCK_P"]), cdiv(c_out, meta["BLOCK_C"]))
     else:
         kernel, cfg = _depthwise_kernel, depthwise_block_config(p, c_out)
-        grid = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(c_out, cfg["BLOCK_C"]))
+        grid = (cdiv(p, cfg["BLOCK_P"]), cdiv(c_out, cfg["BLOCK_C"]))
     res = residual if residual is not None else out  # never read when HAS_RES is False
     vectors = [t if t is not None else out for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
     launchable(kernel)[grid](
@@ -350,10 +351,10 @@ def separable_conv_bn_act_into(x, dw_weight, dw_bias, dw_bn_weight, dw_bn_bias, 
         kernel, cfg = _separable_autotuned, {}
 
         def grid(meta):
-            return (triton.cdiv(p, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), pw_groups)
+            return (cdiv(p, meta["BLOCK_M"]) * cdiv(c_out_g, meta["BLOCK_N"]), pw_groups)
     else:
         kernel, cfg = _separable_kernel, separable_block_config(p, c_out_g, k_g, x.element_size(), kh * kw)
-        grid = (triton.cdiv(p, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), pw_groups)
+        grid = (cdiv(p, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), pw_groups)
     res = residual if residual is not None else out
     dw_vectors = [t if t is not None else out for t in (dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean, dw_bn_var)]
     pw_vectors = [t if t is not None else out for t in (pw_bias, pw_bn_weight, pw_bn_bias, pw_bn_mean, pw_bn_var)]

@@ -21,7 +21,7 @@ Sums are in float32; results are stored in the output's dtype.
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, launchable
+from . import INTERPRETED, cdiv, launchable, pow2_clamp
 from .conv import INT32_MAX, MAX_GRID_X, MAX_GRID_Y, _widen, max_element_offset
 
 # The kernel's MODE (compared as literals inside the kernel).
@@ -122,9 +122,6 @@ def _global_avg_pool_kernel(
              mean.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
 
 # Under the interpreter each program instance costs milliseconds while a numpy op
 # on a tile of this many elements costs microseconds, so tiles are big.
@@ -134,9 +131,9 @@ _INTERPRETED_TILE = 16384
 def _tile(rows: int, channels: int) -> tuple[int, int]:
     """One fixed (rows, channels) block per shape; channels are the contiguous axis."""
     if INTERPRETED:
-        block_c = _pow2_clamp(channels, 1, 256)
-        return _pow2_clamp(rows, 1, _INTERPRETED_TILE // block_c), block_c
-    block_c = _pow2_clamp(channels, 8, 64)
+        block_c = pow2_clamp(channels, 1, 256)
+        return pow2_clamp(rows, 1, _INTERPRETED_TILE // block_c), block_c
+    block_c = pow2_clamp(channels, 8, 64)
     return 2048 // block_c, block_c
 
 
@@ -155,14 +152,14 @@ def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=F
     if out.numel() == 0:
         return out
     block_p, block_c = _tile(p, c)
-    if triton.cdiv(c, block_c) > MAX_GRID_Y:
+    if cdiv(c, block_c) > MAX_GRID_Y:
         # Channel blocks are the grid's second axis: launches over channel slices (views).
         step = MAX_GRID_Y * block_c
         for c0 in range(0, c, step):
             sl = slice(c0, min(c, c0 + step))
             _window_pool_into(x[:, sl], out[:, sl], kernel, stride, padding, mode, count_include_pad)
         return out
-    grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
+    grid = (cdiv(p, block_p), cdiv(c, block_c))
     launchable(_window_pool_kernel)[grid](
         x, out,
         c, h, w, oh, ow, p,
@@ -200,7 +197,7 @@ def adaptive_avg_pool2d_into(x, out):
         kernel = (_largest_bin(h, oh), _largest_bin(w, ow))
         return _window_pool_into(x, out, kernel, (1, 1), (0, 0), ADAPTIVE_AVG)
     block_hw, block_c = _tile(h * w, c)
-    num_c_blocks = triton.cdiv(c, block_c)
+    num_c_blocks = cdiv(c, block_c)
     if n * num_c_blocks > MAX_GRID_X:  # one program per (image, channel block): split the batch
         step = MAX_GRID_X // num_c_blocks
         for n0 in range(0, n, step):

@@ -338,7 +338,10 @@ def test_eval_matches_torchvision_gpu(name, dtype, backend):
     assert out.dtype == dtype and out.shape == (2, 1000)
     # Bounded by the fixed tolerance or 3x torchvision's own error in the same dtype, whichever
     # is larger (deep nets amplify float16 rounding; cuDNN is subject to the same).
-    assert rel_err(out, ref) < max(GPU_TOL[dtype], 3 * rel_err(torch_lowp, ref))
+    ours, torchs = rel_err(out, ref), rel_err(torch_lowp, ref)
+    assert ours < max(GPU_TOL[dtype], 3 * torchs), \
+        f"{name} {dtype} on {backend}: rel err {ours:.3g}, torch's own in {dtype} {torchs:.3g}, " \
+        f"non-finite outputs: {(~torch.isfinite(out)).sum().item()}"
 
 
 @pytest.mark.gpu

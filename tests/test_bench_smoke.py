@@ -172,3 +172,21 @@ def test_model_benchmark_gpu_smoke(tmp_path, monkeypatch):
     for name in ("torchvision_eager", "fastbone", "fastbone_cuda_graphs"):
         assert variants[name]["runs"] == 5 and variants[name]["median_ms"] > 0, name
     assert record["timer"] == "cuda_events" and record["environment"]["device_name"]
+
+
+def test_host_overhead_benchmark_cpu_smoke(tmp_path, monkeypatch):
+    """The host-path benchmark runs with stubbed launches and counts the model's operator calls."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_host_overhead", BENCH / "bench_host_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "host.json"
+    assert module.main(["--models", "resnet18", "--runs", "1", "--size", "32", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["environment"]["launches"].startswith("stubbed")
+    rows = {r["backend"]: r for r in record["rows"]}
+    assert set(rows) == {"triton", "cuda"}
+    for row in rows.values():
+        # ResNet-18: 20 convs (stem with its pool fused or not), the global pool: at least 21 operator calls.
+        assert row["fastbone_calls"] >= 21
+        assert row["direct_us_per_call"] > 0 and row["dispatched_us_per_call"] > 0

@@ -152,7 +152,7 @@ def conv_cases():
         for m, c_out, c_in, k in problems:
             acts = ACTIVATIONS.values() if (dtype == torch.float16 and k == 3 and c_in == 64) else [1]
             for act in acts:
-                cfg = kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8)
+                cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8))
                 launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 precision = "tf32" if dtype == torch.float32 else "ieee"
                 cases.append((f"conv {dtype} M={m} Cout={c_out} Cin={c_in} k={k} act={act}", kc._conv_bn_act_kernel,
@@ -165,7 +165,7 @@ def conv_cases():
     # The 64-bit index variant (tensors past 2^31 elements, N*OH*OW past 2^31): both K loops.
     for dtype in (torch.float32, torch.float16):
         for m, c_out, c_in, k in problems[:2]:
-            cfg = kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8)
+            cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8))
             launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
             cases.append((f"int64-index conv {dtype} Cout={c_out} Cin={c_in} k={k}", kc._conv_bn_act_kernel,
                           dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
@@ -252,14 +252,14 @@ def depthwise_cases():
                     (32 * 28 * 28, 240, 240, 3, 3), (32 * 14 * 14, 192, 64, 7, 1)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for m, c, k in dw_problems:
-            cfg = kd.depthwise_block_config(m, c)
+            cfg = dict(kd.depthwise_block_config(m, c))
             launch = dict(num_warps=cfg.pop("num_warps"))
             dw_case(f"depthwise {dtype} M={m} C={c} k={k}", dtype, c, k, relu6, cfg, launch)
         for m, c_dw, c_out, k, groups in sep_problems:
             acts = ACTIVATIONS.values() if (dtype == torch.float16 and c_dw == 144) else [0]
             for act in acts:
-                cfg = kd.separable_block_config(m, c_out // groups, c_dw // groups, torch.finfo(dtype).bits // 8,
-                                                k * k)
+                cfg = dict(kd.separable_block_config(m, c_out // groups, c_dw // groups,
+                                                     torch.finfo(dtype).bits // 8, k * k))
                 launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 sep_case(f"separable {dtype} M={m} Cdw={c_dw} Cout={c_out} k={k} g={groups} act={act}", dtype, c_dw,
                          c_out, k, groups, relu6 if act == 0 else act, act, cfg, launch, order=groups > 1)

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastbone._direct import call as call_op, custom_op as direct_custom_op
 from fastbone.ops._autograd import register_reference_autograd
 from fastbone.ops._checks import check_kernel_dtype
 from fastbone.ops._registry import register_impl
@@ -91,7 +92,7 @@ def _launch_depthwise(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps,
             _stream(x))
 
 
-@torch.library.custom_op("fastbone::cuda_depthwise_conv_bn_act", mutates_args=())
+@direct_custom_op("fastbone::cuda_depthwise_conv_bn_act", mutates_args=())
 def cuda_depthwise_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                                bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
                                eps: float, stride: list[int], padding: list[int], dilation: list[int], act: int,
@@ -108,7 +109,7 @@ def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding
     return _new_output(x, weight.shape[0], weight, stride, padding, dilation)
 
 
-@torch.library.custom_op("fastbone::cuda_depthwise_conv_bn_act_into", mutates_args=("out",))
+@direct_custom_op("fastbone::cuda_depthwise_conv_bn_act_into", mutates_args=("out",))
 def cuda_depthwise_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                                     bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
                                     eps: float, stride: list[int], padding: list[int], dilation: list[int], act: int,
@@ -167,7 +168,7 @@ def _launch_separable(x, dw_weight, dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mea
             *_shape_strides(out), int(out_channel_offset), DTYPE_CODES[x.dtype], 0, _stream(x))
 
 
-@torch.library.custom_op("fastbone::cuda_separable_conv_bn_act", mutates_args=())
+@direct_custom_op("fastbone::cuda_separable_conv_bn_act", mutates_args=())
 def cuda_separable_conv_bn_act(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], dw_bn_weight: Optional[Tensor],
                                dw_bn_bias: Optional[Tensor], dw_bn_mean: Optional[Tensor], dw_bn_var: Optional[Tensor],
                                dw_eps: float, stride: list[int], padding: list[int], dilation: list[int], dw_act: int,
@@ -191,7 +192,7 @@ def _(x, dw_weight, dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean, dw_bn_var, dw
     return _new_output(x, pw_weight.shape[0], dw_weight, stride, padding, dilation)
 
 
-@torch.library.custom_op("fastbone::cuda_separable_conv_bn_act_into", mutates_args=("out",))
+@direct_custom_op("fastbone::cuda_separable_conv_bn_act_into", mutates_args=("out",))
 def cuda_separable_conv_bn_act_into(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
                                     dw_bn_weight: Optional[Tensor], dw_bn_bias: Optional[Tensor],
                                     dw_bn_mean: Optional[Tensor], dw_bn_var: Optional[Tensor], dw_eps: float,
@@ -239,8 +240,8 @@ def _cuda_depthwise_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn
     args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), list(stride), list(padding),
             list(dilation), int(act_code), float(slope), residual)
     if out is None:
-        return torch.ops.fastbone.cuda_depthwise_conv_bn_act(*args)
-    torch.ops.fastbone.cuda_depthwise_conv_bn_act_into(*args, out, int(out_channel_offset))
+        return call_op("cuda_depthwise_conv_bn_act", *args)
+    call_op("cuda_depthwise_conv_bn_act_into", *args, out, int(out_channel_offset))
     return out
 
 
@@ -266,6 +267,6 @@ def _cuda_separable_conv_bn_act(x, dw_weight, dw_bias, dw_bn_weight, dw_bn_bias,
             pw_bn_mean, pw_bn_var, float(pw_eps), int(pw_groups), int(pw_act), float(pw_slope), channel_order,
             residual)
     if out is None:
-        return torch.ops.fastbone.cuda_separable_conv_bn_act(*args)
-    torch.ops.fastbone.cuda_separable_conv_bn_act_into(*args, out, int(out_channel_offset))
+        return call_op("cuda_separable_conv_bn_act", *args)
+    call_op("cuda_separable_conv_bn_act_into", *args, out, int(out_channel_offset))
     return out

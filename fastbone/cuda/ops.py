@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastbone._direct import call as call_op, custom_op as direct_custom_op
 from fastbone.ops._autograd import register_reference_autograd
 from fastbone.ops._checks import check_kernel_dtype, quiet_under_jit_trace
 from fastbone.ops._registry import register_impl
@@ -404,7 +405,7 @@ def _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stri
             [*stride, *padding, *dilation], int(groups), DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x))
 
 
-@torch.library.custom_op("fastbone::cuda_conv_bn_act", mutates_args=())
+@direct_custom_op("fastbone::cuda_conv_bn_act", mutates_args=())
 def cuda_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                      bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                      stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int, slope: float,
@@ -421,7 +422,7 @@ def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding
     return conv_output(x, weight, stride, padding, dilation)
 
 
-@torch.library.custom_op("fastbone::cuda_conv_bn_act_into", mutates_args=("out",))
+@direct_custom_op("fastbone::cuda_conv_bn_act_into", mutates_args=("out",))
 def cuda_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                           bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                           stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int,
@@ -452,7 +453,7 @@ def _stem_out(x, weight, stride, padding, dilation, pool_kernel, pool_stride, po
     return new_activation(x.shape[0], weight.shape[0], ph, pw, x), (oh, ow)
 
 
-@torch.library.custom_op("fastbone::cuda_conv_bn_act_maxpool", mutates_args=())
+@direct_custom_op("fastbone::cuda_conv_bn_act_maxpool", mutates_args=())
 def cuda_conv_bn_act_maxpool(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                              bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
                              eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
@@ -486,7 +487,7 @@ def _window_pool(fn_name: str, x: Tensor, kernel, stride, padding, ceil_mode, *e
     return out
 
 
-@torch.library.custom_op("fastbone::cuda_max_pool2d", mutates_args=())
+@direct_custom_op("fastbone::cuda_max_pool2d", mutates_args=())
 def cuda_max_pool2d(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool) -> Tensor:
     return _window_pool("max_pool2d", x, kernel, stride, padding, ceil_mode)
 
@@ -496,7 +497,7 @@ def _(x, kernel, stride, padding, ceil_mode):
     return _pool_out(x, _window_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, ceil_mode))
 
 
-@torch.library.custom_op("fastbone::cuda_avg_pool2d", mutates_args=())
+@direct_custom_op("fastbone::cuda_avg_pool2d", mutates_args=())
 def cuda_avg_pool2d(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
                     count_include_pad: bool) -> Tensor:
     return _window_pool("avg_pool2d", x, kernel, stride, padding, ceil_mode, bool(count_include_pad))
@@ -507,7 +508,7 @@ def _(x, kernel, stride, padding, ceil_mode, count_include_pad):
     return _pool_out(x, _window_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, ceil_mode))
 
 
-@torch.library.custom_op("fastbone::cuda_adaptive_avg_pool2d", mutates_args=())
+@direct_custom_op("fastbone::cuda_adaptive_avg_pool2d", mutates_args=())
 def cuda_adaptive_avg_pool2d(x: Tensor, output_size: list[int]) -> Tensor:
     _check_tensors(x)
     out = _pool_out(x, output_size)
@@ -542,8 +543,8 @@ def _cuda_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps,
     args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), list(stride), list(padding),
             list(dilation), int(groups), int(act_code), float(slope), residual)
     if out is None:
-        return torch.ops.fastbone.cuda_conv_bn_act(*args)
-    torch.ops.fastbone.cuda_conv_bn_act_into(*args, out, int(out_channel_offset))
+        return call_op("cuda_conv_bn_act", *args)
+    call_op("cuda_conv_bn_act_into", *args, out, int(out_channel_offset))
     return out
 
 
@@ -557,27 +558,27 @@ def _cuda_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_v
     pool_args = (list(pool_kernel), list(pool_stride), list(pool_padding), bool(ceil_mode))
     if stem_supported(weight.shape[1], weight.shape[2], weight.shape[3], [*pool_kernel, *pool_stride]) and \
             stem_grid_supported(pool_out_hw[0] * pool_out_hw[1], weight.shape[0]):  # tiles <= pooled pixels
-        return torch.ops.fastbone.cuda_conv_bn_act_maxpool(*conv_args, *pool_args)
+        return call_op("cuda_conv_bn_act_maxpool", *conv_args, *pool_args)
     # Too many taps (or too big a pool window) for the fused kernel's shared memory, or a grid
     # too large for it (more than a million output channels, or 2^31 pooled tiles per image).
-    y = torch.ops.fastbone.cuda_conv_bn_act(*conv_args, None)
-    return torch.ops.fastbone.cuda_max_pool2d(y, *pool_args)
+    y = call_op("cuda_conv_bn_act", *conv_args, None)
+    return call_op("cuda_max_pool2d", y, *pool_args)
 
 
 @register_impl("max_pool2d", "cuda")
 def _cuda_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw):
-    return torch.ops.fastbone.cuda_max_pool2d(x, list(kernel), list(stride), list(padding), bool(ceil_mode))
+    return call_op("cuda_max_pool2d", x, list(kernel), list(stride), list(padding), bool(ceil_mode))
 
 
 @register_impl("avg_pool2d", "cuda")
 def _cuda_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw):
-    return torch.ops.fastbone.cuda_avg_pool2d(x, list(kernel), list(stride), list(padding), bool(ceil_mode),
+    return call_op("cuda_avg_pool2d", x, list(kernel), list(stride), list(padding), bool(ceil_mode),
                                               bool(count_include_pad))
 
 
 @register_impl("adaptive_avg_pool2d", "cuda")
 def _cuda_adaptive_avg_pool2d(x, out_hw):
-    return torch.ops.fastbone.cuda_adaptive_avg_pool2d(x, list(out_hw))
+    return call_op("cuda_adaptive_avg_pool2d", x, list(out_hw))
 
 
 # The depthwise separable ops (fastbone::cuda_depthwise_conv_bn_act, cuda_separable_conv_bn_act and

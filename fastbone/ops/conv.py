@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastbone._direct import call as call_op
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import conv as triton_conv, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
@@ -216,8 +217,8 @@ def _triton_impl(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stri
     args = (x, weight.to(x.dtype), *vectors, float(eps), list(stride), list(padding), list(dilation), groups,
             act_code, float(slope), residual)
     if out is None:
-        return torch.ops.fastbone.triton_conv_bn_act(*args)
-    torch.ops.fastbone.triton_conv_bn_act_into(*args, out, out_channel_offset)
+        return call_op("triton_conv_bn_act", *args)
+    call_op("triton_conv_bn_act_into", *args, out, out_channel_offset)
     return out
 
 

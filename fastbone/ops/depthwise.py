@@ -59,6 +59,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastbone._direct import call as call_op
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import depthwise as triton_dw, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
@@ -343,8 +344,8 @@ def _triton_depthwise_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, 
     args = (x, weight.to(x.dtype), *vectors, float(eps), list(stride), list(padding), list(dilation), int(act_code),
             float(slope), residual)
     if out is None:
-        return torch.ops.fastbone.triton_depthwise_conv_bn_act(*args)
-    torch.ops.fastbone.triton_depthwise_conv_bn_act_into(*args, out, int(out_channel_offset))
+        return call_op("triton_depthwise_conv_bn_act", *args)
+    call_op("triton_depthwise_conv_bn_act_into", *args, out, int(out_channel_offset))
     return out
 
 
@@ -360,8 +361,8 @@ def _triton_separable_conv_bn_act(x, dw_weight, dw_bias, dw_bn_weight, dw_bn_bia
             int(dw_act), float(dw_slope), pw_weight.to(x.dtype), *pw_vectors, float(pw_eps), int(pw_groups),
             int(pw_act), float(pw_slope), None if channel_order is None else channel_order.contiguous(), residual)
     if out is None:
-        return torch.ops.fastbone.triton_separable_conv_bn_act(*args)
-    torch.ops.fastbone.triton_separable_conv_bn_act_into(*args, out, int(out_channel_offset))
+        return call_op("triton_separable_conv_bn_act", *args)
+    call_op("triton_separable_conv_bn_act_into", *args, out, int(out_channel_offset))
     return out
 
 

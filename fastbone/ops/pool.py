@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastbone._direct import call as call_op
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import kernel_op, pool as triton_pool
 from ._autograd import register_reference_autograd
@@ -172,17 +173,17 @@ def _check_triton_input(x: Tensor) -> None:
 @register_impl("max_pool2d", "triton")
 def _triton_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw):
     _check_triton_input(x)
-    return torch.ops.fastbone.triton_max_pool2d(x, list(kernel), list(stride), list(padding), ceil_mode)
+    return call_op("triton_max_pool2d", x, list(kernel), list(stride), list(padding), ceil_mode)
 
 
 @register_impl("avg_pool2d", "triton")
 def _triton_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw):
     _check_triton_input(x)
-    return torch.ops.fastbone.triton_avg_pool2d(x, list(kernel), list(stride), list(padding), ceil_mode,
+    return call_op("triton_avg_pool2d", x, list(kernel), list(stride), list(padding), ceil_mode,
                                                 count_include_pad)
 
 
 @register_impl("adaptive_avg_pool2d", "triton")
 def _triton_adaptive_avg_pool2d(x, out_hw):
     _check_triton_input(x)
-    return torch.ops.fastbone.triton_adaptive_avg_pool2d(x, list(out_hw))
+    return call_op("triton_adaptive_avg_pool2d", x, list(out_hw))
