@@ -24,6 +24,7 @@ from fastbone import ops
 from fastbone._backend import resolve_backend
 from fastbone.ops._checks import check_activation_tensor
 from fastbone.ops.activation import DEFAULT_LEAKY_SLOPE, apply_activation
+from fastbone.ops.conv import is_batchnorm
 
 # Activation modules the fused kernels implement, by the name the op layer accepts.
 _ACTIVATION_MODULES: tuple[tuple[type, str], ...] = (
@@ -51,15 +52,15 @@ def activation_name(act: nn.Module | str | None) -> tuple[str, float]:
 
 
 def is_foldable_norm(norm: nn.Module | None) -> bool:
-    return norm is None or isinstance(norm, nn.modules.batchnorm._BatchNorm)
+    return norm is None or is_batchnorm(norm)
 
 
 def check_norm_layer(norm_layer: Callable[[int], nn.Module]) -> None:
     """Reject, at construction, a norm layer the fused eval path cannot apply."""
     probe = norm_layer(8)
-    if not isinstance(probe, nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"norm_layer must build a BatchNorm module (the eval path applies it in the conv's epilogue); "
-                        f"got {type(probe).__name__}")
+    if not is_batchnorm(probe):
+        raise TypeError(f"norm_layer must build a BatchNorm module (torch's BatchNorm2d, or torchvision's "
+                        f"FrozenBatchNorm2d: the eval path applies it in the conv's epilogue); got {type(probe).__name__}")
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -100,7 +101,8 @@ def conv_norm_act(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Mo
     eval-mode model normalises with batch statistics, as in torch: it runs unfused too.
     A BatchNormAct2d norm (act=None) brings its own activation; the unfused path then adds a
     residual after it, as timm's blocks do (callers fuse a residual only with an identity act)."""
-    if fused and not (norm is not None and norm.training):
+    # FrozenBatchNorm2d normalises with its stored statistics in train mode too: it stays fused.
+    if fused and not (norm is not None and norm.training and isinstance(norm, nn.modules.batchnorm._BatchNorm)):
         norm, act = _norm_and_act(norm, act)
         name, slope = activation_name(act)
         return ops.conv_bn_act(x, conv, norm, name, slope=slope, residual=residual)

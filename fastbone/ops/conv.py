@@ -277,14 +277,34 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
+def frozen_batchnorm_class() -> type:
+    """torchvision.ops.FrozenBatchNorm2d (imported on first use): the detection models' BatchNorm,
+    scale = weight * rsqrt(running_var + eps), the epilogue's formula exactly."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    return FrozenBatchNorm2d
+
+
+def is_batchnorm(module: nn.Module | None) -> bool:
+    """A norm the fused epilogue applies from its own tensors: torch's BatchNorm (running
+    statistics) or torchvision's FrozenBatchNorm2d."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+        type(module).__name__ == "FrozenBatchNorm2d" and isinstance(module, frozen_batchnorm_class()))
+
+
 def batchnorm_tensors(bn: nn.Module | None, c_out: int):
     """(weight, bias, running_mean, running_var, eps) of a BatchNorm module as the epilogue takes
     them; all None (and eps 0) for no BatchNorm. Refuses what the epilogue cannot apply."""
     if bn is None:
         return None, None, None, None, 0.0
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"bn must be a BatchNorm module or None, got {type(bn).__name__}; the fused epilogue "
-                        "applies BatchNorm's running statistics (run the model in train mode for other norms)")
+        if is_batchnorm(bn):  # FrozenBatchNorm2d: always its stored statistics and affine
+            if bn.weight.numel() != c_out:
+                raise ArgumentError(f"FrozenBatchNorm2d has {bn.weight.numel()} features but the conv has {c_out} "
+                                    "output channels; accepted: num_features == conv.out_channels")
+            return bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.eps)
+        raise TypeError(f"bn must be a BatchNorm module (torch's, or torchvision's FrozenBatchNorm2d) or None, got "
+                        f"{type(bn).__name__}; the fused epilogue applies BatchNorm's running statistics (run the "
+                        "model in train mode for other norms)")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"{type(bn).__name__}(track_running_stats=False) has no running statistics, so in eval mode "
                          "it normalises with batch statistics, which the fused epilogue does not compute; run the "
