@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from fastbone import ops
-from fastbone.registry import register_converter, register_model
+from fastbone.registry import register_block_converter, register_converter, register_model
 from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, activation_name, build_with_weights,
-                     check_norm_layer, conv_norm_act, enter_network, head_pool, max_pool)
+                     check_norm_layer, conv_norm_act, enter_network, head_pool, is_foldable_norm, max_pool)
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -315,3 +315,51 @@ def recognise_resnet(model: nn.Module) -> tuple[str, dict] | None:
         strided = [conv(s[0], "conv1") for s in stages[1:]]
     kwargs["replace_stride_with_dilation"] = [c is not None and tuple(c.stride) == (1, 1) for c in strided]
     return name, kwargs
+
+
+# --- blocks inside other models (a detector's backbone.body, a segmenter's dilated ResNet) ------
+
+def _block_norm_layer(block: nn.Module) -> Callable[[int], nn.Module]:
+    """The norm class the block was built with (its eps is carried by convert, then compared)."""
+    norm = getattr(block, "bn1", None)
+    if not is_foldable_norm(norm) or norm is None:
+        raise ValueError(f"its norm is {type(norm).__name__}; fastbone's blocks apply BatchNorm2d or "
+                         "FrozenBatchNorm2d in the conv epilogue")
+    return type(norm)
+
+
+def _block_downsample(block: nn.Module, norm_layer) -> nn.Module | None:
+    """A Sequential(Conv2d, norm) like the block's own (convert then compares them module by module)."""
+    ds = block.downsample
+    if ds is None:
+        return None
+    if not (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)):
+        raise ValueError(f"its downsample is {type(ds).__name__} {ds!r}, fastbone's blocks take "
+                         "Sequential(Conv2d 1x1, norm) as torchvision builds it")
+    conv = ds[0]
+    return nn.Sequential(nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=False),
+                         norm_layer(conv.out_channels))
+
+
+@register_block_converter("torchvision.models.resnet.BasicBlock")
+def recognise_basic_block(block: nn.Module):
+    norm_layer = _block_norm_layer(block)
+    conv1 = block.conv1
+    return "BasicBlock", BasicBlock, dict(inplanes=conv1.in_channels, planes=conv1.out_channels,
+                                          stride=block.stride, downsample=_block_downsample(block, norm_layer),
+                                          norm_layer=norm_layer)
+
+
+@register_block_converter("torchvision.models.resnet.Bottleneck")
+def recognise_bottleneck(block: nn.Module):
+    norm_layer = _block_norm_layer(block)
+    conv1, conv2, conv3 = block.conv1, block.conv2, block.conv3
+    planes = conv3.out_channels // Bottleneck.expansion
+    groups = conv2.groups
+    # width = int(planes * base_width / 64) * groups: the smallest base_width that gives the block's width.
+    width_per_group = conv1.out_channels // groups
+    base_width = next((b for b in range(1, 64 * width_per_group + 2)
+                       if int(planes * (b / 64.0)) == width_per_group), 64)
+    return "Bottleneck", Bottleneck, dict(inplanes=conv1.in_channels, planes=planes, stride=block.stride,
+                                          downsample=_block_downsample(block, norm_layer), groups=groups,
+                                          base_width=base_width, dilation=conv2.dilation[0], norm_layer=norm_layer)

@@ -103,6 +103,10 @@ def _norm_value(key: str, v):
 def _carried(m: nn.Module) -> tuple[str, ...]:
     """Attributes carried from the source: by isinstance, since classes are checked exactly elsewhere
     (timm's BatchNormAct2d, a BatchNorm2d, carries eps / momentum as BatchNorm2d does)."""
+    if type(m).__name__ == "FrozenBatchNorm2d":  # torchvision's: its eps is read by the epilogue too
+        from fastbone.ops.conv import is_batchnorm
+        if is_batchnorm(m):
+            return ("eps",)
     return next((attrs for cls, attrs in _CARRIED.items() if isinstance(m, cls)), ())
 
 
@@ -228,43 +232,107 @@ def _kwargs_text(kwargs: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
-def convert(model: nn.Module, converters: list[Callable]) -> nn.Module:
+def _build_checked(src: nn.Module, name: str, builder: Callable[..., nn.Module], kwargs: dict) -> nn.Module:
+    """fastbone's `builder(**kwargs)` with copies of `src`'s tensors, flags and carried attributes,
+    after checking that it is exactly `src`'s computation (else ValueError naming the difference)."""
+    try:
+        with torch.device("meta"):  # structure only: no time spent initialising weights that get replaced
+            expected = builder(**kwargs)
+    except Exception:  # noqa: BLE001  (a builder that needs real tensors: build it for real, its error is then its own)
+        try:
+            expected = builder(**kwargs)
+        except (TypeError, ValueError, NotImplementedError) as e:
+            raise ValueError(f"convert: this {type(src).__name__} looks like {name}({_kwargs_text(kwargs)}), "
+                             f"which fastbone cannot build: {e}") from e
+    swaps: list[tuple[str, nn.Module]] = []
+    try:
+        _compare(src, expected, "", swaps)
+    except _Mismatch as m:
+        where = f"at {m.path!r}" if m.path else "at the root"
+        raise ValueError(f"convert: this {type(src).__name__} is not exactly fastbone's {name}: {where} "
+                         f"{m.text}. ({_CARRY_NOTE}.)") from None
+    new = expected
+    _load(new, src, swaps, assign=True)
+    if any(t.is_meta for t in (*new.parameters(), *new.buffers())) and not any(
+            t.is_meta for t in (*src.parameters(), *src.buffers())):
+        # A tensor outside the state_dict (a non-persistent buffer) keeps its builder's value: build for real.
+        new = builder(**kwargs)
+        _load(new, src, swaps, assign=False)
+        tensor = next(iter(src.parameters()), None)
+        if tensor is not None:
+            new = new.to(device=tensor.device, dtype=tensor.dtype)
+    new_params = dict(new.named_parameters())
+    for path, p in src.named_parameters():
+        new_params[path].requires_grad_(p.requires_grad)
+    new_modules = dict(new.named_modules())
+    for path, m in src.named_modules():
+        new_modules[path].training = m.training
+    return new
+
+
+def convert(model: nn.Module, converters: list[Callable], block_converters: dict[str, Callable] | None = None, *,
+            verbose: bool = False) -> nn.Module:
     from .registry import model_info
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
-    name, kwargs = recognise(model, converters)
+    try:
+        name, kwargs = recognise(model, converters)
+    except ValueError as not_a_model:
+        # Not a model fastbone builds: a model that contains some (a detector's backbone, a
+        # segmenter's ResNet). Each recognised part is swapped if exactly the same computation.
+        report: list[tuple[str, str]] = []
+        new = copy.deepcopy(model)
+        swapped = _convert_parts(new, "", converters, block_converters or {}, report)
+        if verbose:
+            for path, text in report:
+                print(f"convert: {path or '<root>'}: {text}")
+        if not swapped:
+            left = "; ".join(f"{p}: {t}" for p, t in report if not t.startswith("converted"))
+            raise ValueError(f"{not_a_model}; nothing inside it was converted either"
+                             + (f" ({left})" if left else "")) from None
+        return new
     info = model_info(name)
-    try:
-        with torch.device("meta"):  # structure only: no time spent initialising weights that get replaced
-            expected = info.builder(**kwargs)
-    except Exception:  # noqa: BLE001  (a builder that needs real tensors: build it for real, its error is then its own)
-        try:
-            expected = info.builder(**kwargs)
-        except (TypeError, ValueError, NotImplementedError) as e:
-            raise ValueError(f"convert: this {type(model).__name__} looks like {name}({_kwargs_text(kwargs)}), "
-                             f"which fastbone cannot build: {e}") from e
-    swaps: list[tuple[str, nn.Module]] = []
-    try:
-        _compare(model, expected, "", swaps)
-    except _Mismatch as m:
-        where = f"at {m.path!r}" if m.path else "at the root"
-        raise ValueError(f"convert: this {type(model).__name__} is not exactly fastbone's {name}: {where} "
-                         f"{m.text}. ({_CARRY_NOTE}.)") from None
-    new = expected
-    _load(new, model, swaps, assign=True)
-    if any(t.is_meta for t in (*new.parameters(), *new.buffers())) and not any(
-            t.is_meta for t in (*model.parameters(), *model.buffers())):
-        # A tensor outside the state_dict (a non-persistent buffer) keeps its builder's value: build for real.
-        new = info.builder(**kwargs)
-        _load(new, model, swaps, assign=False)
-        tensor = next(iter(model.parameters()), None)
-        if tensor is not None:
-            new = new.to(device=tensor.device, dtype=tensor.dtype)
-    new_params = dict(new.named_parameters())
-    for path, p in model.named_parameters():
-        new_params[path].requires_grad_(p.requires_grad)
-    new_modules = dict(new.named_modules())
-    for path, m in model.named_modules():
-        new_modules[path].training = m.training
+    new = _build_checked(model, name, info.builder, kwargs)
+    if verbose:
+        print(f"convert: <root>: converted to fastbone's {name}({_kwargs_text(kwargs)})")
     return new
+
+
+def _source_path(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def _convert_parts(parent: nn.Module, path: str, converters: list[Callable], block_converters: dict[str, Callable],
+                   report: list[tuple[str, str]]) -> int:
+    """Swap, inside `parent`, every child that is a model fastbone builds or a block it has, if it
+    is exactly the same computation; recurse into the others. Returns the number swapped; `report`
+    gets (path, what happened) for each part recognised, converted or left."""
+    from .registry import model_info
+
+    swapped = 0
+    for child_name, child in list(parent._modules.items()):
+        if child is None:
+            continue
+        sub = f"{path}.{child_name}" if path else child_name
+        attempt = None
+        try:
+            found = next((f for f in (c(child) for c in converters) if f is not None), None)
+            if found is not None:
+                name, kwargs = found
+                attempt = (name, model_info(name).builder, kwargs)
+            elif _source_path(child) in block_converters:
+                attempt = block_converters[_source_path(child)](child)
+        except ValueError as e:
+            report.append((sub, f"left as it is: {e}"))
+        if attempt is not None:
+            name, builder, kwargs = attempt
+            try:
+                setattr(parent, child_name, _build_checked(child, name, builder, kwargs))
+                report.append((sub, f"converted to fastbone's {name}"))
+                swapped += 1
+                continue
+            except ValueError as e:
+                report.append((sub, f"left as it is: {e}"))
+        swapped += _convert_parts(child, sub, converters, block_converters, report)
+    return swapped

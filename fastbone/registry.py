@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["ModelInfo", "convert", "create_model", "list_models", "model_info", "register_converter",
-           "register_model", "verify_defaults"]
+__all__ = ["ModelInfo", "convert", "create_model", "list_models", "model_info", "register_block_converter",
+           "register_converter", "register_model", "verify_defaults"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class ModelInfo:
 _MODELS: dict[str, ModelInfo] = {}
 # Each converter looks at a module and returns (registered name, builder kwargs), or None if it is not its family.
 _CONVERTERS: list[Callable[[nn.Module], tuple[str, dict] | None]] = []
+# Source block class (dotted path) -> its recogniser (register_block_converter).
+_BLOCK_CONVERTERS: dict[str, Callable[[nn.Module], tuple[str, Callable[..., nn.Module], dict]]] = {}
 # The models `fastbone verify` checks when none is named: together they cover every family and kernel path.
 _VERIFY_DEFAULTS: set[str] = set()
 
@@ -80,6 +82,17 @@ def register_converter(fn: Callable[[nn.Module], tuple[str, dict] | None] | None
         _CONVERTERS.append(fn)
         return fn
     return deco if fn is None else deco(fn)
+
+
+def register_block_converter(source: str):
+    """Decorator for a family's block recogniser: `fn(block)` gets a module of the class at the
+    dotted path `source` (e.g. "torchvision.models.resnet.Bottleneck") and returns (a name for
+    messages, a builder, its kwargs) that rebuild it as fastbone's block; `fastbone.convert` then
+    checks the rebuilt block module by module, as for whole models, and swaps it only if exact."""
+    def deco(fn):
+        _BLOCK_CONVERTERS[source] = fn
+        return fn
+    return deco
 
 
 def verify_defaults() -> list[str]:
@@ -185,7 +198,7 @@ def create_model(name: str, pretrained: bool = False, *, num_classes: int | None
     return model
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     """The fastbone model that computes exactly what `model` (a torchvision ResNet, VGG or MobileNetV2, or
     timm's MobileNet v1) computes:
     same architecture, copies of its parameters and buffers (each with its dtype and device), the
@@ -197,8 +210,15 @@ def convert(model: nn.Module) -> nn.Module:
     else. It carries BatchNorm eps/momentum and, in place of a ReLU, any activation the fused kernels
     implement (ReLU, ReLU6, SiLU, Hardswish, LeakyReLU, Identity). Module hooks are refused, not
     carried (the fused eval path does not call the leaf modules, so they would never run): remove
-    them, convert, and register them on the result. Details: fastbone/_convert.py."""
+    them, convert, and register them on the result.
+
+    A model that is not one fastbone builds but contains some (a torchvision detector's
+    `backbone.body`, a segmenter's dilated ResNet) is returned as a copy in which every recognised
+    part (a whole model, or a block such as torchvision's Bottleneck) is swapped for fastbone's,
+    each only if it is exactly the same computation; the rest stays as it was, the state_dict keys
+    do not change (checkpoints still load), and `verbose=True` prints what was converted and why
+    each recognised part was left. Details: fastbone/_convert.py."""
     from ._convert import convert as _convert
 
     _ensure_loaded()
-    return _convert(model, _CONVERTERS)
+    return _convert(model, _CONVERTERS, _BLOCK_CONVERTERS, verbose=verbose)

@@ -255,5 +255,6 @@ def test_refuses_with_the_first_difference(case, builder, edit, message):
 def test_refuses_a_fastbone_model_and_wrappers():
     with pytest.raises(ValueError, match=r"already is a fastbone model"):
         fastbone.convert(fastbone.resnet18())
-    with pytest.raises(ValueError, match=r"does not recognise .*DataParallel.*convert its \.module"):
-        fastbone.convert(nn.DataParallel(torchvision.models.resnet18()))
+    # A wrapper is a model that contains one: its .module is converted inside it (issue 13).
+    wrapped = fastbone.convert(nn.DataParallel(torchvision.models.resnet18()))
+    assert type(wrapped) is nn.DataParallel and type(wrapped.module) is type(fastbone.resnet18())
