@@ -2,8 +2,8 @@
 namespace (both names are taken on PyPI).
 
 Two compiled extensions come from the same csrc/ sources (csrc/README.md):
-  fastbone._emu  g++ + pybind11, the CUDA kernels emulated on the CPU. Always built: a failure fails
-                 the install (the `cuda` backend on CPU tensors and its tests need it).
+  fastbone._emu  g++ + pybind11, the CUDA kernels emulated on the CPU. Built unless FASTBONE_SKIP_EMU=1;
+                 a failure fails the install (the `cuda` backend on CPU tensors and its tests need it).
   fastbone._C    nvcc + pybind11, built whenever nvcc is found (CUDA_HOME / CUDA_PATH, PATH,
                  /usr/local/cuda); no GPU is needed to build it. cudart is linked statically and
                  libtorch not at all, so one build serves any torch version.
@@ -11,6 +11,8 @@ Environment:
   FASTBONE_CUDA_ARCHS  compute capabilities for _C, default "80;86;89;90" (PTX of the highest is
                        embedded too, so newer GPUs JIT it)
   FASTBONE_SKIP_CUDA=1 do not build _C
+  FASTBONE_SKIP_EMU=1  do not build _emu: for a machine that runs only CUDA tensors (no gpu-marked test
+                       uses it), e.g. bench/gpu_session.py's quick install, whose whole call is 9 minutes
   FASTBONE_BUILD_JOBS  parallel compile jobs (default: CPU count)
 Install: `pip install pybind11` then `pip install --no-build-isolation -e .`
 """
@@ -226,9 +228,14 @@ class BuildExt(build_ext):
 
 
 def extensions() -> list[Extension]:
-    emu = FastboneExtension("fastbone._emu", extension_sources("emu"), "emu")
-    emu.summary = f"g++ host emulation build ({os.environ.get('CXX', 'g++')}, -O2 {' '.join(host_fma_flags())})"
-    exts = [emu]
+    exts = []
+    if _flag("FASTBONE_SKIP_EMU"):
+        print("fastbone: FASTBONE_SKIP_EMU is set: not building fastbone._emu (CPU tensors on the cuda backend "
+              "will not run)")
+    else:
+        emu = FastboneExtension("fastbone._emu", extension_sources("emu"), "emu")
+        emu.summary = f"g++ host emulation build ({os.environ.get('CXX', 'g++')}, -O2 {' '.join(host_fma_flags())})"
+        exts.append(emu)
     if _flag("FASTBONE_SKIP_CUDA"):
         print("fastbone: FASTBONE_SKIP_CUDA is set: not building fastbone._C")
         return exts

@@ -131,16 +131,22 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # --- one model ----------------------------------------------------------------------------
 
-def reference_model(name: str, device, dtype) -> torch.nn.Module:
-    """The reference (torchvision) model with random weights and random BN statistics, in eval
-    mode, channels_last, in the run dtype."""
+def reference_model(name: str, device, dtype, size: int = 224) -> torch.nn.Module:
+    """The reference (torchvision) model with random weights and BN statistics measured on random
+    images (one training-mode forward with a cumulative average), in eval mode, channels_last, in
+    the run dtype. Measured statistics keep every layer's output normalised, as trained ones do;
+    random ones let ResNet-101 / 152 grow past float16's range (NaN outputs, first GPU session)."""
     with torch.device(device):  # initialised where it runs: seconds saved per large model on a GPU
         model = fastbone.model_info(name).reference_builder()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after one batch, that batch's statistics
+    model.train()
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+        model(torch.randn(4, 3, size, size, device=device))
+    for m in norms:
+        m.momentum = 0.1
     return model.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
 
 
@@ -158,7 +164,7 @@ def model_roofline(name: str, args, elem_bytes: int, peaks: dict) -> dict:
 def bench_model(name: str, args, device: torch.device, dtype: torch.dtype, peaks: dict) -> dict:
     elem_bytes = torch.empty((), dtype=dtype).element_size()
     result = {"model": name, **model_roofline(name, args, elem_bytes, peaks), "variants": {}}
-    reference = reference_model(name, device, dtype)
+    reference = reference_model(name, device, dtype, args.size)
     model = fastbone.convert(reference).eval().to(memory_format=torch.channels_last)
     inputs = benchlib.random_inputs(ROTATING_INPUTS, args.batch, 3, (args.size, args.size), device, dtype)
     with torch.no_grad():

@@ -1,28 +1,46 @@
 """One device call that measures everything (run it as `bash bench/gpu_session.sh`).
 
-A lent GPU machine (an H100 with its own python3: torch 2.11, triton 3.6, no network) gets one call of
-at most 9 minutes. This runs, in order, each step in its own process with its own time budget (a step
-past its budget is stopped, recorded as "timeout", and the session goes on; pytest steps and the model
-benchmark also stop starting work a little before their budget ends, so their reports stay whole):
+A lent GPU machine (an H100 with its own python3: torch 2.11, triton 3.6, nvcc 13.0, 16 CPU cores, no
+network) gets one call of at most 10 minutes. The first real call (2026-11-26) measured what the pieces
+cost: ~10 s of python + torch start-up per process, a cold nvcc build of fastbone._C for sm_90 of 100-150 s
+(csrc/depthwise_ops.cu alone 88 s), the models' 380 Triton binaries in 56 s on 16 processes, torch.compile
+of resnet50 ~70 s. So nothing waits for the slow build except what needs it, and a failed build costs only
+the CUDA C++ steps. Each step runs in its own process(es) with its own time budget (past it the step is
+stopped, recorded as "timeout", and the session goes on):
 
-  step                    budget  what
-  environment               20 s  versions, card, driver, registered models
-  build                    100 s  fastbone._C for sm_90 only (pip install --no-build-isolation --no-deps -e .)
-  warm-triton               40 s  the models' Triton binaries compiled ahead, in parallel (warm_triton_cache.py)
-  gpu-tests                 70 s  the gpu-marked tests, interleaved over test functions, the rest skipped
-  micro-conv-triton         20 s  conv + BN + ReLU vs torch, every ResNet-50 shape (CUDA graphs)
-  micro-conv-cuda           15 s  the same, CUDA C++ kernels
-  micro-depthwise-triton    20 s  depthwise and depthwise -> pointwise blocks of mobilenet_v2
-  micro-depthwise-cuda      15 s  the same, CUDA C++ kernels
-  models-b64                80 s  every registered model, batch 64 fp16: eager channels_last, fastbone, + graphs
-  models-b1                 50 s  every registered model, batch 1: eager, fastbone, fastbone in CUDA graphs
-  compile                   80 s  resnet50, mobilenet_v2 (efficientnet_b0 when registered), batch 64:
-                                  torch.compile (default mode) next to eager and fastbone
-  summary                   15 s  session.json, summary.md, models.png, micro.png, artifacts.tar.gz
+  step              budget  what
+  install             15 s  pip install -e . with FASTBONE_SKIP_CUDA=1 FASTBONE_SKIP_EMU=1: nothing is
+                            compiled (~3 s), `import fastbone` works and the Triton backend runs
+  build-cuda     (<=240 s)  IN THE BACKGROUND from here on: fastbone._C for this card's arch only
+                            (setup.py build_ext into build/gpu-session-lib/, checked by importing it, then
+                            moved into fastbone/ in one rename), while the Triton steps run
+  environment         12 s  versions, card, driver, registered models, whether NVRTC (CuPy) is there
+  warm-triton         60 s  the models' Triton binaries compiled ahead (16 - 4 processes: nvcc has the rest)
+  gpu-tests-triton    75 s  the gpu-marked tests that need no CUDA C++ build, interleaved, -n 8
+  micro-triton        55 s  Triton microbenchmarks: conv (ResNet-50 shapes), depthwise and separable
+                            (mobilenet_v2), one process, interleaved, CUDA graphs
+  build-wait          15 s  waits for build-cuda (no longer than it needs); if it has not finished by the
+                            end of this step it is stopped. The CUDA C++ steps then run fastbone._C
+                            (FASTBONE_CUDA_BUILD=aot) or, if the build failed, the NVRTC build (=nvrtc)
+  gpu-tests-cuda      55 s  the gpu-marked tests of the CUDA C++ kernels (fastbone._C, NVRTC), -n 8
+  micro-cuda          35 s  the same microbenchmarks on the CUDA C++ kernels
+  models-b64          60 s  every registered model, batch 64 fp16: eager channels_last, fastbone, + graphs
+  models-b1           55 s  the same at batch 1
+  compile             90 s  mobilenet_v2, resnet50 (efficientnet_b0 when registered), batch 64:
+                            torch.compile (default mode) next to eager and fastbone
+  summary             15 s  session.json, summary.md, models.png, micro.png, artifacts.tar.gz
 
-Time a step leaves unused goes to the next ones; the whole session is held to --budget (525 s).
-`--dry-run` runs the same steps on the CPU at tiny sizes (no build, no compile of Triton binaries, no
-timing claims): what CI runs (tests/test_gpu_session_dryrun.py), so that a real call cannot fail on a typo.
+542 s in all (the call may take 600). Time a step leaves unused goes to the next ones. pytest steps and
+the model benchmark stop starting work a little before their budget ends (FASTBONE_SESSION_DEADLINE,
+--deadline); a step still running at its end gets SIGINT (pytest then prints its summary), then SIGTERM,
+then SIGKILL. Each test's outcome, each failure's traceback and each microbenchmark's numbers are written
+the moment they happen (session_plugin.py), so a stopped step loses nothing it finished. Every log line
+is stamped with the seconds since its step started. summary.md and session.json are rewritten after
+every step, so even a call cut off from outside brings back what was done.
+
+`--dry-run` runs the same steps on the CPU at tiny sizes (install: `pip install --dry-run`; build-cuda:
+only reads setup.py's configuration; warm-triton: counts; gpu tests: collected and skipped; no timing
+claims): what CI runs (tests/test_gpu_session_dryrun.py), so that a real call cannot fail on a typo.
 
 Outputs (at most 8 files, what the device tool brings back) go to $OUT, else
 bench/results/<date>-<card>/ (a dry run: bench/results/<date>-cpu-smoke-dry-run/, ignored by git).
@@ -41,6 +59,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -51,8 +70,18 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 SUMMARY_RESERVE = 15.0  # seconds kept for the summary step
 DEADLINE_REASON = "gpu_session: this step's time budget is spent"  # session_plugin.DEADLINE_REASON
-COMPILE_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0")
+COMPILE_MODELS = ("mobilenet_v2", "resnet50", "efficientnet_b0")  # the first call ran out of time after resnet50
 OUTPUT_FILES = ("summary.md", "session.json", "models.png", "micro.png", "artifacts.tar.gz")
+ALWAYS = ("install", "environment")  # every session needs them (`import fastbone`, the record)
+BUILD_LIB = REPO / "build" / "gpu-session-lib"  # build-cuda's output before it is checked and moved
+# The gpu-marked tests in two runs (-k): those of the CUDA C++ builds (their modules, the `cuda` backend's
+# cases, the AOT half of the emulator semantics) wait for fastbone._C; the rest need only Triton. The
+# bench smoke tests are left out: they run the microbenchmark and model scripts, which the session runs
+# for real.
+GPU_TEST_GROUPS = {"triton": "not (cuda or emu_semantics or bench_smoke)",
+                   "cuda": "(cuda or emu_semantics) and not bench_smoke"}
+PYTEST_WORKERS = 8  # xdist workers of a gpu-tests step (GPU memory and the CPU cores left over)
+BUILD_CPUS = 4  # cores left to nvcc while build-cuda runs next to warm-triton
 
 
 @dataclass
@@ -63,6 +92,8 @@ class Step:
     commands: Callable[["Session"], list[list[str]]]
     what: str
     env: Callable[["Session"], dict] | None = None
+    kind: str = "run"  # "run": in the foreground; "background": started, the session goes on; "wait": joins it
+    grace: float = 0.1  # the step stops starting work this fraction of its time (>= 5 s) before its end
 
 
 def _stamp(seconds: float) -> str:
@@ -81,6 +112,9 @@ class Session:
         (self.work / "models").mkdir()
         self.records: list[dict] = []
         self.step_deadline = 0.0  # time.time() by which the running step should stop starting work
+        self.background: dict[str, StepRun] = {}
+        self.current: StepRun | None = None
+        self.cuda_build_env: dict = {}  # FASTBONE_CUDA_BUILD for the CUDA C++ steps, set by build-wait
 
     # --- helpers the step definitions use ------------------------------------------------------
     def elapsed(self) -> float:
@@ -90,17 +124,20 @@ class Session:
         return ["--deadline", f"{self.step_deadline:.1f}"]
 
     def environment(self) -> dict:
-        path = self.work / "environment.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return _load_json(self.work / "environment.json") or {}
 
     def registered_models(self) -> list[str]:
         return self.environment().get("models") or ["resnet50", "mobilenet_v2"]
 
-    def jobs(self) -> int:
+    def cpus(self) -> int:
         return max(1, min(16, os.cpu_count() or 1))
+
+    def build_running(self) -> bool:
+        run = self.background.get("build-cuda")
+        return run is not None and run.thread is not None and run.thread.is_alive()
+
+    def reports(self, step: str) -> Path:
+        return self.work / f"{step}.reports.jsonl"
 
     # --- running ---------------------------------------------------------------------------------
     def base_env(self) -> dict:
@@ -114,84 +151,234 @@ class Session:
             env.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # autotune results shared by the steps' processes
         return env
 
+    def budget_of(self, step: Step) -> float:
+        return step.dry_budget if self.dry else step.budget
+
+    def allowed_for(self, step: Step, later: list[Step]) -> float:
+        """Its own budget plus whatever the steps before it left unused (the later steps keep theirs)."""
+        reserve = SUMMARY_RESERVE + sum(self.budget_of(s) for s in later if s.kind != "background")
+        return self.end - time.monotonic() - reserve
+
+    def new_record(self, step: Step, allowed: float) -> dict:
+        """The step's record, in self.records from its start (so an interrupted step keeps it)."""
+        record = {"step": step.name, "what": step.what, "kind": step.kind, "budget_s": self.budget_of(step),
+                  "allowed_s": round(allowed, 1), "started_at_s": round(self.elapsed(), 1), "commands": [],
+                  "status": "ok", "seconds": 0.0, "cpu_seconds": 0.0, "log": f"logs/{step.name}.log"}
+        self.records.append(record)
+        return record
+
+    def say(self, text: str) -> None:
+        print(f"[{_stamp(self.elapsed())}] {text}", flush=True)
+
+    def report_end(self, record: dict) -> None:
+        line = f"{record['step']:<24} {record['status']:<8} {record['seconds']:6.1f} s"
+        self.say(line + (f"  ({record['note']})" if record.get("note") else ""))
+        if record["status"] not in ("ok", "not run"):
+            for text in _tail(self.work / record["log"], 12):
+                print("    | " + text, flush=True)
+
     def run_step(self, step: Step, later: list[Step]) -> dict:
-        budget = step.dry_budget if self.dry else step.budget
-        reserve = SUMMARY_RESERVE + sum(s.dry_budget if self.dry else s.budget for s in later)
-        # Its own budget, plus whatever the steps before it left unused (the later steps keep theirs).
-        allowed = self.end - time.monotonic() - reserve
-        record = {"step": step.name, "what": step.what, "budget_s": budget, "allowed_s": round(allowed, 1),
-                  "started_at_s": round(self.elapsed(), 1), "commands": [], "status": "ok"}
-        log_path = self.work / "logs" / f"{step.name}.log"
+        if step.kind == "background":
+            return self.start_background(step)
+        if step.kind == "wait":
+            return self.wait_for_background(step, later)
+        allowed = self.allowed_for(step, later)
+        record = self.new_record(step, allowed)
         if allowed < 5:
-            record.update(status="skipped", note="no time left in the session's budget", seconds=0.0)
-            print(f"[{_stamp(self.elapsed())}] {step.name:<24} skipped: no time left", flush=True)
+            record.update(status="skipped", note="no time left in the session's budget")
+            self.say(f"{step.name:<24} skipped: no time left")
             return record
-        print(f"[{_stamp(self.elapsed())}] {step.name:<24} start (allowed {allowed:.0f} s) - {step.what}",
-              flush=True)
-        step_start = time.monotonic()
-        cpu_start = _children_cpu()
-        grace = max(5.0, 0.1 * allowed)
-        self.step_deadline = time.time() + allowed - grace
-        env = self.base_env()
-        env["FASTBONE_SESSION_DEADLINE"] = f"{self.step_deadline:.1f}"
-        if step.env:
-            env.update(step.env(self))
+        self.say(f"{step.name:<24} start (allowed {allowed:.0f} s) - {step.what}")
+        self.current = StepRun(self, step, allowed, record)
         try:
-            commands = step.commands(self)
+            self.current.run()
+        finally:
+            self.current = None
+        self.report_end(record)
+        return record
+
+    def start_background(self, step: Step) -> dict:
+        allowed = min(self.budget_of(step), self.end - time.monotonic() - SUMMARY_RESERVE)
+        record = self.new_record(step, allowed)
+        record["status"] = "running"
+        self.say(f"{step.name:<24} start in the background (allowed {allowed:.0f} s) - {step.what}")
+        run = StepRun(self, step, allowed, record)
+        run.thread = threading.Thread(target=run.run_quietly, name=step.name, daemon=True)
+        self.background[step.name] = run
+        run.thread.start()
+        return record
+
+    def wait_for_background(self, step: Step, later: list[Step]) -> dict:
+        allowed = self.allowed_for(step, later)
+        record = self.new_record(step, allowed)
+        build = self.background.get("build-cuda")
+        if build is None:
+            record.update(status="not run", note="build-cuda did not run in this session")
+            self.report_end(record)
+            return record
+        start = time.monotonic()
+        if build.thread.is_alive():
+            self.say(f"{step.name:<24} waiting for build-cuda (at most {max(allowed, 0):.0f} s)")
+            build.thread.join(max(allowed, 0.0))
+            if build.thread.is_alive():
+                build.stop(f"stopped by build-wait: still building {time.monotonic() - build.started:.0f} s after "
+                           f"it started, and the session could not wait longer")
+                build.thread.join(30)
+        waited = time.monotonic() - start
+        record.update(seconds=round(waited, 1), note=f"waited {waited:.0f} s; build-cuda: {build.record['status']}")
+        with open(self.work / record["log"], "w") as log:
+            log.write(record["note"] + "\n")
+        self.report_end(build.record)
+        info = _load_json(self.work / "cuda-build.json") or {}
+        if build.record["status"] == "ok" and info.get("built"):
+            self.cuda_build_env = {"FASTBONE_CUDA_BUILD": "aot"}  # fastbone._C, never a silent fallback
+        elif not self.dry:
+            self.cuda_build_env = {"FASTBONE_CUDA_BUILD": "nvrtc"}  # not an older fastbone._C left in fastbone/
+            record["note"] += "; the CUDA C++ steps run on the NVRTC build (FASTBONE_CUDA_BUILD=nvrtc)"
+        self.report_end(record)
+        return record
+
+    def stop_all(self, note: str) -> None:
+        for run in [self.current, *self.background.values()]:
+            if run is not None and run.active():
+                run.stop(note)
+        for run in self.background.values():
+            if run.thread is not None:
+                run.thread.join(30)
+
+
+class StepRun:
+    """A step's commands, one after another, each in its own process group, its output going to the step's
+    log with every line stamped with the seconds since the step started."""
+
+    def __init__(self, session: Session, step: Step, allowed: float, record: dict):
+        self.s, self.step, self.allowed, self.record = session, step, allowed, record
+        self.proc: subprocess.Popen | None = None
+        self.thread: threading.Thread | None = None
+        self.stop_note: str | None = None
+        self.started = time.monotonic()
+
+    def active(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def stop(self, note: str) -> None:
+        """From another thread: signal the running command's process group; the thread that runs the step
+        reaps it and records the step as stopped with this note."""
+        self.stop_note = note
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            _stop(proc, reap=False)
+
+    def run_quietly(self) -> None:  # a background step: its end is reported by whoever joins it
+        try:
+            self.run()
+        except Exception as e:  # never lose the session to a background thread's error
+            self.record.update(status="failed", note=f"{type(e).__name__}: {e}")
+
+    def run(self) -> None:
+        s, step, record = self.s, self.step, self.record
+        deadline = time.time() + self.allowed - max(5.0, step.grace * self.allowed)
+        if step.kind == "run":  # what the step's commands pass on as --deadline (a background step has none)
+            s.step_deadline = deadline
+        env = s.base_env()
+        env["FASTBONE_SESSION_DEADLINE"] = f"{deadline:.1f}"
+        env["FASTBONE_SESSION_REPORTS"] = str(s.reports(step.name))
+        try:
+            if step.env:
+                env.update(step.env(s))
+            commands = step.commands(s)
         except Exception as e:  # a step that cannot even be set up is a failed step, not a crash
             commands = []
             record.update(status="failed", note=f"could not prepare the step: {type(e).__name__}: {e}")
-        with open(log_path, "w") as log:
-            for cmd in commands:
-                left = allowed - (time.monotonic() - step_start)
-                shown = " ".join(cmd)
-                log.write(f"$ {shown}\n")
-                log.flush()
-                record["commands"].append(shown)
-                if left <= 0:
-                    record.update(status="timeout", note="budget spent before this command")
-                    break
-                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-                try:
-                    rc = proc.wait(timeout=left)
-                except subprocess.TimeoutExpired:
-                    _stop(proc)
-                    record.update(status="timeout", note=f"stopped after {allowed:.0f} s: {shown}")
-                    break
-                if rc != 0:
-                    record.update(status="failed", returncode=rc, note=f"exit status {rc}: {shown}")
-                    break
-        record["seconds"] = round(time.monotonic() - step_start, 1)
-        record["cpu_seconds"] = round(_children_cpu() - cpu_start, 1)
-        record["log"] = f"logs/{log_path.name}"
-        line = f"[{_stamp(self.elapsed())}] {step.name:<24} {record['status']:<8} {record['seconds']:6.1f} s"
-        print(line + (f"  ({record['note']})" if record.get("note") else ""), flush=True)
-        if record["status"] != "ok":
-            for text in _tail(log_path, 12):
-                print("    | " + text, flush=True)
-        return record
+        log_path = s.work / record["log"]
+        try:
+            with open(log_path, "wb") as log:
+                for cmd in commands:
+                    shown = " ".join(cmd)
+                    log.write(f"$ {shown}\n".encode())
+                    log.flush()
+                    record["commands"].append(shown)
+                    left = self.allowed - (time.monotonic() - self.started)
+                    if self.stop_note or left <= 0:
+                        record.update(status="timeout", note=self.stop_note or "budget spent before this command")
+                        break
+                    self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT, start_new_session=True)
+                    pump = threading.Thread(target=_pump, args=(self.proc.stdout, log, self.started), daemon=True)
+                    pump.start()
+                    rc, cpu = _wait(self.proc, left)
+                    if rc is None:  # past the budget
+                        cpu += _stop(self.proc)
+                        self.stop_note = self.stop_note or f"stopped after {self.allowed:.0f} s: {shown}"
+                    record["cpu_seconds"] = round(record["cpu_seconds"] + cpu, 1)
+                    pump.join(5)
+                    if self.stop_note:
+                        record.update(status="timeout", note=self.stop_note)
+                        break
+                    if rc != 0:
+                        record.update(status="failed", returncode=rc, note=f"exit status {rc}: {shown}")
+                        break
+        except BaseException:  # KeyboardInterrupt (the session was told to stop): end the step's processes
+            if self.proc is not None and self.proc.returncode is None:
+                _stop(self.proc)
+            record.update(status="interrupted", note="the session was interrupted during this step")
+            raise
+        finally:
+            record["seconds"] = round(time.monotonic() - self.started, 1)
+        if record["status"] == "running":
+            record["status"] = "ok"
 
 
-def _children_cpu() -> float:
-    import resource
+def _pump(stream, log, t0: float) -> None:
+    """Copy a child's output to the log, each line stamped with the seconds since the step started."""
+    try:
+        for raw in iter(stream.readline, b""):
+            log.write(f"[{time.monotonic() - t0:6.1f}] ".encode() + raw)
+            log.flush()
+    except (OSError, ValueError):  # the log was closed: a grandchild kept the pipe open past its step
+        pass
+    finally:
+        stream.close()
 
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+
+def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int | None, float]:
+    """(exit status, or None if still running after `timeout`; CPU seconds of the process and the
+    children it waited for)."""
+    end = time.monotonic() + max(timeout, 0.0)
+    while True:
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # already reaped (nothing else should, but never hang on it)
+            proc.returncode = -1 if proc.returncode is None else proc.returncode
+            return proc.returncode, 0.0
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_utime + usage.ru_stime
+        if time.monotonic() >= end:
+            return None, 0.0
+        time.sleep(0.1)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End the step's whole process group: SIGTERM, then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+def _stop(proc: subprocess.Popen, reap: bool = True) -> float:
+    """End the step's whole process group: SIGINT (pytest prints its summary, python scripts unwind), then
+    SIGTERM, then SIGKILL. reap=False: another thread waits for the process (it only watches returncode).
+    Returns the CPU seconds of what ended (when it reaped)."""
+    for sig, wait in ((signal.SIGINT, 6), (signal.SIGTERM, 3), (signal.SIGKILL, 3)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            break
+        if reap:
+            rc, cpu = _wait(proc, wait)
+            if rc is not None:
+                return cpu
+        else:
+            end = time.monotonic() + wait
+            while proc.returncode is None and time.monotonic() < end:
+                time.sleep(0.05)
+            if proc.returncode is not None:
+                return 0.0
+    return 0.0
 
 
 def _tail(path: Path, n: int) -> list[str]:
@@ -201,20 +388,45 @@ def _tail(path: Path, n: int) -> list[str]:
         return []
 
 
+def _card_arch() -> str:
+    """The compute capability of GPU 0 as nvcc spells it ("90"); FASTBONE_CUDA_ARCHS wins; "90" (the
+    lent H100 / H200) when nvidia-smi cannot say."""
+    if os.environ.get("FASTBONE_CUDA_ARCHS"):
+        return os.environ["FASTBONE_CUDA_ARCHS"]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=15).stdout.split()
+        if out and re.fullmatch(r"\d+\.\d", out[0]):
+            return out[0].replace(".", "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "90"
+
+
 # --- the steps -----------------------------------------------------------------------------------
+
+def _install(s: Session) -> list[list[str]]:
+    cmd = [s.py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."]
+    if s.dry:  # not into CI's environment: pip reads setup.py's metadata with these flags and stops there
+        return [cmd[:4] + ["--dry-run"] + cmd[4:]]
+    return [cmd]
+
+
+def _build_cuda(s: Session) -> list[list[str]]:
+    place = [s.py, str(BENCH / "gpu_session.py"), "--internal-place-extension", str(BUILD_LIB),
+             "--internal-json", str(s.work / "cuda-build.json")]
+    if s.dry:  # setup.py's configuration under these flags (which extensions, which arch), no compiling
+        return [[s.py, "setup.py", "--name"], place + ["--dry-run"]]
+    return [[s.py, "setup.py", "build_ext", "--build-lib", str(BUILD_LIB)], place]
+
+
+def _build_env(s: Session) -> dict:
+    return {"FASTBONE_SKIP_EMU": "1", "FASTBONE_CUDA_ARCHS": "90" if s.dry else _card_arch(),
+            "FASTBONE_BUILD_JOBS": str(s.cpus())}
+
 
 def _environment(s: Session) -> list[list[str]]:
     return [[s.py, str(BENCH / "gpu_session.py"), "--internal-environment", str(s.work / "environment.json")]]
-
-
-def _build(s: Session) -> list[list[str]]:
-    if s.dry:  # no install into CI's environment: check what the build needs and how setup.py reads the arch
-        return [[s.py, "setup.py", "--name"], [s.py, "-m", "pip", "--version"],
-                [s.py, "-c", "import setuptools, pybind11; print('setuptools', setuptools.__version__, "
-                             "'pybind11', pybind11.__version__)"]]
-    return [[s.py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."],
-            [s.py, "-c", "import fastbone._C as c, fastbone.cuda as fc; print('fastbone._C', c.build, c.cuda_archs); "
-                         "print(fc.build_status())"]]
 
 
 def _warm(s: Session) -> list[list[str]]:
@@ -222,26 +434,44 @@ def _warm(s: Session) -> list[list[str]]:
     if s.dry:
         return [cmd + ["--dry-run", "--models", "resnet18", "mobilenet_v2", "--extra", "--batches", "1",
                        "--size", "64"]]
-    return [cmd + ["--jobs", str(s.jobs()), *s.deadline_arg()]]
+    jobs = s.cpus() - BUILD_CPUS if s.build_running() else s.cpus()
+    return [cmd + ["--jobs", str(max(1, jobs)), *s.deadline_arg()]]
 
 
-def _gpu_tests(s: Session) -> list[list[str]]:
-    cmd = [s.py, "-m", "pytest", "-m", "gpu", "tests", "-p", "no:cacheprovider", "-p", "session_plugin",
-           "--junitxml", str(s.work / "gpu-tests.xml"), "-o", "junit_family=xunit2"]
-    if s.dry:  # on the CPU every gpu-marked test is collected and skipped (tests/conftest.py)
-        return [cmd + ["-q"]]
-    return [cmd + ["-v", "-n", str(min(8, s.jobs()))]]
-
-
-def _micro(file: str, backend: str):
+def _gpu_tests(group: str):
     def commands(s: Session) -> list[list[str]]:
-        cmd = [s.py, "-m", "pytest", f"bench/{file}", "-q", "-p", "no:cacheprovider", "-p", "session_plugin",
-               "--bench-backend", backend, f"--benchmark-json={s.work / f'micro-{file[11:-3]}-{backend}.json'}"]
-        if s.dry:  # CPU: triton = Triton's interpreter, cuda = the host emulation build
-            cmd += ["--bench-device", "cpu", "--bench-shapes", "2", "--bench-rounds", "2"]
-            return [cmd + (["-k", "not 7x7"] if "conv" in file else [])]
-        return [cmd + ["--bench-rounds", "30", "--bench-cuda-graphs"]]
+        cmd = [s.py, "-m", "pytest", "-m", "gpu", "tests", "-k", GPU_TEST_GROUPS[group], "-p", "no:cacheprovider",
+               "-p", "session_plugin", "--junitxml", str(s.work / f"gpu-tests-{group}.xml"),
+               "-o", "junit_family=xunit2"]
+        if s.dry:  # on the CPU every gpu-marked test is collected and skipped (tests/conftest.py)
+            return [cmd + ["-q"]]
+        # faulthandler: a test still running after 45 s dumps every thread's stack into the log.
+        return [cmd + ["-v", "-n", str(PYTEST_WORKERS), "-o", "faulthandler_timeout=45"]]
     return commands
+
+
+def _gpu_tests_env(group: str):
+    def env(s: Session) -> dict:
+        return {"FASTBONE_SESSION_INTERLEAVE": "1", **(s.cuda_build_env if group == "cuda" else {})}
+    return env
+
+
+def _micro(backend: str):
+    def commands(s: Session) -> list[list[str]]:
+        cmd = [s.py, "-m", "pytest", "bench/test_bench_conv.py", "bench/test_bench_depthwise.py",
+               "-p", "no:cacheprovider", "-p", "session_plugin", "--bench-backend", backend,
+               f"--benchmark-json={s.work / f'micro-{backend}.json'}"]
+        if s.dry:  # CPU: triton = Triton's interpreter, cuda = the host emulation build
+            return [cmd + ["-q", "--bench-device", "cpu", "--bench-shapes", "2", "--bench-rounds", "2",
+                           "-k", "not 7x7"]]
+        return [cmd + ["-v", "--bench-rounds", "30", "--bench-cuda-graphs"]]
+    return commands
+
+
+def _micro_env(backend: str):
+    def env(s: Session) -> dict:
+        return {"FASTBONE_SESSION_INTERLEAVE": "1", **(s.cuda_build_env if backend == "cuda" else {})}
+    return env
 
 
 def _models(batch: int, tag: str):
@@ -257,6 +487,16 @@ def _models(batch: int, tag: str):
     return commands
 
 
+def _host_overhead(s: Session) -> list[list[str]]:
+    """Host time per operator call (bench_host_overhead.py): real launches at batch 1 on the GPU,
+    stubbed launches on the CPU; with and without the dispatcher shortcut (fastbone/_direct.py)."""
+    cmd = [s.py, str(BENCH / "bench_host_overhead.py"), "--json", str(s.work / "host-overhead.json"),
+           "--models", "resnet50", "mobilenet_v2"]
+    if s.dry:
+        return [cmd + ["--device", "cpu", "--size", "32", "--runs", "1"]]
+    return [cmd + ["--device", "cuda", "--size", "64", "--runs", "20"]]
+
+
 def _compile(s: Session) -> list[list[str]]:
     registered = s.registered_models()
     models = [m for m in COMPILE_MODELS if m in registered]
@@ -269,20 +509,24 @@ def _compile(s: Session) -> list[list[str]]:
 
 
 STEPS = [
-    Step("environment", 20, 120, _environment, "versions, card, driver, registered models"),
-    Step("build", 100, 120, _build, "fastbone._C for sm_90 (FASTBONE_CUDA_ARCHS=90)",
-         env=lambda s: {"FASTBONE_CUDA_ARCHS": "90", "FASTBONE_BUILD_JOBS": str(s.jobs())}),
-    Step("warm-triton", 40, 150, _warm, "the models' Triton binaries compiled ahead, in parallel"),
-    Step("gpu-tests", 70, 150, _gpu_tests, "gpu-marked tests (interleaved; past the deadline: skipped)",
-         env=lambda s: {"FASTBONE_SESSION_INTERLEAVE": "1"}),
-    Step("micro-conv-triton", 20, 120, _micro("test_bench_conv.py", "triton"), "conv+BN+ReLU, ResNet-50 shapes"),
-    Step("micro-conv-cuda", 15, 120, _micro("test_bench_conv.py", "cuda"), "the same, CUDA C++"),
-    Step("micro-depthwise-triton", 20, 120, _micro("test_bench_depthwise.py", "triton"),
-         "depthwise / separable, mobilenet_v2 blocks"),
-    Step("micro-depthwise-cuda", 15, 120, _micro("test_bench_depthwise.py", "cuda"), "the same, CUDA C++"),
-    Step("models-b64", 80, 300, _models(64, "b64"), "every model, batch 64: eager, fastbone, fastbone graphs"),
+    Step("install", 15, 180, _install, "pip install -e . compiling nothing (FASTBONE_SKIP_CUDA=1 FASTBONE_SKIP_EMU=1)",
+         env=lambda s: {"FASTBONE_SKIP_CUDA": "1", "FASTBONE_SKIP_EMU": "1"}),
+    Step("build-cuda", 240, 120, _build_cuda, "fastbone._C with nvcc for this card's arch, in the background",
+         env=_build_env, kind="background"),
+    Step("environment", 12, 120, _environment, "versions, card, driver, registered models, NVRTC"),
+    Step("warm-triton", 60, 150, _warm, "the models' Triton binaries compiled ahead, in parallel"),
+    Step("gpu-tests-triton", 75, 150, _gpu_tests("triton"), "gpu-marked tests that need only Triton",
+         env=_gpu_tests_env("triton"), grace=0.15),
+    Step("micro-triton", 55, 150, _micro("triton"), "Triton: conv+BN+ReLU (ResNet-50), depthwise, separable",
+         env=_micro_env("triton")),
+    Step("build-wait", 15, 60, lambda s: [], "waits for build-cuda as long as it still needs", kind="wait"),
+    Step("gpu-tests-cuda", 55, 150, _gpu_tests("cuda"), "gpu-marked tests of the CUDA C++ builds",
+         env=_gpu_tests_env("cuda"), grace=0.15),
+    Step("micro-cuda", 35, 150, _micro("cuda"), "the same microbenchmarks, CUDA C++", env=_micro_env("cuda")),
+    Step("host-overhead", 18, 120, _host_overhead, "host time per operator call, dispatcher shortcut on / off"),
+    Step("models-b64", 60, 300, _models(64, "b64"), "every model, batch 64: eager, fastbone, fastbone graphs"),
     Step("models-b1", 50, 150, _models(1, "b1"), "every model, batch 1: eager, fastbone, fastbone graphs"),
-    Step("compile", 80, 300, _compile, "torch.compile (default mode) of a few models, batch 64"),
+    Step("compile", 90, 300, _compile, "torch.compile (default mode) of a few models, batch 64"),
 ]
 
 
@@ -295,6 +539,21 @@ def _load_json(path: Path):
         return None
 
 
+def _events(path: Path) -> list[dict]:
+    """session_plugin's JSON lines (a line cut short by a stopped process is skipped)."""
+    events = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return events
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
 def _model_runs(s: Session) -> dict:
     runs = {}
     for tag in ("b64", "b1", "compile"):
@@ -303,51 +562,102 @@ def _model_runs(s: Session) -> dict:
     return runs
 
 
+def _micro_row(param, info: dict) -> dict:
+    return {"id": param, "op": info.get("op", "conv_bn_act"), "backend": info.get("backend_resolved"),
+            "fastbone_ms": info["fastbone_median_s"] * 1e3, "torch_ms": info["torch_median_s"] * 1e3,
+            "speedup": info["speedup_vs_torch"], "tflops": info.get("tflops"), "gbps": info.get("gbps"),
+            "roofline_fraction": info.get("roofline_fraction"), "layers": info.get("layers")}
+
+
 def _micro_runs(s: Session) -> dict:
+    """Rows per run, from session_plugin's records (written as each benchmark ends, so a stopped run keeps
+    them), else from pytest-benchmark's JSON."""
     runs = {}
-    for path in sorted(s.work.glob("micro-*.json")):
-        data = _load_json(path) or {}
-        rows = []
-        for b in data.get("benchmarks", []):
-            info = b.get("extra_info", {})
-            if "speedup_vs_torch" not in info:
-                continue
-            rows.append({"id": b.get("param") or b.get("name"), "op": info.get("op", "conv_bn_act"),
-                         "backend": info.get("backend_resolved"), "fastbone_ms": info["fastbone_median_s"] * 1e3,
-                         "torch_ms": info["torch_median_s"] * 1e3, "speedup": info["speedup_vs_torch"],
-                         "tflops": info.get("tflops"), "gbps": info.get("gbps"),
-                         "roofline_fraction": info.get("roofline_fraction"), "layers": info.get("layers")})
-        runs[path.stem] = rows
+    for backend in ("triton", "cuda"):
+        name = f"micro-{backend}"
+        rows = [_micro_row(e.get("param") or e.get("name"), e["extra_info"]) for e in _events(s.reports(name))
+                if e.get("event") == "benchmark" and "speedup_vs_torch" in e.get("extra_info", {})]
+        if not rows:
+            data = _load_json(s.work / f"{name}.json") or {}
+            rows = [_micro_row(b.get("param") or b.get("name"), b["extra_info"]) for b in data.get("benchmarks", [])
+                    if "speedup_vs_torch" in b.get("extra_info", {})]
+        if rows or s.reports(name).exists():
+            runs[name] = rows
     return runs
 
 
-def _test_results(s: Session) -> dict | None:
-    path = s.work / "gpu-tests.xml"
-    if not path.is_file():
-        log = s.work / "logs" / "gpu-tests.log"
-        if not log.is_file():
-            return None
-        text = log.read_text(errors="replace")  # stopped before pytest wrote its report: count the -v lines
-        counts = {k: len(re.findall(rf"\b{k}\b", text)) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
-        return {"source": "log (no junit report)", "passed": counts["PASSED"], "failed": counts["FAILED"],
-                "errors": counts["ERROR"], "skipped": counts["SKIPPED"], "failures": []}
-    root = ET.parse(path).getroot()
-    result = {"source": "junit", "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "skipped_for_time": 0,
-              "failures": []}
-    for case in root.iter("testcase"):
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        if case.find("failure") is not None:
-            result["failed"] += 1
-            result["failures"].append(name)
-        elif case.find("error") is not None:
-            result["errors"] += 1
-            result["failures"].append(name)
-        elif (skip := case.find("skipped")) is not None:
-            result["skipped"] += 1
-            result["skipped_for_time"] += DEADLINE_REASON in (skip.get("message") or "")
-        else:
-            result["passed"] += 1
-    return result
+def _traceback_excerpt(longrepr: str, limit: int = 12) -> list[str]:
+    """The call chain (pytest's `path:line: Error` frame lines) and the error lines (`E ...`) of a
+    traceback; its first lines where it has neither (a crashed worker, a collection error)."""
+    lines = longrepr.splitlines()
+    keep = [ln for ln in lines if re.match(r"^E\s", ln) or re.match(r"^[\w./<>\-]+\.py:\d+: ", ln)]
+    if not keep:
+        keep = [ln for ln in lines if ln.strip()]
+    if len(keep) > limit:
+        keep = keep[:limit - 1] + [f"... ({len(keep) - limit + 1} more lines in the log)"]
+    return [ln[:220] for ln in keep]
+
+
+def _test_results(s: Session, step: str) -> dict | None:
+    """Counts and failures of one pytest step, from session_plugin's records; else the junit XML; else
+    the -v lines of its log."""
+    events = _events(s.reports(step))
+    group = step.removeprefix("gpu-tests-")
+    if events:
+        reports = {}
+        for e in events:
+            if e.get("event") == "report":
+                reports.setdefault(e["nodeid"], []).append(e)
+        started = {e["nodeid"] for e in events if e.get("event") == "start"}
+        collected = max((e.get("count", 0) for e in events if e.get("event") == "collected"), default=None)
+        result = {"source": "session_plugin records", "collected": collected, "passed": 0, "failed": 0,
+                  "errors": 0, "skipped": 0, "skipped_for_time": 0, "failures": [], "slowest": []}
+        for nodeid, recs in reports.items():
+            failed = [r for r in recs if r["outcome"] == "failed"]
+            if failed:
+                r = failed[0]
+                result["failed" if r["when"] == "call" else "errors"] += 1
+                result["failures"].append({"nodeid": nodeid, "when": r["when"], "crash": r.get("crash"),
+                                           "excerpt": _traceback_excerpt(r.get("longrepr") or ""),
+                                           "longrepr": r.get("longrepr")})
+            elif any(r["outcome"] == "skipped" for r in recs):
+                result["skipped"] += 1
+                result["skipped_for_time"] += any(DEADLINE_REASON in (r.get("reason") or "") for r in recs)
+            else:
+                result["passed"] += 1
+        result["in_flight"] = sorted(started - set(reports))  # started, never finished: the step was stopped
+        if collected is not None:
+            result["not_started"] = max(0, collected - len(reports) - len(result["in_flight"]))
+        timed = [(r["duration"], nodeid) for nodeid, recs in reports.items() for r in recs if r["when"] == "call"]
+        result["slowest"] = [{"nodeid": n, "seconds": d} for d, n in sorted(timed, reverse=True)[:5]]
+        return result
+    path = s.work / f"gpu-tests-{group}.xml"
+    if path.is_file():
+        root = ET.parse(path).getroot()
+        result = {"source": "junit", "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "skipped_for_time": 0,
+                  "failures": []}
+        for case in root.iter("testcase"):
+            name = f"{case.get('classname', '')}::{case.get('name', '')}"
+            bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if bad is not None:
+                result["failed" if bad.tag == "failure" else "errors"] += 1
+                text = bad.text or bad.get("message") or ""
+                result["failures"].append({"nodeid": name, "when": bad.tag, "crash": bad.get("message"),
+                                           "excerpt": _traceback_excerpt(text), "longrepr": text})
+            elif (skip := case.find("skipped")) is not None:
+                result["skipped"] += 1
+                result["skipped_for_time"] += DEADLINE_REASON in (skip.get("message") or "")
+            else:
+                result["passed"] += 1
+        return result
+    log = s.work / "logs" / f"{step}.log"
+    if not log.is_file():
+        return None
+    text = log.read_text(errors="replace")  # stopped before anything else was written: count the -v lines
+    counts = {k: len(re.findall(rf"\b{k}\b", text)) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    return {"source": "log", "passed": counts["PASSED"], "failed": counts["FAILED"], "errors": counts["ERROR"],
+            "skipped": counts["SKIPPED"], "failures": [{"nodeid": n, "when": "?", "crash": None, "excerpt": []}
+                                                       for n in re.findall(r"FAILED (\S+::\S+)", text)]}
 
 
 def _variant(run: dict | None, model: str, variant: str) -> dict:
@@ -370,32 +680,89 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
-def write_summary(s: Session, out: Path) -> None:
+def _model_problems(run: dict | None) -> list[str]:
+    """Why bench_models.py exited 1 (a variant with an `error`), and which models it skipped for time."""
+    if not run:
+        return []
+    lines, skipped = [], []
+    for name, result in run.get("models", {}).items():
+        if result.get("skipped"):
+            skipped.append(name)
+            continue
+        variants = result.get("variants", {})
+        bad = {v: r["error"] for v, r in variants.items() if "error" in r}
+        if not bad:
+            continue
+        eager_err = variants.get("torchvision_eager", {}).get("rel_error_vs_torchvision")
+        why = ""
+        if eager_err is not None and not math.isfinite(eager_err):
+            why = (" - the torchvision reference's own output is not finite in this dtype (its error against "
+                   "itself is nan): the randomly initialised network overflows float16, so the check compares "
+                   "nothing; not a fastbone fault")
+        lines.append(f"{name}: " + "; ".join(f"{v}: {e}" for v, e in bad.items()) + why)
+    if skipped:
+        lines.append(f"not started (time budget spent): {', '.join(skipped)}")
+    return lines
+
+
+def _step_problem(s: Session, r: dict, tests: dict, models_runs: dict, micro: dict) -> str:
+    """One plain sentence on a step that did not run, or did not finish, or failed."""
+    name, status = r["step"], r["status"]
+    text = f"**{name}**: {status}" + (f" - {r['note']}" if r.get("note") else "")
+    if name.startswith("gpu-tests") and tests.get(name):
+        t = tests[name]
+        text += (f". Tests: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
+                 f"{t.get('skipped_for_time', 0)} skipped for time, {t.get('not_started', '?')} never started")
+        if t.get("in_flight"):
+            text += f", still running when stopped: {', '.join(t['in_flight'][:6])}"
+    if name.startswith("micro-") and status != "not run":
+        text += f". Shapes measured: {len(micro.get(name, []))}"
+    if name.startswith("models-") or name == "compile":
+        problems = _model_problems(models_runs.get(name.removeprefix("models-")))
+        if problems:
+            text += ". " + " / ".join(problems)
+    return text
+
+
+def write_summary(s: Session, out: Path, final: bool = True) -> None:
     env = s.environment()
-    models_runs, micro, tests = _model_runs(s), _micro_runs(s), _test_results(s)
+    models_runs, micro = _model_runs(s), _micro_runs(s)
+    tests = {r["step"]: _test_results(s, r["step"]) for r in s.records if r["step"].startswith("gpu-tests")}
+    tests = {k: v for k, v in tests.items() if v}
     warm = _load_json(s.work / "warm-triton.json")
+    cuda_build = _load_json(s.work / "cuda-build.json")
+    host = _load_json(s.work / "host-overhead.json")
     date = env.get("date") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     card = env.get("device_name") or "unknown device"
-    record = {"schema": 1, "dry_run": s.dry, "date": date, "environment": env, "budget_s": s.args.budget,
-              "elapsed_s": round(s.elapsed(), 1), "steps": s.records, "tests": tests, "warm_triton": warm,
-              "models": models_runs, "micro": micro}
+    record = {"schema": 2, "dry_run": s.dry, "final": final, "date": date, "environment": env,
+              "budget_s": s.args.budget, "elapsed_s": round(s.elapsed(), 1), "steps": s.records, "tests": tests,
+              "warm_triton": warm, "cuda_build": cuda_build, "models": models_runs, "micro": micro,
+              "host_overhead": host}
     (out / "session.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
 
     lines = [f"# fastbone GPU session: {card}, {date[:10]}", ""]
     if s.dry:
         lines += ["**DRY RUN on the CPU at tiny sizes: the code paths ran; no number here is a measurement.**", ""]
+    if not final:
+        lines += [f"**Written during the session, after {s.records[-1]['step'] if s.records else 'nothing'}: "
+                  f"the session did not reach its end.**", ""]
     lines += [f"- card: {card} ({env.get('compute_capability', '?')}, {env.get('sm_count', '?')} SMs, "
               f"{env.get('gpu_memory_gib', '?')} GiB); driver {env.get('driver', '?')}",
               f"- python {env.get('python', '?')}, torch {env.get('torch', '?')} (CUDA {env.get('cuda', '?')}, cuDNN "
               f"{env.get('cudnn', '?')}), triton {env.get('triton', '?')}, torchvision {env.get('torchvision', '?')}, "
-              f"timm {env.get('timm', '?')}, nvcc {env.get('nvcc', '?')}",
+              f"timm {env.get('timm', '?')}, nvcc {env.get('nvcc', '?')}, CuPy {env.get('cupy') or 'none'}",
               f"- fastbone {env.get('fastbone', '?')}, commit {env.get('git_commit') or 'not recorded (no .git)'}; "
               f"float16, channels_last; Triton autotuner timing {env.get('autotune_bench_ms', '?')} ms",
-              f"- session: {s.elapsed():.0f} s of {s.args.budget:.0f} s", "",
-              "| step | status | s | allowed s | CPU s | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
+              f"- session: {s.elapsed():.0f} s of {s.args.budget:.0f} s", f"- {_cuda_build_line(s, cuda_build)}", "",
+              "| step | status | started at | s | allowed s | CPU s | note |",
+              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in s.records:
-        lines.append(f"| {r['step']} | {r['status']} | {r.get('seconds', 0):.0f} | {r.get('allowed_s', 0):.0f} | "
-                     f"{r.get('cpu_seconds', 0):.0f} | {(r.get('note') or '').replace('|', '/')[:120]} |")
+        lines.append(f"| {r['step']} | {r['status']} | {_stamp(r.get('started_at_s', 0))} | {r.get('seconds', 0):.0f} | "
+                     f"{r.get('allowed_s', 0):.0f} | {r.get('cpu_seconds', 0):.0f} | "
+                     f"{(r.get('note') or '').replace('|', '/')[:150]} |")
+    problems = [_step_problem(s, r, tests, models_runs, micro) for r in s.records if r["status"] != "ok"]
+    lines += ["", "## Steps that did not run, did not finish, or failed", ""]
+    lines += [f"- {p}" for p in problems] if problems else ["None: every step ran to its end."]
 
     b64, b1, comp = models_runs.get("b64"), models_runs.get("b1"), models_runs.get("compile")
     names = [m for m in s.registered_models() if any(r and m in r.get("models", {}) for r in (b64, b1))]
@@ -432,14 +799,9 @@ def write_summary(s: Session, out: Path) -> None:
                 lines.append(f"| {name} ({op}) | {len(sel)} | {_geomean([r['speedup'] for r in sel]):.2f}x | "
                              f"{worst['speedup']:.2f}x | {max(r['speedup'] for r in sel):.2f}x | {worst['id']} "
                              f"({worst['fastbone_ms']:.4f} / {worst['torch_ms']:.4f}) |")
-        pairs = [(f"micro-{fam}-cuda", f"micro-{fam}-triton") for fam in ("conv", "depthwise")]
-        compare = []
-        for cuda_run, triton_run in pairs:
-            triton_rows = {(r["op"], r["id"]): r for r in micro.get(triton_run, [])}
-            for r in micro.get(cuda_run, []):
-                t = triton_rows.get((r["op"], r["id"]))
-                if t:
-                    compare.append((r["op"], r["id"], r["fastbone_ms"] / t["fastbone_ms"]))
+        triton_rows = {(r["op"], r["id"]): r for r in micro.get("micro-triton", [])}
+        compare = [(r["op"], r["id"], r["fastbone_ms"] / triton_rows[(r["op"], r["id"])]["fastbone_ms"])
+                   for r in micro.get("micro-cuda", []) if (r["op"], r["id"]) in triton_rows]
         if compare:
             lines += ["", "CUDA C++ time / Triton time, same shapes (target: within 1.5x on every ResNet-50 layer):", "",
                       "| op | shapes | within 1.5x | worst ratio (shape) |", "| --- | ---: | ---: | --- |"]
@@ -447,12 +809,27 @@ def write_summary(s: Session, out: Path) -> None:
                 sel = [c for c in compare if c[0] == op]
                 worst = max(sel, key=lambda c: c[2])
                 lines.append(f"| {op} | {len(sel)} | {sum(c[2] <= 1.5 for c in sel)} | {worst[2]:.2f} ({worst[1]}) |")
-    if tests:
-        lines += ["", "## GPU tests", "",
-                  f"{tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, {tests['skipped']} "
-                  f"skipped ({tests.get('skipped_for_time', '?')} of them for the time budget); from the "
-                  f"{tests['source']}."]
-        lines += [f"- {name}" for name in tests["failures"][:25]]
+    if host and host.get("rows"):
+        lines += ["", f"## Host time per fastbone operator call ({host['environment'].get('launches')})", "",
+                  "| model | backend | calls | direct us/call | dispatched us/call | dispatched / direct |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for r in host["rows"]:
+            lines.append(f"| {r['model']} | {r['backend']} | {r['fastbone_calls']} | {r['direct_us_per_call']:.1f} | "
+                         f"{r['dispatched_us_per_call']:.1f} | {r['dispatched_over_direct']:.2f}x |")
+    for name, t in tests.items():
+        lines += ["", f"## {name}", "",
+                  f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped "
+                  f"({t.get('skipped_for_time', '?')} of them for the time budget), "
+                  f"{t.get('not_started', '?')} never started, {len(t.get('in_flight', []))} still running when "
+                  f"stopped; of {t.get('collected', '?')} collected (from the {t['source']})."]
+        for f in t["failures"]:
+            lines += ["", f"- FAILED ({f['when']}) `{f['nodeid']}`" + (f": {f['crash']}" if f.get("crash") else "")]
+            if f.get("excerpt"):
+                lines += ["", "  ```"] + [f"  {ln}" for ln in f["excerpt"]] + ["  ```"]
+        if t.get("in_flight"):
+            lines += ["", "Still running when the step was stopped: " + ", ".join(f"`{n}`" for n in t["in_flight"])]
+        if t.get("slowest"):
+            lines += ["", "Slowest: " + ", ".join(f"`{x['nodeid']}` {x['seconds']:.0f} s" for x in t["slowest"])]
     if warm and warm.get("dry_run"):
         lines += ["", f"Triton binaries to compile ahead (dry run: counted, none compiled): {warm.get('compiles')} "
                       f"from {warm.get('launches')} launches."]
@@ -460,12 +837,28 @@ def write_summary(s: Session, out: Path) -> None:
         lines += ["", f"Triton binaries compiled ahead: {warm.get('compiled', 0)} of {warm.get('compiles')} "
                       f"({warm.get('failed', 0)} failed, {warm.get('not_started', 0)} not started) in "
                       f"{warm.get('seconds', 0):.0f} s."]
-    lines += ["", "Files: session.json (everything above, and every number), models.png, micro.png, "
-                  "artifacts.tar.gz (logs, the benchmarks' own JSON and plots)."]
+    lines += ["", "Files: session.json (everything above, and every number, each failure's whole traceback), "
+                  "models.png, micro.png, artifacts.tar.gz (every step's log, each line stamped with the seconds "
+                  "since its step started; the benchmarks' own JSON and plots; the tests' records)."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    _plots(s, out, models_runs, micro, card, date)
-    with tarfile.open(out / "artifacts.tar.gz", "w:gz") as tar:
-        tar.add(s.work, arcname="artifacts")
+    if final:
+        _plots(s, out, models_runs, micro, card, date)
+        with tarfile.open(out / "artifacts.tar.gz", "w:gz") as tar:
+            tar.add(s.work, arcname="artifacts")
+
+
+def _cuda_build_line(s: Session, info: dict | None) -> str:
+    build = next((r for r in s.records if r["step"] == "build-cuda"), None)
+    if build is None:
+        return "fastbone._C: not built in this session (build-cuda not selected)"
+    if info and info.get("built"):
+        return (f"fastbone._C: built by build-cuda in {build.get('seconds', 0):.0f} s (arch {info.get('cuda_archs')}, "
+                f"CUDA runtime {info.get('cuda_runtime_version')}); the CUDA C++ steps use it (FASTBONE_CUDA_BUILD=aot)")
+    if s.dry:
+        return f"fastbone._C: dry run, nothing built (build-cuda {build['status']})"
+    reason = (info or {}).get("reason") or build.get("note") or build["status"]
+    return (f"fastbone._C: NOT available ({build['status']}: {reason}); the CUDA C++ steps use the NVRTC build "
+            f"(FASTBONE_CUDA_BUILD=nvrtc, needs CuPy: {s.environment().get('cupy') or 'not installed'})")
 
 
 def _plots(s: Session, out: Path, runs: dict, micro: dict, card: str, date: str) -> None:
@@ -494,11 +887,12 @@ def _plots(s: Session, out: Path, runs: dict, micro: dict, card: str, date: str)
     fig.savefig(out / "models.png", dpi=110)
     plt.close(fig)
 
-    panels = list(micro.items()) or [("no microbenchmark ran", [])]
+    panels = [(f"{name} ({op})", [r for r in rows if r["op"] == op])
+              for name, rows in micro.items() for op in sorted({r["op"] for r in rows})]
+    panels = panels or [("no microbenchmark ran", [])]
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 2.6 * len(panels)), squeeze=False)
     for ax, (name, rows) in zip(axes[:, 0], panels):
-        ax.bar(range(len(rows)), [r["speedup"] for r in rows], color=["C0" if r["op"] != "separable_conv_bn_act"
-                                                                       else "C1" for r in rows])
+        ax.bar(range(len(rows)), [r["speedup"] for r in rows])
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xticks(range(len(rows)), [str(r["id"])[:28] for r in rows], rotation=60, ha="right", fontsize=6)
         ax.set_ylabel("speedup", fontsize=8)
@@ -513,14 +907,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def default_out(s: Session) -> Path:
+def default_out(s: Session) -> Path | None:
+    """bench/results/<date>-<card>/, once the environment step has said which card (None before)."""
     env = s.environment()
-    date = (env.get("date") or _dt.datetime.now(_dt.timezone.utc).isoformat())[:10]
+    if not env.get("date"):
+        return None
     card = "cpu-smoke-dry-run" if s.dry else _slug(env.get("device_name") or "unknown-gpu")
-    return BENCH / "results" / f"{date}-{card}"
+    return BENCH / "results" / f"{env['date'][:10]}-{card}"
 
 
-# --- the environment record (runs in a subprocess, with the python under test) --------------------
+# --- the internal commands (subprocesses, with the python under test) ------------------------------
 
 def internal_environment(path: str) -> int:
     import importlib.metadata as md
@@ -534,6 +930,13 @@ def internal_environment(path: str) -> int:
             info[dist] = md.version(dist)
         except md.PackageNotFoundError:
             info[dist] = None
+    info["cupy"] = None  # the NVRTC build's launcher, under one of its wheel names
+    for dist in ("cupy-cuda13x", "cupy-cuda12x", "cupy"):
+        try:
+            info["cupy"] = f"{dist} {md.version(dist)}"
+            break
+        except md.PackageNotFoundError:
+            continue
     for tool, argv in (("nvcc", ["nvcc", "--version"]), ("pip", [sys.executable, "-m", "pip", "--version"]),
                        ("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
                        ("nvidia_smi", ["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,clocks.sm,"
@@ -564,6 +967,14 @@ def internal_environment(path: str) -> int:
     from fastbone.registry import verify_defaults
 
     info.update(fastbone=fastbone.__version__, models=fastbone.list_models(), verify_models=verify_defaults())
+    Path(path).write_text(json.dumps(info, indent=1) + "\n")
+    if torch.cuda.is_available():  # whether the CUDA C++ steps have a fallback if build-cuda fails
+        try:
+            from fastbone.cuda import build_status
+
+            info["nvrtc"] = build_status()["nvrtc"]
+        except Exception as e:  # a broken CuPy must not cost the record
+            info["nvrtc"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                                             cwd=REPO).stdout.strip() or None
@@ -574,6 +985,39 @@ def internal_environment(path: str) -> int:
     return 0
 
 
+def internal_place_extension(lib: str, json_path: str | None, dry: bool) -> int:
+    """Check the fastbone._C that `setup.py build_ext --build-lib LIB` made by importing it on its own (it
+    links neither libtorch nor a shared cudart, so no torch is needed), then put it into fastbone/ with one
+    rename, so that a process importing fastbone._C meanwhile sees the old file or the new one, never half
+    of one. Writes {"built": ..., "cuda_archs", "cuda_runtime_version" | "reason"} to json_path."""
+    import importlib.util
+
+    found = sorted((Path(lib) / "fastbone").glob("_C.*.so"))
+    if not found:
+        info = {"built": False, "reason": f"no fastbone/_C.*.so under {lib}" + (" (dry run: nothing was built)"
+                                                                                 if dry else "")}
+        print(info["reason"], flush=True)
+        if json_path:
+            Path(json_path).write_text(json.dumps(info, indent=1) + "\n")
+        return 0 if dry else 1
+    src = max(found, key=lambda p: p.stat().st_mtime)
+    spec = importlib.util.spec_from_file_location("fastbone._C", src)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    info = {"built": True, "file": src.name, "build": getattr(module, "build", None),
+            "cuda_archs": getattr(module, "cuda_archs", None),
+            "cuda_runtime_version": getattr(module, "cuda_runtime_version", None)}
+    dest = REPO / "fastbone" / src.name
+    partial = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
+    shutil.copy2(src, partial)
+    os.replace(partial, dest)
+    info["installed_as"] = str(dest.relative_to(REPO))
+    print(json.dumps(info), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(info, indent=1) + "\n")
+    return 0
+
+
 # --- main ------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -581,41 +1025,92 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU, tiny sizes, no timing claims")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole session (default: the steps' budgets + 15 s for the summary: "
-                        "525 s for a whole GPU session)")
-    p.add_argument("--only", nargs="+", default=None, help="run only these steps (summary always runs)")
+                   help="seconds for the whole session (default: the foreground steps' budgets + 15 s for the "
+                        "summary: 542 s for a whole GPU session)")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="run only these steps (install, environment and the summary always run; build-wait "
+                        "comes with build-cuda)")
     p.add_argument("--skip", nargs="+", default=[], help="steps not to run")
     p.add_argument("--python", default=os.environ.get("PYTHON") or sys.executable,
                    help="interpreter for the steps (default: $PYTHON, else this one)")
     p.add_argument("--out", default=os.environ.get("OUT") or None,
                    help="output folder (default: $OUT, else bench/results/<date>-<card>/)")
     p.add_argument("--internal-environment", metavar="PATH", help=argparse.SUPPRESS)
+    p.add_argument("--internal-place-extension", metavar="LIB", help=argparse.SUPPRESS)
+    p.add_argument("--internal-json", metavar="PATH", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     known = {s.name for s in STEPS}
     for name in (args.only or []) + args.skip:
         if name not in known:
             p.error(f"unknown step {name!r}; steps: {', '.join(s.name for s in STEPS)}")
-    if args.budget is None:  # the selected steps' budgets and the summary's (525 s for the whole GPU session)
-        args.budget = SUMMARY_RESERVE + sum(st.dry_budget if args.dry_run else st.budget for st in selected(args))
+    if args.budget is None:
+        steps = selected(args)
+        args.budget = SUMMARY_RESERVE + sum(st.dry_budget if args.dry_run else st.budget for st in steps
+                                            if st.kind != "background")
+        build = next((st for st in steps if st.name == "build-cuda"), None)
+        if build is not None and not args.dry_run:  # long enough for the build to end, even when little else runs
+            args.budget = max(args.budget, SUMMARY_RESERVE + STEPS[0].budget + build.budget)
+    if args.budget <= SUMMARY_RESERVE:
+        p.error(f"--budget must be more than the {SUMMARY_RESERVE:.0f} s the summary keeps, got {args.budget:g}")
     return args
 
 
 def selected(args) -> list[Step]:
-    return [st for st in STEPS if (args.only is None or st.name in args.only or st.name == "environment")
-            and st.name not in args.skip]
+    wanted = set(args.only) if args.only is not None else {s.name for s in STEPS}
+    wanted |= set(ALWAYS)
+    if "build-cuda" in wanted:
+        wanted.add("build-wait")
+    wanted -= set(args.skip)
+    if "build-cuda" not in wanted:  # nothing to wait for
+        wanted.discard("build-wait")
+    return [st for st in STEPS if st.name in wanted]
+
+
+def _output_folder(s: Session) -> Path | None:
+    out = Path(s.args.out) if s.args.out else default_out(s)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.internal_environment:
         return internal_environment(args.internal_environment)
+    if args.internal_place_extension:
+        return internal_place_extension(args.internal_place_extension, args.internal_json, args.dry_run)
     s = Session(args)
     steps = selected(args)
+
+    def interrupt(signum, frame):  # the device tool's timeout, or Ctrl-C: stop the steps, keep the summary
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    signal.signal(signal.SIGTERM, interrupt)
+
     print(f"fastbone GPU session{' (DRY RUN, CPU)' if s.dry else ''}: {len(steps)} steps, budget {args.budget:.0f} s, "
           f"python {args.python}", flush=True)
-    for i, step in enumerate(steps):
-        s.records.append(s.run_step(step, steps[i + 1:]))
-    out = Path(args.out) if args.out else default_out(s)
+    interrupted = None
+    try:
+        for i, step in enumerate(steps):
+            s.run_step(step, steps[i + 1:])
+            out = _output_folder(s)
+            if out is not None:  # a call cut off from outside still brings back what was done
+                try:
+                    write_summary(s, out, final=False)
+                except Exception as e:
+                    print(f"(provisional summary not written: {type(e).__name__}: {e})", flush=True)
+    except KeyboardInterrupt as e:
+        interrupted = str(e) or "KeyboardInterrupt"
+        print(f"session interrupted ({interrupted}): stopping the running steps, writing the summary", flush=True)
+    s.stop_all("stopped at the end of the session" if interrupted is None else "the session was interrupted")
+    done = {r["step"] for r in s.records}
+    for step in STEPS:  # every step of the plan appears in the record, with why it did not run
+        if step.name not in done:
+            why = ("not selected (--only / --skip)" if step not in steps else
+                   f"not reached: the session was interrupted ({interrupted})")
+            s.records.append({"step": step.name, "what": step.what, "kind": step.kind, "status": "not run",
+                              "note": why, "seconds": 0.0, "cpu_seconds": 0.0, "log": f"logs/{step.name}.log"})
+    s.records.sort(key=lambda r: [st.name for st in STEPS].index(r["step"]))
+    out = _output_folder(s) or (BENCH / "results" / f"{_dt.date.today().isoformat()}-unknown")
     out.mkdir(parents=True, exist_ok=True)
     summary_start = time.monotonic()
     try:
@@ -625,15 +1120,15 @@ def main(argv=None) -> int:
         status = f"failed: {type(e).__name__}: {e}"
         with tarfile.open(out / "artifacts.tar.gz", "w:gz") as tar:
             tar.add(s.work, arcname="artifacts")
-    print(f"[{_stamp(s.elapsed())}] {'summary':<24} {status.split(':')[0]:<8} {time.monotonic() - summary_start:6.1f} s"
-          f"  -> {out}" + ("" if status == "ok" else f"  ({status})"), flush=True)
+    s.say(f"{'summary':<24} {status.split(':')[0]:<8} {time.monotonic() - summary_start:6.1f} s  -> {out}"
+          + ("" if status == "ok" else f"  ({status})"))
     if (out / "summary.md").is_file():
         print((out / "summary.md").read_text(), flush=True)
     shutil.rmtree(s.work, ignore_errors=True)
-    failed = [r["step"] for r in s.records if r["status"] != "ok"]
+    failed = [r["step"] for r in s.records if r["status"] not in ("ok", "not run")]
     if failed:
         print(f"steps not ok: {', '.join(failed)}", flush=True)
-    return 0 if not failed and status == "ok" else 1
+    return 0 if not failed and status == "ok" and interrupted is None else 1
 
 
 if __name__ == "__main__":
