@@ -3,7 +3,13 @@ from . import layers
 from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from .vgg import VGG, vgg16, vgg16_bn, vgg19, vgg19_bn
 from .mobilenet import MobileNetV1, MobileNetV2, mobilenet_v2, mobilenetv1_100, mobilenetv1_100h, mobilenetv1_125
+from .squeezenet import SqueezeNet, squeezenet1_0, squeezenet1_1
+from .darknet import DarkNet19, darknet19
+from .inception import GoogLeNet, InceptionResnetV2, googlenet, inception_resnet_v2
 
 __all__ = ["ResNet", "VGG", "layers", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
            "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
-           "MobileNetV1", "MobileNetV2", "mobilenet_v2", "mobilenetv1_100", "mobilenetv1_100h", "mobilenetv1_125"]
+           "MobileNetV1", "MobileNetV2", "mobilenet_v2", "mobilenetv1_100", "mobilenetv1_100h", "mobilenetv1_125",
+           "SqueezeNet", "squeezenet1_0", "squeezenet1_1"]
+__all__ += ["DarkNet19", "darknet19"]
+__all__ += ["GoogLeNet", "InceptionResnetV2", "googlenet", "inception_resnet_v2"]

@@ -98,4 +98,12 @@ std::vector<int64_t> separable_launch_plan(int64_t c_out_g, int64_t oh, int64_t 
                                            const Dims& conv, bool tensor_cores);
 std::vector<LaunchConstant> depthwise_launch_constants();  // merged into launch_constants()
 
+// --- the Fire module's expand stage (csrc/fire_ops.cu, kernels/fire.cuh) ---------------------
+// out[:, off : off+E1] = act(conv1x1(x, w1) + b1), out[:, off+E1 : off+E1+E3] = act(conv3x3(x, w3, pad 1) + b3)
+// in one launch per grid-sized slice; w1 (E1, S, 1, 1), w3 (E3, S, 3, 3); b1 / b3 float32 or 0.
+void fire_expand(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w1, const Dims& w1_shape,
+                 const Dims& w1_strides, uintptr_t b1, uintptr_t w3, const Dims& w3_shape, const Dims& w3_strides,
+                 uintptr_t b3, uintptr_t out, const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset,
+                 int64_t dtype, int64_t act, double slope, uintptr_t stream);
+
 }  // namespace fb_ops

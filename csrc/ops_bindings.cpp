@@ -65,6 +65,13 @@ void fb_register_ops(py::module_& m) {
         "[tile_h, tile_w, column tile, smem bytes] of the fused separable kernel (all 0: does not fit)",
         py::arg("c_out_g"), py::arg("oh"), py::arg("ow"), py::arg("kh"), py::arg("kw"), py::arg("conv"),
         py::arg("tensor_cores"));
+  m.def("fire_expand", &fb_ops::fire_expand,
+        "act(conv1x1(x, w1) + b1) and act(conv3x3(x, w3, padding 1) + b3) into out[:, off:off+E1+E3] from one "
+        "read of x; 0 for an absent bias",
+        py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w1"), py::arg("w1_shape"),
+        py::arg("w1_strides"), py::arg("b1"), py::arg("w3"), py::arg("w3_shape"), py::arg("w3_strides"),
+        py::arg("b3"), py::arg("out"), py::arg("out_shape"), py::arg("out_strides"), py::arg("out_c_offset"),
+        py::arg("dtype"), py::arg("act"), py::arg("slope"), py::arg("stream"));
   py::dict constants;
   for (const auto& c : fb_ops::launch_constants()) {
     if (c.is_tuple) constants[c.name.c_str()] = py::tuple(py::cast(c.values));

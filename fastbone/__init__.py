@@ -6,12 +6,19 @@ from .registry import ModelInfo, convert, create_model, list_models, model_info
 from . import backbones  # noqa: E402  (registers the models; needs ops and registry loaded first)
 from .backbones import resnet18, resnet34, resnet50, resnet101, resnet152, vgg16, vgg16_bn, vgg19, vgg19_bn
 from .backbones import mobilenet_v2, mobilenetv1_100, mobilenetv1_100h, mobilenetv1_125  # noqa: E402
+from .backbones import squeezenet1_0, squeezenet1_1  # noqa: E402
+from .backbones import darknet19  # noqa: E402
+from .backbones import googlenet, inception_resnet_v2  # noqa: E402
 from . import weights  # noqa: E402
 from .weights import load_checkpoint  # noqa: E402
+from .darknet_weights import load_darknet_weights  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "ModelInfo", "backend", "backbones", "convert", "create_model", "get_backend",
            "list_models", "load_checkpoint", "model_info", "ops", "set_backend", "weights", "__version__",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
-           "mobilenet_v2", "mobilenetv1_100", "mobilenetv1_100h", "mobilenetv1_125"]
+           "mobilenet_v2", "mobilenetv1_100", "mobilenetv1_100h", "mobilenetv1_125", "squeezenet1_0",
+           "squeezenet1_1"]
+__all__ += ["darknet19", "load_darknet_weights"]
+__all__ += ["googlenet", "inception_resnet_v2"]

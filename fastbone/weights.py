@@ -354,6 +354,10 @@ def load_pretrained(model: nn.Module, weights, state: Mapping[str, Tensor] | Non
         raise ValueError(f"{type(model).__name__} names no classifier (pretrained_cfg['classifier']) to leave out")
     if classifier:
         state = OrderedDict((k, v) for k, v in state.items() if not k.startswith(classifier + "."))
+    # Heads the published file has and the model may be built without (googlenet's aux1 / aux2).
+    optional = tuple(f"{m}." for m in getattr(model, "pretrained_optional_modules", ()))
+    if optional:
+        state = OrderedDict((k, v) for k, v in state.items() if k in own or not k.startswith(optional))
     load_state_dict_checked(model, state, strict=True, may_miss=classifier)
     return model
 
@@ -364,7 +368,9 @@ def create_pretrained(name: str, builder, weights, kwargs: dict) -> nn.Module:
     num_classes keeps its fresh init, everything else must fit."""
     weights = resolve_weights(name, "DEFAULT" if weights is None else weights)
     state = fetch_state_dict(weights, kwargs.pop("progress", True))
-    model = builder(**kwargs)
+    # What the reference's builder sets with weights (googlenet: transform_input on, no aux heads), under
+    # the caller's own keywords.
+    model = builder(**{**getattr(builder, "pretrained_kwargs", {}), **kwargs})
     model.pretrained_cfg = pretrained_cfg(name, model, weights)
     n = _weights_num_classes(weights)
     drop = n is None or getattr(model, "num_classes", None) != n

@@ -56,6 +56,19 @@ __device__ __forceinline__ float activate(float x, float slope) {
   return x;
 }
 
+// An activation chosen at run time (the separable kernel's depthwise stage, the Fire expand kernel):
+// one instantiation serves every activation where a uniform branch per element is cheap.
+__device__ __forceinline__ float activate_dynamic(int act, float x, float slope) {
+  switch (act) {
+    case kRelu: return activate<kRelu>(x, slope);
+    case kRelu6: return activate<kRelu6>(x, slope);
+    case kSilu: return activate<kSilu>(x, slope);
+    case kLeakyRelu: return activate<kLeakyRelu>(x, slope);
+    case kHardswish: return activate<kHardswish>(x, slope);
+    default: return x;
+  }
+}
+
 // The conv epilogue's per-output-channel affine map, v = acc * scale + shift, in float32 from the
 // module's own tensors (nothing folded or cached, so every call sees the current values):
 //   BatchNorm (inference): scale = gamma / sqrt(var + eps), shift = beta + (conv_bias - mean) * scale

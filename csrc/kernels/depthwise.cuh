@@ -70,19 +70,6 @@ constexpr int kSepMinBlocks = 2;
 // plans the emulator exports match the GPU's).
 constexpr int kSepTcScratchBytes = (kDwThreads / 32) * 16 * 16 * 4;
 
-// An activation chosen at run time (the separable kernel's depthwise stage: its pointwise
-// activation is the template parameter, so the pair does not multiply the instantiations).
-__device__ __forceinline__ float activate_dynamic(int act, float x, float slope) {
-  switch (act) {
-    case kRelu: return activate<kRelu>(x, slope);
-    case kRelu6: return activate<kRelu6>(x, slope);
-    case kSilu: return activate<kSilu>(x, slope);
-    case kLeakyRelu: return activate<kLeakyRelu>(x, slope);
-    case kHardswish: return activate<kHardswish>(x, slope);
-    default: return x;
-  }
-}
-
 // The grid-stride walk over work items (image nb, item r of that image): blockIdx.x, then every
 // gridDim.x-th. per_image < 2^31 and gridDim.x <= kDwMaxBlocks, so r + gridDim.x fits 32 bits.
 struct WorkCursor {

@@ -41,6 +41,7 @@ from fastbone.ops.conv import (conv_output, conv_output_size, new_activation, re
 from fastbone.ops.pool import (pool_output_size, reference_adaptive_avg_pool2d, reference_avg_pool2d,
                                reference_max_pool2d)
 from . import depthwise_launch as _dw  # the depthwise kernels' launch geometry and NVRTC tables
+from . import fire_launch as _fire  # the Fire expand kernel's launches and NVRTC tables
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CUDA_TYPE_NAMES = ("float", "__half", "__nv_bfloat16")  # by dtype code
@@ -161,6 +162,7 @@ NVRTC_KERNELS = {
                  for k, m in (("window_pool2d_kernel", ", 0"), ("window_pool2d_kernel", ", 1"),
                               ("adaptive_avg_pool2d_kernel", ""), ("global_avg_pool_kernel", ""))],
     **_dw.NVRTC_KERNELS,
+    **_fire.NVRTC_KERNELS,
 }
 
 # Kernel parameter lists, one letter per parameter: p pointer, i int, q long long, f float.
@@ -174,6 +176,7 @@ _SIGNATURES = {
     "fb::adaptive_avg_pool2d_kernel": "ppqiiiii" + "q" * 8,
     "fb::global_avg_pool_kernel": "ppiii" + "q" * 6,
     **_dw.SIGNATURES,
+    **_fire.SIGNATURES,
 }
 _ARG_TYPES = {"p": np.uint64, "i": np.int32, "q": np.int64, "f": np.float32}
 
@@ -184,7 +187,7 @@ def _check_bn_pointers(bn_mean: int, bn_var: int) -> None:
         raise ValueError("BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm)")
 
 
-class NvrtcRuntime(_dw.DepthwiseNvrtcMixin):
+class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin):
     """csrc/ops.cu's functions over kernels compiled by NVRTC (fastbone.cuda.nvrtc.get_function).
     Same names, arguments and launch geometry as the pybind11 module."""
 
@@ -585,3 +588,4 @@ def _cuda_adaptive_avg_pool2d(x, out_hw):
 # their op-layer "cuda" implementations) live in fastbone/cuda/depthwise.py; importing this module
 # registers them too.
 from . import depthwise as _depthwise_ops  # noqa: E402,F401
+from . import fire as _fire_ops  # noqa: E402,F401  (fastbone::cuda_fire_expand and its "cuda" impl)
