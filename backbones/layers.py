@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastbone._fx import fx_leaf, is_traced
 from fastbone import ops
 from fastbone._backend import resolve_backend
 from fastbone.ops._checks import check_activation_tensor
@@ -91,6 +92,7 @@ def _norm_and_act(norm: nn.Module | None, act: nn.Module | str | None):
     return norm, act
 
 
+@fx_leaf
 def conv_norm_act(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Module | str | None, *,
                   fused: bool, residual: Tensor | None = None) -> Tensor:
     """act(norm(conv(x)) + residual).
@@ -118,6 +120,7 @@ def conv_norm_act(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Mo
     return act(y)
 
 
+@fx_leaf
 def separable_norm_act(x: Tensor, dw_conv: nn.Conv2d, dw_norm: nn.Module | None, dw_act: nn.Module | str | None,
                        pw_conv: nn.Conv2d, pw_norm: nn.Module | None, pw_act: nn.Module | str | None, *,
                        fused: bool, residual: Tensor | None = None) -> Tensor:
@@ -148,6 +151,8 @@ def enter_network(model: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
     CPU default) keeps the input's layout, which on the CPU measured faster than converting
     (bench/bench_cpu_torch_backend.py)."""
     fused = not model.training
+    if is_traced(x):  # torch.fx: the leaf calls check and lay out the real tensors when the graph runs
+        return x, fused
     if fused:
         check_activation_tensor(x, "the model's input")
         if resolve_backend(x.device) != "torch":
@@ -155,6 +160,7 @@ def enter_network(model: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
     return x, fused
 
 
+@fx_leaf
 def max_pool(x: Tensor, pool: nn.MaxPool2d, *, fused: bool) -> Tensor:
     """An nn.MaxPool2d run by fastbone's op (fused) or by itself."""
     if not fused:
@@ -165,6 +171,7 @@ def max_pool(x: Tensor, pool: nn.MaxPool2d, *, fused: bool) -> Tensor:
     return ops.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode)
 
 
+@fx_leaf
 def adaptive_avg_pool(x: Tensor, pool: nn.AdaptiveAvgPool2d, *, fused: bool) -> Tensor:
     if not fused:
         return pool(x)
@@ -201,6 +208,7 @@ def _check_pool_type(pool_type: str, accepted: Sequence[str] = GLOBAL_POOLS) -> 
     return pool_type
 
 
+@fx_leaf
 def global_pool(x: Tensor, pool_type: str, output_size=(1, 1), *, fused: bool = False) -> Tensor:
     """GlobalPool2d's computation as a function (for heads that keep no pooling module); fused=True
     runs 'avg' to 1x1 as fastbone's global average pool."""
@@ -276,6 +284,7 @@ def global_pool_type(pool: nn.Module) -> str:
     return type(pool).__name__
 
 
+@fx_leaf
 def head_pool(x: Tensor, pool: nn.Module, *, fused: bool) -> Tensor:
     """The head's pooling: fastbone's global / adaptive average pool op for an nn.AdaptiveAvgPool2d on
     the fused path, the module itself otherwise."""

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastbone._fx import fx_leaf
 from fastbone._direct import call as call_op
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import conv as triton_conv, kernel_op
@@ -246,6 +247,7 @@ def _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
     return impl(*args, out, out_channel_offset)
 
 
+@fx_leaf
 def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1, padding=0, dilation=1,
                   groups: int = 1, act: str = "identity", slope: float = DEFAULT_LEAKY_SLOPE,
                   residual: Tensor | None = None, out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
@@ -315,6 +317,7 @@ def batchnorm_tensors(bn: nn.Module | None, c_out: int):
     return bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.eps)
 
 
+@fx_leaf
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str = "relu", *,
                 slope: float = DEFAULT_LEAKY_SLOPE, residual: Tensor | None = None,
                 out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
@@ -349,6 +352,7 @@ def _check_stem_args(x, conv, bn_args, stride, padding, dilation, pk, ps, pp, ce
     return pool_hw
 
 
+@fx_leaf
 def conv_bn_act_maxpool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str = "relu", *,
                         slope: float = DEFAULT_LEAKY_SLOPE, pool_kernel=3, pool_stride=2, pool_padding=1,
                         ceil_mode: bool = False) -> Tensor:

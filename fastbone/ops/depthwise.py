@@ -59,6 +59,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastbone._fx import fx_leaf
 from fastbone._direct import call as call_op
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import depthwise as triton_dw, kernel_op
@@ -387,6 +388,7 @@ def _depthwise_conv(conv, name: str) -> nn.Conv2d:
     return conv
 
 
+@fx_leaf
 def depthwise_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str | None = "relu", *,
                           slope: float = DEFAULT_LEAKY_SLOPE, residual: Tensor | None = None,
                           out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
@@ -418,6 +420,7 @@ def _pointwise_conv(conv, dw_conv) -> nn.Conv2d:
     return conv
 
 
+@fx_leaf
 def separable_conv_bn_act(x: Tensor, dw_conv: nn.Conv2d, dw_bn: nn.BatchNorm2d | None, dw_act: str | None,
                           pw_conv: nn.Conv2d, pw_bn: nn.BatchNorm2d | None, pw_act: str | None, *,
                           dw_slope: float = DEFAULT_LEAKY_SLOPE, pw_slope: float = DEFAULT_LEAKY_SLOPE,

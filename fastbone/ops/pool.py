@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastbone._fx import fx_leaf
 from fastbone._direct import call as call_op
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import kernel_op, pool as triton_pool
@@ -54,12 +55,14 @@ def _window_args(x, kernel_size, stride, padding, ceil_mode, op: str = "max_pool
     return kernel, stride, padding, out_hw
 
 
+@fx_leaf
 def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False) -> Tensor:
     kernel, stride, padding, out_hw = _window_args(x, kernel_size, stride, padding, ceil_mode)
     _, impl = get_impl("max_pool2d", x.device)
     return impl(x, kernel, stride, padding, bool(ceil_mode), out_hw)
 
 
+@fx_leaf
 def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True) -> Tensor:
     kernel, stride, padding, out_hw = _window_args(x, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
@@ -67,6 +70,7 @@ def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool =
     return impl(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), out_hw)
 
 
+@fx_leaf
 def adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
     out_hw = _adaptive_args(x, output_size)
     _, impl = get_impl("adaptive_avg_pool2d", x.device)
@@ -89,6 +93,7 @@ def _adaptive_args(x: Tensor, output_size) -> tuple[int, int]:
     return out_hw
 
 
+@fx_leaf
 def global_avg_pool(x: Tensor) -> Tensor:
     """Mean over H and W: (N, C, H, W) -> (N, C, 1, 1)."""
     return adaptive_avg_pool2d(x, (1, 1))

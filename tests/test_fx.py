@@ -1,0 +1,86 @@
+"""torch.fx symbolic tracing of every fastbone model (issue 13, part 1): the op layer's entry points
+are leaf calls, the traced GraphModule computes what the model computes, and torchvision's
+create_feature_extractor taps the same maps as the reference's (or as features_only's)."""
+import fastbone  # isort: skip
+
+import pytest
+import torch
+import torch.fx
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from fastbone._fx import fx_leaf
+from fastbone.verify import randomize_batchnorm
+from helpers import rel_err
+
+TRACEABLE_SIZES = {"inception_resnet_v2": 75}  # its smallest valid input; 64 elsewhere
+
+
+def _model(name):
+    model = fastbone.create_model(name).eval()
+    randomize_batchnorm(model)
+    return model
+
+
+def _input(name):
+    size = TRACEABLE_SIZES.get(name, 64)
+    return torch.randn(1, 3, size, size)
+
+
+@pytest.mark.parametrize("name", fastbone.list_models())
+def test_symbolic_trace_computes_the_model(name):
+    model, x = _model(name), _input(name)
+    graph = torch.fx.symbolic_trace(model)
+    leaves = [n for n in graph.graph.nodes if n.op == "call_function" and hasattr(n.target, "__wrapped__")]
+    assert leaves, "the fastbone calls should be leaf nodes of the graph"
+    with torch.no_grad():  # the CPU default (torch) backend: the structure is what is checked here
+        assert rel_err(graph(x), model(x)) < 1e-6
+
+
+@pytest.mark.parametrize("name", fastbone.list_models())
+def test_create_feature_extractor_taps_the_feature_maps(name):
+    model, x = _model(name), _input(name)
+    specs = model.feature_specs()
+    nodes = {spec.module: f"f{i}" for i, spec in enumerate(specs)}
+    extractor = create_feature_extractor(model, return_nodes=nodes)
+    with torch.no_grad():
+        tapped = extractor(x)
+        expected = model.forward_intermediates(x, list(range(len(specs))))
+    assert list(tapped) == list(nodes.values())
+    for (key, got), want, spec in zip(tapped.items(), expected, specs):
+        assert got.shape[1] == spec.channels, (key, spec)
+        assert rel_err(got, want) < 1e-6, (key, spec)
+
+
+def test_feature_extractor_agrees_with_torchvisions_on_resnet50():
+    import torchvision
+    reference = torchvision.models.resnet50().eval()
+    randomize_batchnorm(reference)
+    model = fastbone.convert(reference)
+    nodes = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), fastbone.backend("triton"):
+        ours = create_feature_extractor(model, return_nodes=nodes)(x)
+    with torch.no_grad():
+        theirs = create_feature_extractor(reference.double(), return_nodes=nodes)(x.double())
+    for key in nodes.values():
+        assert rel_err(ours[key], theirs[key]) < 1e-5, key
+
+
+def test_fx_leaf_passes_real_calls_through_and_records_traced_ones():
+    calls = []
+
+    @fx_leaf
+    def scaled(x, factor):
+        calls.append(factor)
+        return x * factor
+
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            return scaled(x, 3.0) + 1
+
+    x = torch.randn(4)
+    assert torch.equal(scaled(x, 2.0), x * 2.0) and calls == [2.0]
+    graph = torch.fx.symbolic_trace(Tiny())
+    assert calls == [2.0]  # tracing records the call without running it
+    assert [n.target for n in graph.graph.nodes if n.op == "call_function"][0] is scaled
+    assert torch.equal(graph(x), x * 3.0 + 1) and calls == [2.0, 3.0]
