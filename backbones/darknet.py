@@ -295,7 +295,7 @@ def darknet19_reference(*, num_classes: int = 1000, in_chans: int = 3) -> DarkNe
 
 # --- builder -----------------------------------------------------------------------------------
 
-@register_model(reference="fastbone.backbones.darknet.darknet19_reference", family="darknet")
+@register_model(reference="fastbone.backbones.darknet.darknet19_reference", family="darknet", verify=True)
 def darknet19(*, weights=None, **kwargs) -> DarkNet19:
     """DarkNet-19 (YOLO9000's classifier); timm's keywords. Darknet's weight files load with
     fastbone.load_darknet_weights(model, path)."""

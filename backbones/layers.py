@@ -80,7 +80,14 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.act = act_layer(inplace=inplace) if apply_act and act_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.drop(super().forward(x)))
+        return self.act(self.drop(_batch_norm_forward(self, x)))
+
+
+@fx_leaf
+def _batch_norm_forward(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """BatchNorm2d's own forward, one leaf of torch.fx graphs (it checks the input's rank, which a
+    tracing Proxy does not have; torch's own BatchNorm2d is a leaf module for the same reason)."""
+    return nn.BatchNorm2d.forward(norm, x)
 
 
 def _norm_and_act(norm: nn.Module | None, act: nn.Module | str | None):

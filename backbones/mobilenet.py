@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+import torchvision.ops.misc as torchvision_misc
 from torchvision.ops.misc import Conv2dNormActivation
 
 from fastbone.registry import register_converter, register_model
@@ -181,7 +182,8 @@ class MobileNetV2(ClassifierMixin, FeaturesMixin, nn.Module):
         self._init_classifier_api(global_pool, dropout)
 
     def _run(self, m: nn.Module, x: Tensor, fused: bool) -> Tensor:
-        if fused and isinstance(m, Conv2dNormActivation):
+        # Through the module: torch.fx's tracers autowrap torchvision.ops' callables (classes too) in our globals.
+        if fused and isinstance(m, torchvision_misc.Conv2dNormActivation):
             return conv_norm_act(x, *_conv_norm_act_parts(m), fused=True)
         return m(x)  # blocks choose their own path (train / eval)
 

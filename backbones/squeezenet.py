@@ -255,7 +255,7 @@ def squeezenet1_0(*, weights=None, **kwargs) -> SqueezeNet:
     return _squeezenet("squeezenet1_0", "1_0", weights, kwargs)
 
 
-@register_model(reference="torchvision.models.squeezenet1_1", family="squeezenet")
+@register_model(reference="torchvision.models.squeezenet1_1", family="squeezenet", verify=True)
 def squeezenet1_1(*, weights=None, **kwargs) -> SqueezeNet:
     """SqueezeNet 1.1 (2.4x less computation than 1.0, same accuracy); keywords as torchvision.models.squeezenet1_1."""
     return _squeezenet("squeezenet1_1", "1_1", weights, kwargs)

@@ -96,6 +96,8 @@ def verify_model(name: str, *, backend: str = "triton", device: str = "cpu", siz
     result = VerifyResult(name, backend, device, dtype, float("nan"), float("nan"), TOLERANCE[torch_dtype], 0.0)
     try:
         reference, model = reference_pair(name, seed, size)
+        # A model with a larger smallest valid input (Inception-ResNet-v2: 75) runs at that size.
+        size = max(size, model.min_input_size()) if hasattr(model, "min_input_size") else size
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 2))
         with torch.no_grad():
             if torch_dtype != torch.float32:

@@ -136,6 +136,15 @@ def _profile(name: str) -> frozenset:
     return frozenset(kinds | {fastbone.model_info(name).family})
 
 
+# Models whose own blocks no default covers, left out of the default `fastbone verify` run for its
+# time on CPU, each with the reason and where its blocks are checked instead.
+VERIFY_EXEMPT = {
+    "inception_resnet_v2": "~140 s per image through Triton's interpreter at its 75x75 minimum; its blocks are "
+                           "checked one by one against timm's on both backends in tests/test_inception.py, and "
+                           "`fastbone verify inception_resnet_v2` runs it (at 75x75)",
+}
+
+
 def test_verify_default_set_covers_every_family_and_kernel_path(recorder):
     from fastbone.registry import verify_defaults
 
@@ -143,7 +152,7 @@ def test_verify_default_set_covers_every_family_and_kernel_path(recorder):
     defaults = recorder.names
     assert defaults == verify_defaults() and set(defaults) < set(fastbone.list_models())
     covered = {_profile(n) for n in defaults}
-    missing = {n for n in fastbone.list_models() if _profile(n) not in covered}
+    missing = {n for n in fastbone.list_models() if _profile(n) not in covered} - VERIFY_EXEMPT.keys()
     assert not missing, f"models exercising something no default model does (mark one verify=True): {missing}"
     # The default run stays short on CPU: a few models, not all of them.
     assert len(defaults) <= max(4, len(fastbone.list_models()) // 2)

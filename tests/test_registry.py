@@ -129,9 +129,14 @@ def test_convert_recognises_structure_not_class_name():
     assert len(converted.layer3) == 6 and hasattr(converted.layer1[0], "conv3")
 
 
-def test_convert_rejects_unsupported_models():
-    with pytest.raises(ValueError, match=r"stage depths \[1, 1, 1, 1\] has no fastbone builder"):
-        fastbone.convert(torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]))
+def test_convert_rejects_unsupported_models(capsys):
+    # A ResNet of a depth fastbone has no builder for stays torchvision's; its blocks are converted inside it.
+    odd = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    converted = fastbone.convert(odd, verbose=True)
+    assert type(converted) is torchvision.models.ResNet
+    blocks = [converted.get_submodule(f"layer{i}.0") for i in (1, 2, 3, 4)]
+    assert all(type(b).__module__ == "fastbone.backbones.resnet" for b in blocks)
+    assert "converted to fastbone's BasicBlock" in capsys.readouterr().out
     with pytest.raises(ValueError, match="match no fastbone builder"):
         fastbone.convert(torchvision.models.vgg11())
     with pytest.raises(ValueError, match="does not recognise .*Linear"):
