@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", nargs="*", default=[], choices=VARIANTS, help="variants not to run")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     p.add_argument("--tag", default="", help="appended to the output file names")
+    p.add_argument("--detection", action="store_true",
+                   help="instead of the models: torchvision's Faster R-CNN R50-FPN against it converted "
+                        "(bench_detection.py; batch 2, 800x1333 unless --batch / --size)")
     p.add_argument("--deadline", type=float, default=None,
                    help="a time.time() after which no further model is started (recorded as skipped); the JSON is "
                         "rewritten after every model, so a run stopped from outside keeps the models done")
@@ -72,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here; use --device cpu")
     gpu = args.device == "cuda"
+    if args.detection:  # bench_detection's own defaults (batch 2, 800x1333; CPU: 64x96, one run)
+        args.detection_cli = ["--device", args.device, "--batch", str(args.batch or 2), "--backend", args.backend]
+        args.detection_cli += ["--dtype", args.dtype] if args.dtype else []
+        args.detection_cli += ["--runs", str(args.runs)] if args.runs else []
+        args.detection_cli += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+        args.detection_cli += ["--size", "800", "1333"] if gpu else ["--size", "64", "96"]
     args.dtype = args.dtype or ("float16" if gpu else "float32")
     args.batch = args.batch or (32 if gpu else 1)
     args.runs = args.runs or (100 if gpu else 5)
@@ -276,6 +285,8 @@ def plot(record: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     """Run the benchmark; returns {"record": the JSON dict, "json": path, "png": path}."""
     args = parse_args(argv)
+    if args.detection:
+        return _detection(args)
     device, dtype = torch.device(args.device), benchlib.DTYPES[args.dtype]
     benchlib.quick_autotune_from_env()
     torch.manual_seed(0)
@@ -320,6 +331,17 @@ def main(argv=None) -> dict:
     plot(record, png_path)
     print(f"wrote {json_path} and {png_path}")
     return {"record": record, "json": json_path, "png": png_path}
+
+
+def _detection(args) -> dict:
+    import bench_detection
+
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{output_stem(benchlib.environment(device), device, args.tag or 'detection')}.json"
+    record = bench_detection.main(args.detection_cli + ["--json", str(json_path)])
+    return {"record": {"models": {}, **record}, "json": json_path, "png": None}
 
 
 def has_errors(record: dict) -> bool:

@@ -190,3 +190,15 @@ def test_host_overhead_benchmark_cpu_smoke(tmp_path, monkeypatch):
         # ResNet-18: 20 convs (stem with its pool fused or not), the global pool: at least 21 operator calls.
         assert row["fastbone_calls"] >= 21
         assert row["direct_us_per_call"] > 0 and row["dispatched_us_per_call"] > 0
+
+
+def test_detection_benchmark_cpu_smoke(tmp_path, monkeypatch):
+    """bench_models.py --detection: Faster R-CNN R50-FPN against it converted, tiny images on the CPU."""
+    bench_models = load_bench_models(monkeypatch)
+    result = bench_models.main(["--detection", "--device", "cpu", "--out", str(tmp_path)])
+    record = json.loads(Path(result["json"]).read_text())
+    detection = record["detection"]
+    assert detection["batch"] == 2 and detection["image_hw"] == [64, 96]
+    for part in ("backbone", "end_to_end"):
+        assert detection[part]["torchvision"]["median_ms"] > 0 and detection[part]["fastbone"]["median_ms"] > 0
+    assert detection["backbone_rel_err"] < 1e-4  # the converted detector computes the same features
