@@ -8,12 +8,14 @@ Train mode runs the plain torch modules.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fastbone import ops
+from fastbone._convert import SOURCE_CLASSES
 from fastbone.registry import register_block_converter, register_converter, register_model
 from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, activation_name, build_with_weights,
                      check_norm_layer, conv_norm_act, enter_network, head_pool, is_foldable_norm, max_pool)
@@ -199,16 +201,7 @@ class ResNet(ClassifierMixin, FeaturesMixin, nn.Module):
         return feats
 
     def _stem(self, x: Tensor, fused: bool) -> Tensor:
-        pool = self.maxpool
-        if not fused:
-            return pool(self.relu(self.bn1(self.conv1(x))))
-        act, slope = activation_name(self.relu)
-        if pool.dilation not in (1, (1, 1)) or pool.return_indices or self.bn1.training:
-            # Outside what the one-op stem takes: run the conv and the pool one after the other.
-            return max_pool(conv_norm_act(x, self.conv1, self.bn1, self.relu, fused=True), pool, fused=True)
-        return ops.conv_bn_act_maxpool(x, self.conv1, self.bn1, act, slope=slope, pool_kernel=pool.kernel_size,
-                                       pool_stride=pool.stride, pool_padding=pool.padding,
-                                       ceil_mode=pool.ceil_mode)
+        return _stem(x, self.conv1, self.bn1, self.relu, self.maxpool, fused)
 
     # --- timm's model API (ClassifierMixin): forward = forward_head(forward_features(x)) ---
 
@@ -234,6 +227,18 @@ class ResNet(ClassifierMixin, FeaturesMixin, nn.Module):
         if self.feature_indices is not None:
             return self.forward_intermediates(x, self.feature_indices)
         return self.forward_head(self.forward_features(x))
+
+
+def _stem(x: Tensor, conv1: nn.Conv2d, bn1: nn.Module, relu: nn.Module, pool: nn.MaxPool2d, fused: bool) -> Tensor:
+    """conv1 + bn1 + relu + max pool: one launch in eval mode where the fused stem takes it."""
+    if not fused:
+        return pool(relu(bn1(conv1(x))))
+    act, slope = activation_name(relu)
+    if pool.dilation not in (1, (1, 1)) or pool.return_indices or bn1.training:
+        # Outside what the one-op stem takes: run the conv and the pool one after the other.
+        return max_pool(conv_norm_act(x, conv1, bn1, relu, fused=True), pool, fused=True)
+    return ops.conv_bn_act_maxpool(x, conv1, bn1, act, slope=slope, pool_kernel=pool.kernel_size,
+                                   pool_stride=pool.stride, pool_padding=pool.padding, ceil_mode=pool.ceil_mode)
 
 
 def _resnet(name: str, block, layers, weights, kwargs) -> ResNet:
@@ -363,3 +368,72 @@ def recognise_bottleneck(block: nn.Module):
     return "Bottleneck", Bottleneck, dict(inplanes=conv1.in_channels, planes=planes, stride=block.stride,
                                           downsample=_block_downsample(block, norm_layer), groups=groups,
                                           base_width=base_width, dilation=conv2.dilation[0], norm_layer=norm_layer)
+
+
+_BODY_STEM = ("conv1", "bn1", "relu", "maxpool")
+
+
+class ResNetBody(nn.ModuleDict):
+    """torchvision's IntermediateLayerGetter over a ResNet (a detector's `backbone.body`, a
+    segmenter's `backbone`), with the same children and `return_layers`: forward returns the
+    OrderedDict of the requested layers' outputs, as torchvision's does. In eval mode the stem is
+    one fused launch (unless a stem module's own output is requested) and the blocks are
+    fastbone's."""
+
+    def __init__(self, layers: dict[str, nn.Module], return_layers: dict[str, str]):
+        super().__init__(layers)
+        self.return_layers = dict(return_layers)
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        x, fused = enter_network(self, x)
+        names = list(self.keys())
+        start = 0
+        if names[:4] == list(_BODY_STEM) and not set(_BODY_STEM) & set(self.return_layers):
+            x = _stem(x, self.conv1, self.bn1, self.relu, self.maxpool, fused)
+            start = 4
+        for name in names[start:]:
+            x = self[name](x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+
+def _resnet_body(layers: dict[str, nn.Module], return_layers: dict[str, str]) -> ResNetBody:
+    return ResNetBody(layers, return_layers)
+
+
+SOURCE_CLASSES[ResNetBody] = "torchvision.models._utils.IntermediateLayerGetter"  # what convert accepts there
+
+
+@register_block_converter("torchvision.models._utils.IntermediateLayerGetter")
+def recognise_resnet_body(getter: nn.Module):
+    """An IntermediateLayerGetter whose children are a ResNet's stem and stages: rebuilt with the
+    same leaf modules and fastbone's blocks (each block as recognise_basic_block / recognise_bottleneck
+    rebuilds it); convert then checks the whole body module by module."""
+    names = list(getter.keys())
+    if names[:4] != list(_BODY_STEM) or not all(n.startswith("layer") for n in names[4:]):
+        raise ValueError(f"an IntermediateLayerGetter over {names}, not a ResNet's conv1, bn1, relu, maxpool, "
+                         "layer1...")
+    conv1, pool = getter.conv1, getter.maxpool
+    if type(conv1) is not nn.Conv2d or type(pool) is not nn.MaxPool2d:
+        raise ValueError("its stem is not Conv2d + norm + ReLU + MaxPool2d")
+    layers: dict[str, nn.Module] = {
+        "conv1": nn.Conv2d(conv1.in_channels, conv1.out_channels, conv1.kernel_size, stride=conv1.stride,
+                           padding=conv1.padding, bias=conv1.bias is not None),
+        "bn1": type(getter.bn1)(conv1.out_channels),
+        "relu": nn.ReLU(inplace=True),
+        "maxpool": nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                ceil_mode=pool.ceil_mode),
+    }
+    recognisers = {"BasicBlock": recognise_basic_block, "Bottleneck": recognise_bottleneck}
+    for name in names[4:]:
+        blocks = []
+        for block in getter[name]:
+            recognise = recognisers.get(type(block).__name__)
+            if recognise is None:
+                raise ValueError(f"{name} holds a {type(block).__name__}, not a torchvision BasicBlock / Bottleneck")
+            _, builder, kwargs = recognise(block)
+            blocks.append(builder(**kwargs))
+        layers[name] = nn.Sequential(*blocks)
+    return "ResNet body", _resnet_body, dict(layers=layers, return_layers=dict(getter.return_layers))

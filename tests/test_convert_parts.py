@@ -11,7 +11,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
-from fastbone.backbones.resnet import Bottleneck as FastboneBottleneck
+from fastbone.backbones.resnet import Bottleneck as FastboneBottleneck, ResNetBody
 from helpers import rel_err
 from test_frozen_batchnorm import randomize_frozen
 
@@ -40,7 +40,9 @@ def test_faster_rcnn_backbone_converted_and_agrees(capsys):
     assert flags == {k: p.requires_grad for k, p in converted.named_parameters()}
     assert not flags["backbone.body.layer1.0.conv1.weight"] and flags["backbone.body.layer4.0.conv1.weight"]
     printed = capsys.readouterr().out
-    assert "backbone.body.layer3.5: converted to fastbone's Bottleneck" in printed
+    assert "backbone.body: converted to fastbone's ResNet body" in printed
+    assert type(converted.backbone.body) is ResNetBody  # the stem fused too, return_layers kept
+    assert converted.backbone.body.return_layers == model.backbone.body.return_layers
 
     images = [torch.rand(3, 64, 80)]
     x = torch.rand(1, 3, 64, 64)
@@ -63,6 +65,7 @@ def test_deeplabv3_dilated_resnet_converted_and_agrees():
                                                                aux_loss=False).eval()
     fastbone.verify.randomize_batchnorm(model)
     converted = fastbone.convert(model)
+    assert type(converted.backbone) is ResNetBody and list(converted.backbone.return_layers) == ["layer4"]
     blocks = dict(converted.backbone.named_modules())
     assert isinstance(blocks["layer4.2"], FastboneBottleneck) and blocks["layer4.2"].conv2.dilation == (4, 4)
     x = torch.randn(1, 3, 40, 40)
