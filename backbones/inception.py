@@ -25,10 +25,9 @@ for op, with its torch.cat):
     Block35           7: three 1x1s, 3x3, 3x3, 3x3 into one 128-channel buffer, then the up-projection.
     Block17           5: two 1x1s, 1x7, 7x1, the up-projection.
     Block8            5: two 1x1s, 1x3, 3x1, the up-projection.
-    Mixed_6a          6: 3x3/2, 1x1, 3x3, 3x3/2, the 3x3/2 max pool and a copy of it into its slice.
-    Mixed_7a          9: three 1x1s, 3x3/2, 3x3/2, 3x3, 3x3/2, the max pool and its copy.
-                         (The max-pool ops have no `out=` yet: the copy is a grouped identity 1x1
-                         conv, which goes once a pool can write a channel slice.)
+    Mixed_6a          5: 3x3/2, 1x1, 3x3, 3x3/2, the 3x3/2 max pool (writing its slice itself:
+                         `ops.max_pool2d(..., out=, out_channel_offset=)`).
+    Mixed_7a          8: three 1x1s, 3x3/2, 3x3/2, 3x3, 3x3/2, the max pool into its slice.
     stem              conv2d_1a, conv2d_2a, conv2d_2b + maxpool_3a, conv2d_3b, conv2d_4a + maxpool_5a
                          (as GoogLeNet's stem); conv2d_7b one; the global pool one.
   The up-projection of a residual block is one launch: out = act(scale * (conv(x) + bias) + residual),
@@ -50,9 +49,9 @@ from torch.nn.modules.utils import _pair
 from torchvision.models.googlenet import GoogLeNetOutputs
 
 from fastbone import ops
+from fastbone._fx import fx_leaf
 from fastbone.ops._checks import ArgumentError
-from fastbone.ops.activation import activation_code
-from fastbone.ops.conv import _conv_padding, _run_conv_bn_act, conv_output_size
+from fastbone.ops.conv import _conv_padding, conv_output_size
 from fastbone.ops.pool import pool_output_size
 from fastbone.registry import register_converter, register_model
 from .layers import (BatchNormAct2d, ClassifierMixin, FeatureSpec, FeaturesMixin, SelectAdaptivePool2d,
@@ -66,17 +65,30 @@ __all__ = ["BasicConv2d", "Inception", "InceptionAux", "GoogLeNet", "GoogLeNetOu
 
 # --- shared pieces --------------------------------------------------------------------------
 
-def _concat_output(x: Tensor, channels: int, height: int, width: int) -> Tensor:
-    """The block's output, allocated once; each branch writes its channel slice. channels_last as the
-    kernels' activations (an NCHW input on the torch backend keeps its layout)."""
+# torch.fx: the block forwards below never look at their input's values or sizes. What needs the real
+# tensor (the block output's size and layout, the smallest-input check) happens inside `@fx_leaf` calls,
+# and every call that writes a slice of a block output returns that output, which the next write takes:
+# a traced graph then holds the writes as a chain of data dependencies, which dead-code elimination
+# (torchvision's create_feature_extractor runs it) keeps and keeps in order.
+
+@fx_leaf
+def _concat_output(x: Tensor, channels: int, shrink: nn.Conv2d | None = None) -> Tensor:
+    """The block's output, allocated once; each branch writes its channel slice. x's N and H, W, or with
+    `shrink` (the block's stride-2 conv) that conv's output size on x. channels_last as the kernels'
+    activations (an NCHW input on the torch backend keeps its layout)."""
+    height, width = x.shape[2], x.shape[3]
+    if shrink is not None:
+        height, width = (conv_output_size(size, k, st, p, d) for size, k, st, p, d in
+                         zip(x.shape[2:], shrink.kernel_size, shrink.stride, _conv_padding(shrink), shrink.dilation))
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     return torch.empty((x.shape[0], channels, height, width), dtype=x.dtype, device=x.device, memory_format=layout)
 
 
+@fx_leaf
 def _conv_unit_into(x: Tensor, unit: nn.Module, out: Tensor, offset: int) -> Tensor:
     """A conv unit (BasicConv2d / ConvNormAct: `conv`, `bn`, its activation) on the fused path,
-    written to out[:, offset : offset + C]. A BatchNorm left in train mode normalises with batch
-    statistics, as in torch: that unit runs its torch modules and its result is copied in."""
+    written to out[:, offset : offset + C]; returns `out`. A BatchNorm left in train mode normalises
+    with batch statistics, as in torch: that unit runs its torch modules and its result is copied in."""
     conv, norm, act = unit.conv, unit.bn, unit.fused_act
     if norm.training:
         y = conv_norm_act(x, conv, norm, act, fused=False)
@@ -187,22 +199,22 @@ class Inception(nn.Module):
         widths = [self.branch1.conv.out_channels, self.branch2[1].conv.out_channels,
                   self.branch3[1].conv.out_channels, self.branch4[1].conv.out_channels]
         offsets = _widths_offsets(widths)
-        out = _concat_output(x, sum(widths), x.shape[2], x.shape[3])
-        reduced3x3, reduced5x5 = self._reduce_1x1s(x, out, offsets[0])
-        _conv_unit_into(reduced3x3, self.branch2[1], out, offsets[1])
-        _conv_unit_into(reduced5x5, self.branch3[1], out, offsets[2])
-        self._pool_branch(x, out, offsets[3])
-        return out
+        out = _concat_output(x, sum(widths))
+        out, reduced3x3, reduced5x5 = self._reduce_1x1s(x, out, offsets[0])
+        out = _conv_unit_into(reduced3x3, self.branch2[1], out, offsets[1])
+        out = _conv_unit_into(reduced5x5, self.branch3[1], out, offsets[2])
+        return self._pool_branch(x, out, offsets[3])
 
-    def _reduce_1x1s(self, x: Tensor, out: Tensor, offset1: int) -> tuple[Tensor, Tensor]:
-        """The three 1x1 convs that read x: branch1 into its slice, the two reduces into buffers
-        (three launches now; one once horizontal 1x1 fusion lands)."""
-        _conv_unit_into(x, self.branch1, out, offset1)
-        return self.branch2[0](x), self.branch3[0](x)
+    def _reduce_1x1s(self, x: Tensor, out: Tensor, offset1: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The three 1x1 convs that read x: branch1 into its slice of `out`, the two reduces into buffers
+        (three launches now; one once horizontal 1x1 fusion lands). Returns (out, reduce 3x3, reduce "5x5")."""
+        out = _conv_unit_into(x, self.branch1, out, offset1)
+        return out, self.branch2[0](x), self.branch3[0](x)
 
-    def _pool_branch(self, x: Tensor, out: Tensor, offset: int) -> None:
-        """max pool 3x3/1 -> 1x1 into its slice (two launches now; one with the pool in the conv's loader)."""
-        _conv_unit_into(max_pool(x, self.branch4[0], fused=True), self.branch4[1], out, offset)
+    def _pool_branch(self, x: Tensor, out: Tensor, offset: int) -> Tensor:
+        """max pool 3x3/1 -> 1x1 into its slice of `out`, returned (two launches now; one with the pool in
+        the conv's loader)."""
+        return _conv_unit_into(max_pool(x, self.branch4[0], fused=True), self.branch4[1], out, offset)
 
 
 class InceptionAux(nn.Module):
@@ -416,7 +428,7 @@ class GoogLeNet(_ConstantBuffers, ClassifierMixin, FeaturesMixin, nn.Module):
         return x
 
 
-@register_model(reference="torchvision.models.googlenet", family="inception")
+@register_model(reference="torchvision.models.googlenet", family="inception", verify=True)
 def googlenet(*, weights=None, **kwargs) -> GoogLeNet:
     """GoogLeNet (Inception v1); keywords as torchvision.models.googlenet (aux_logits, transform_input,
     init_weights, dropout, dropout_aux). With weights, as torchvision: transform_input defaults to True,
@@ -495,37 +507,30 @@ class Mixed_5b(nn.Module):
         ends = (self.branch0, self.branch1[-1], self.branch2[-1], self.branch3[-1])
         widths = [u.out_channels for u in ends]
         offsets = _widths_offsets(widths)
-        out = _concat_output(x, sum(widths), x.shape[2], x.shape[3])
-        _conv_unit_into(x, self.branch0, out, offsets[0])  # the three 1x1s on x: one launch once fused
+        out = _concat_output(x, sum(widths))
+        out = _conv_unit_into(x, self.branch0, out, offsets[0])  # the three 1x1s on x: one launch once fused
         mid1, mid2 = self.branch1[0](x), self.branch2[0](x)
-        _conv_unit_into(mid1, self.branch1[1], out, offsets[1])
-        _conv_unit_into(self.branch2[1](mid2), self.branch2[2], out, offsets[2])
+        out = _conv_unit_into(mid1, self.branch1[1], out, offsets[1])
+        out = _conv_unit_into(self.branch2[1](mid2), self.branch2[2], out, offsets[2])
         pool = self.branch3[0]
         pooled = ops.avg_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode,
                                 pool.count_include_pad)
-        _conv_unit_into(pooled, self.branch3[1], out, offsets[3])
-        return out
+        return _conv_unit_into(pooled, self.branch3[1], out, offsets[3])
 
 
-class _PoolBranchCopy(_ConstantBuffers):
-    """The max-pool branch of Mixed_6a / Mixed_7a: the pool ops return a new tensor (no `out=` yet),
-    so its result is copied into the block output's slice by a grouped identity 1x1 conv (a fastbone
-    launch, exact). Goes once a pool can write a channel slice."""
-    pool_channels: int
-
-    def _constant_values(self):
-        return {"_pool_copy_weight": ((self.pool_channels, 1, 1, 1), [1.0] * self.pool_channels)}
-
-    def _pool_into(self, x: Tensor, pool: nn.MaxPool2d, out: Tensor, offset: int) -> None:
-        pooled = max_pool(x, pool, fused=True)
-        ops.conv_bias_act(pooled, self._pool_copy_weight, None, groups=pooled.shape[1], act="identity", out=out,
+def _max_pool_into(x: Tensor, pool: nn.MaxPool2d, out: Tensor, offset: int) -> Tensor:
+    """The max-pool branch of Mixed_6a / Mixed_7a: one pool launch writing out[:, offset : offset + C];
+    returns `out`."""
+    if pool.dilation not in (1, (1, 1)) or pool.return_indices:
+        raise ValueError("the fused max pool supports dilation=1 without return_indices; "
+                         f"got dilation={pool.dilation}, return_indices={pool.return_indices}")
+    return ops.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, out=out,
                           out_channel_offset=offset)
 
 
-class Mixed_6a(_PoolBranchCopy, nn.Module):
+class Mixed_6a(nn.Module):
     """timm's Mixed_6a: 3x3/2 384 | 1x1 256 -> 3x3 256 -> 3x3/2 384 | max pool 3x3/2; 1088 channels
     (valid padding on the stride-2 convs and the pool)."""
-    pool_channels = 320
 
     def __init__(self, conv_block: Callable[..., nn.Module] | None = None):
         super().__init__()
@@ -535,27 +540,22 @@ class Mixed_6a(_PoolBranchCopy, nn.Module):
                                      conv_block(256, 256, kernel_size=3, stride=1, padding=1),
                                      conv_block(256, 384, kernel_size=3, stride=2))
         self.branch2 = nn.MaxPool2d(3, stride=2)
-        self._make_constants()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:  # timm's forward
             return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x)), 1)
-        widths = [self.branch0.out_channels, self.branch1[-1].out_channels, x.shape[1]]
+        # The max pool keeps x's channels (branch0's conv checks that x has its in_channels).
+        widths = [self.branch0.out_channels, self.branch1[-1].out_channels, self.branch0.in_channels]
         offsets = _widths_offsets(widths)
-        c = self.branch0.conv
-        hw = [conv_output_size(s, k, st, p, d) for s, k, st, p, d in
-              zip(x.shape[2:], c.kernel_size, c.stride, _conv_padding(c), c.dilation)]
-        out = _concat_output(x, sum(widths), *hw)
-        _conv_unit_into(x, self.branch0, out, offsets[0])
-        _conv_unit_into(self.branch1[1](self.branch1[0](x)), self.branch1[2], out, offsets[1])
-        self._pool_into(x, self.branch2, out, offsets[2])
-        return out
+        out = _concat_output(x, sum(widths), self.branch0.conv)
+        out = _conv_unit_into(x, self.branch0, out, offsets[0])
+        out = _conv_unit_into(self.branch1[1](self.branch1[0](x)), self.branch1[2], out, offsets[1])
+        return _max_pool_into(x, self.branch2, out, offsets[2])
 
 
-class Mixed_7a(_PoolBranchCopy, nn.Module):
+class Mixed_7a(nn.Module):
     """timm's Mixed_7a: 1x1 256 -> 3x3/2 384 | 1x1 256 -> 3x3/2 288 | 1x1 256 -> 3x3 288 -> 3x3/2 320 |
     max pool 3x3/2; 2080 channels."""
-    pool_channels = 1088
 
     def __init__(self, conv_block: Callable[..., nn.Module] | None = None):
         super().__init__()
@@ -568,24 +568,20 @@ class Mixed_7a(_PoolBranchCopy, nn.Module):
                                      conv_block(256, 288, kernel_size=3, stride=1, padding=1),
                                      conv_block(288, 320, kernel_size=3, stride=2))
         self.branch3 = nn.MaxPool2d(3, stride=2)
-        self._make_constants()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:  # timm's forward
             return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)), 1)
+        # The max pool keeps x's channels (the 1x1 convs check that x has their in_channels).
         widths = [self.branch0[-1].out_channels, self.branch1[-1].out_channels, self.branch2[-1].out_channels,
-                  x.shape[1]]
+                  self.branch0[0].in_channels]
         offsets = _widths_offsets(widths)
-        c = self.branch0[-1].conv
-        size = [conv_output_size(s, k, st, p, d) for s, k, st, p, d in
-                zip(x.shape[2:], c.kernel_size, c.stride, _conv_padding(c), c.dilation)]
-        out = _concat_output(x, sum(widths), *size)
+        out = _concat_output(x, sum(widths), self.branch0[-1].conv)
         mids = [self.branch0[0](x), self.branch1[0](x), self.branch2[0](x)]  # the 1x1s on x: one launch once fused
-        _conv_unit_into(mids[0], self.branch0[1], out, offsets[0])
-        _conv_unit_into(mids[1], self.branch1[1], out, offsets[1])
-        _conv_unit_into(self.branch2[1](mids[2]), self.branch2[2], out, offsets[2])
-        self._pool_into(x, self.branch3, out, offsets[3])
-        return out
+        out = _conv_unit_into(mids[0], self.branch0[1], out, offsets[0])
+        out = _conv_unit_into(mids[1], self.branch1[1], out, offsets[1])
+        out = _conv_unit_into(self.branch2[1](mids[2]), self.branch2[2], out, offsets[2])
+        return _max_pool_into(x, self.branch3, out, offsets[3])
 
 
 class _ScaledResidual(_ConstantBuffers):
@@ -613,9 +609,10 @@ class _ScaledResidual(_ConstantBuffers):
     def _up_projection(self, branches: Tensor, x: Tensor, act: nn.Module | None) -> Tensor:
         conv = self.conv2d
         name, slope = activation_name(act)
-        return _run_conv_bn_act(branches, conv.weight, conv.bias, self._residual_scale, self._zeros, self._zeros,
-                                self._ones, 0.0, tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation),
-                                conv.groups, activation_code(name), slope, x, None, 0)
+        return ops.conv_bn_act_tensors(branches, conv.weight, conv.bias, self._residual_scale, self._zeros,
+                                       self._zeros, self._ones, 0.0, stride=tuple(conv.stride),
+                                       padding=_conv_padding(conv), dilation=tuple(conv.dilation), groups=conv.groups,
+                                       act=name, slope=slope, residual=x)
 
     def _reference_up_projection(self, branches: Tensor, x: Tensor, act: nn.Module | None) -> Tensor:
         out = self.conv2d(branches)  # timm's ops
@@ -624,7 +621,7 @@ class _ScaledResidual(_ConstantBuffers):
 
     def _branch_buffer(self, x: Tensor, ends: Sequence[nn.Module]) -> tuple[Tensor, list[int]]:
         widths = [u.out_channels for u in ends]
-        return _concat_output(x, sum(widths), x.shape[2], x.shape[3]), _widths_offsets(widths)
+        return _concat_output(x, sum(widths)), _widths_offsets(widths)
 
 
 class Block35(_ScaledResidual, nn.Module):
@@ -651,10 +648,10 @@ class Block35(_ScaledResidual, nn.Module):
             branches = torch.cat((self.branch0(x), self.branch1(x), self.branch2(x)), 1)
             return self._reference_up_projection(branches, x, self.act)
         buf, offsets = self._branch_buffer(x, (self.branch0, self.branch1[-1], self.branch2[-1]))
-        _conv_unit_into(x, self.branch0, buf, offsets[0])  # the three 1x1s on x: one launch once fused
+        buf = _conv_unit_into(x, self.branch0, buf, offsets[0])  # the three 1x1s on x: one launch once fused
         mid1, mid2 = self.branch1[0](x), self.branch2[0](x)
-        _conv_unit_into(mid1, self.branch1[1], buf, offsets[1])
-        _conv_unit_into(self.branch2[1](mid2), self.branch2[2], buf, offsets[2])
+        buf = _conv_unit_into(mid1, self.branch1[1], buf, offsets[1])
+        buf = _conv_unit_into(self.branch2[1](mid2), self.branch2[2], buf, offsets[2])
         return self._up_projection(buf, x, self.act)
 
 
@@ -680,9 +677,9 @@ class Block17(_ScaledResidual, nn.Module):
             branches = torch.cat((self.branch0(x), self.branch1(x)), 1)
             return self._reference_up_projection(branches, x, self.act)
         buf, offsets = self._branch_buffer(x, (self.branch0, self.branch1[-1]))
-        _conv_unit_into(x, self.branch0, buf, offsets[0])  # the two 1x1s on x: one launch once fused
+        buf = _conv_unit_into(x, self.branch0, buf, offsets[0])  # the two 1x1s on x: one launch once fused
         mid = self.branch1[0](x)
-        _conv_unit_into(self.branch1[1](mid), self.branch1[2], buf, offsets[1])
+        buf = _conv_unit_into(self.branch1[1](mid), self.branch1[2], buf, offsets[1])
         return self._up_projection(buf, x, self.act)
 
 
@@ -708,9 +705,9 @@ class Block8(_ScaledResidual, nn.Module):
             branches = torch.cat((self.branch0(x), self.branch1(x)), 1)
             return self._reference_up_projection(branches, x, self.relu)
         buf, offsets = self._branch_buffer(x, (self.branch0, self.branch1[-1]))
-        _conv_unit_into(x, self.branch0, buf, offsets[0])  # the two 1x1s on x: one launch once fused
+        buf = _conv_unit_into(x, self.branch0, buf, offsets[0])  # the two 1x1s on x: one launch once fused
         mid = self.branch1[0](x)
-        _conv_unit_into(self.branch1[1](mid), self.branch1[2], buf, offsets[1])
+        buf = _conv_unit_into(self.branch1[1](mid), self.branch1[2], buf, offsets[1])
         return self._up_projection(buf, x, self.relu)
 
 
@@ -720,6 +717,37 @@ _IRV2_SHRINKING = (("conv2d_1a.conv", 0), ("conv2d_2a.conv", 0), ("conv2d_2b.con
                    ("conv2d_3b.conv", 1), ("conv2d_4a.conv", 1), ("maxpool_5a", 2), ("mixed_6a.branch0.conv", 3),
                    ("mixed_7a.branch0.1.conv", 4))
 _IRV2_FEATURE_MODULES = ("conv2d_2b", "conv2d_4a", "repeat", "repeat_1", "conv2d_7b")
+
+
+def _shrunk_sizes(layers: tuple, height: int, width: int) -> list[tuple[str, int, int]]:
+    """(layer path, output H, W) of each of `InceptionResnetV2._shrinking_layers` in turn."""
+    sizes, hw = [], (height, width)
+    for path, k, st, p, d, ceil_mode in layers:
+        if ceil_mode is None:
+            hw = tuple(conv_output_size(n, k[i], st[i], p[i], d[i]) for i, n in enumerate(hw))
+        else:
+            hw = tuple(pool_output_size(n, k[i], st[i], p[i], ceil_mode) for i, n in enumerate(hw))
+        sizes.append((path, *hw))
+    return sizes
+
+
+def _min_input_size(layers: tuple) -> int:
+    size = 1
+    while any(min(h, w) < 1 for _, h, w in _shrunk_sizes(layers, size, size)):
+        size += 1
+    return size
+
+
+@fx_leaf
+def _checked_input_size(x: Tensor, layers: tuple) -> Tensor:
+    """x itself, once every map the shrinking `layers` make from it keeps a pixel; else a clear error."""
+    for path, h, w in _shrunk_sizes(layers, x.shape[-2], x.shape[-1]):
+        if h < 1 or w < 1:
+            need = _min_input_size(layers)
+            raise ArgumentError(f"inception_resnet_v2 needs an input of at least {need}x{need}: at "
+                                f"{x.shape[-2]}x{x.shape[-1]} (input shape {tuple(x.shape)}) the output of "
+                                f"{path} would be {h}x{w}")
+    return x
 
 
 class InceptionResnetV2(ClassifierMixin, FeaturesMixin, nn.Module):
@@ -774,37 +802,28 @@ class InceptionResnetV2(ClassifierMixin, FeaturesMixin, nn.Module):
 
     # --- the smallest valid input -------------------------------------------------------------
 
-    def _shrunk_sizes(self, height: int, width: int, last_feature: int):
-        """(layer path, output H, W) of the shrinking layers the features up to `last_feature` pass."""
-        sizes, hw = [], (height, width)
+    def _shrinking_layers(self, last_feature: int) -> tuple:
+        """The geometry of the shrinking layers the features up to `last_feature` pass, as plain values:
+        (path, kernel, stride, padding, dilation, ceil_mode (None for a conv)) each."""
+        layers = []
         for path, feature in _IRV2_SHRINKING:
             if feature > last_feature:
                 break
             m = self.get_submodule(path)
             if isinstance(m, nn.MaxPool2d):
                 k, st, p = (_pair(v) for v in (m.kernel_size, m.stride, m.padding))
-                hw = tuple(pool_output_size(n, k[i], st[i], p[i], m.ceil_mode) for i, n in enumerate(hw))
+                layers.append((path, k, st, p, (1, 1), bool(m.ceil_mode)))
             else:
-                p = _conv_padding(m)
-                hw = tuple(conv_output_size(n, m.kernel_size[i], m.stride[i], p[i], m.dilation[i])
-                           for i, n in enumerate(hw))
-            sizes.append((path, *hw))
-        return sizes
+                layers.append((path, tuple(m.kernel_size), tuple(m.stride), _conv_padding(m), tuple(m.dilation), None))
+        return tuple(layers)
 
     def min_input_size(self, last_feature: int = 4) -> int:
         """The smallest H (= W) for which every map up to feature `last_feature` keeps a pixel (75)."""
-        size = 1
-        while any(min(h, w) < 1 for _, h, w in self._shrunk_sizes(size, size, last_feature)):
-            size += 1
-        return size
+        return _min_input_size(self._shrinking_layers(last_feature))
 
-    def _check_input_size(self, x: Tensor, last_feature: int = 4) -> None:
-        for path, h, w in self._shrunk_sizes(x.shape[-2], x.shape[-1], last_feature):
-            if h < 1 or w < 1:
-                need = self.min_input_size(last_feature)
-                raise ArgumentError(f"inception_resnet_v2 needs an input of at least {need}x{need}: at "
-                                    f"{x.shape[-2]}x{x.shape[-1]} (input shape {tuple(x.shape)}) the output of "
-                                    f"{path} would be {h}x{w}")
+    def _check_input_size(self, x: Tensor, last_feature: int = 4) -> Tensor:
+        """x, refused below the smallest valid size before any launch (a torch.fx leaf: the real size)."""
+        return _checked_input_size(x, self._shrinking_layers(last_feature))
 
     def _stem(self, x: Tensor, fused: bool, wanted: Sequence[int] = (), last: int = 4):
         """Up to maxpool_5a (or the feature `last` when it is 0 or 1): (map, features at `wanted`)."""
@@ -835,7 +854,7 @@ class InceptionResnetV2(ClassifierMixin, FeaturesMixin, nn.Module):
         if not indices:
             return []
         last = max(indices)
-        self._check_input_size(x, last)
+        x = self._check_input_size(x, last)
         x, fused = enter_network(self, x)
         x, feats = self._stem(x, fused, indices, last)
         if last <= 1:
@@ -864,7 +883,7 @@ class InceptionResnetV2(ClassifierMixin, FeaturesMixin, nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """conv2d_7b's output (1536 channels), unpooled."""
-        self._check_input_size(x)
+        x = self._check_input_size(x)
         x, fused = enter_network(self, x)
         x = self._stem(x, fused)[0]
         for m in (self.mixed_5b, self.repeat, self.mixed_6a, self.repeat_1, self.mixed_7a, self.repeat_2,

@@ -159,6 +159,19 @@ def reference_model(name: str, device, dtype, size: int = 224) -> torch.nn.Modul
     return model.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
 
 
+def _fastbone_model(name: str, reference: torch.nn.Module) -> torch.nn.Module:
+    """fastbone's model with the reference's weights: convert() for torchvision / timm references; for
+    families whose reference is fastbone's own eager model (DarkNet-19, ShuffleNet v1), the builder
+    and the reference's state_dict (same keys)."""
+    try:
+        return fastbone.convert(reference)
+    except ValueError:
+        param = next(reference.parameters())
+        model = fastbone.create_model(name).to(device=param.device, dtype=param.dtype)
+        model.load_state_dict(reference.state_dict(), strict=True)
+        return model
+
+
 def model_roofline(name: str, args, elem_bytes: int, peaks: dict) -> dict:
     layers = benchlib.conv_layers(name, args.size)
     rate, bandwidth = peaks["matmul"]["flop_per_s"], peaks["copy"]["bytes_per_s"]
@@ -174,7 +187,7 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype, peaks
     elem_bytes = torch.empty((), dtype=dtype).element_size()
     result = {"model": name, **model_roofline(name, args, elem_bytes, peaks), "variants": {}}
     reference = reference_model(name, device, dtype, args.size)
-    model = fastbone.convert(reference).eval().to(memory_format=torch.channels_last)
+    model = _fastbone_model(name, reference).eval().to(memory_format=torch.channels_last)
     inputs = benchlib.random_inputs(ROTATING_INPUTS, args.batch, 3, (args.size, args.size), device, dtype)
     with torch.no_grad():
         expected = reference(inputs[0]).float()

@@ -18,7 +18,8 @@ stopped, recorded as "timeout", and the session goes on):
   warm-triton         60 s  the models' Triton binaries compiled ahead (16 - 4 processes: nvcc has the rest)
   gpu-tests-triton    75 s  the gpu-marked tests that need no CUDA C++ build, interleaved, -n 8
   micro-triton        55 s  Triton microbenchmarks: conv (ResNet-50 shapes), depthwise and separable
-                            (mobilenet_v2), one process, interleaved, CUDA graphs
+                            (mobilenet_v2), the Fire module (squeezenet1_1) and conv+BN+act+max pool
+                            (darknet19), one process, interleaved, CUDA graphs
   build-wait          15 s  waits for build-cuda (no longer than it needs); if it has not finished by the
                             end of this step it is stopped. The CUDA C++ steps then run fastbone._C
                             (FASTBONE_CUDA_BUILD=aot) or, if the build failed, the NVRTC build (=nvrtc)
@@ -459,8 +460,8 @@ def _gpu_tests_env(group: str):
 def _micro(backend: str):
     def commands(s: Session) -> list[list[str]]:
         cmd = [s.py, "-m", "pytest", "bench/test_bench_conv.py", "bench/test_bench_depthwise.py",
-               "-p", "no:cacheprovider", "-p", "session_plugin", "--bench-backend", backend,
-               f"--benchmark-json={s.work / f'micro-{backend}.json'}"]
+               "bench/test_bench_fire.py", "-p", "no:cacheprovider", "-p", "session_plugin",
+               "--bench-backend", backend, f"--benchmark-json={s.work / f'micro-{backend}.json'}"]
         if s.dry:  # CPU: triton = Triton's interpreter, cuda = the host emulation build
             return [cmd + ["-q", "--bench-device", "cpu", "--bench-shapes", "2", "--bench-rounds", "2",
                            "-k", "not 7x7"]]
@@ -517,7 +518,8 @@ STEPS = [
     Step("warm-triton", 60, 150, _warm, "the models' Triton binaries compiled ahead, in parallel"),
     Step("gpu-tests-triton", 75, 150, _gpu_tests("triton"), "gpu-marked tests that need only Triton",
          env=_gpu_tests_env("triton"), grace=0.15),
-    Step("micro-triton", 55, 150, _micro("triton"), "Triton: conv+BN+ReLU (ResNet-50), depthwise, separable",
+    Step("micro-triton", 55, 150, _micro("triton"), "Triton: conv+BN+ReLU (ResNet-50), depthwise, separable, Fire, "
+         "DarkNet conv+pool",
          env=_micro_env("triton")),
     Step("build-wait", 15, 60, lambda s: [], "waits for build-cuda as long as it still needs", kind="wait"),
     Step("gpu-tests-cuda", 55, 150, _gpu_tests("cuda"), "gpu-marked tests of the CUDA C++ builds",

@@ -144,7 +144,8 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
                  const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight, uintptr_t bn_bias, uintptr_t bn_mean,
                  uintptr_t bn_var, double eps, uintptr_t residual, const Dims& res_strides, uintptr_t out,
                  const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset, const Dims& conv,
-                 int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream) {
+                 int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream, uintptr_t in_scale,
+                 int64_t in_scale_stride) {
   check_dims(x_shape, "x_shape"), check_dims(x_strides, "x_strides"), check_dims(w_shape, "w_shape");
   check_dims(w_strides, "w_strides"), check_dims(res_strides, "res_strides"), check_dims(out_shape, "out_shape");
   check_dims(out_strides, "out_strides"), check_params(conv, 6, "conv"), check_bn(bn_mean, bn_var);
@@ -178,14 +179,16 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
                     offset_or_null(in_ptr<float>(bn_bias), oc0), offset_or_null(in_ptr<float>(bn_mean), oc0),
                     offset_or_null(in_ptr<float>(bn_var), oc0),
                     offset_or_null(in_ptr<T>(residual), ch.n0 * srn + ch.oh0 * srh + oc0 * src),
-                    out_ptr<T>(out) + ch.n0 * son + ch.oh0 * soh, (int)m, (int)x_shape[2], (int)x_shape[3],
+                    out_ptr<T>(out) + ch.n0 * son + ch.oh0 * soh,
+                    offset_or_null(in_ptr<float>(in_scale), ch.n0 * in_scale_stride + ch.g0 * w_shape[1]),
+                    (int)m, (int)x_shape[2], (int)x_shape[3],
                     (int)w_shape[1], (int)ch.oh, (int)ow, (int)ch.c, (int)w_shape[2], (int)w_shape[3],
                     (long long)sxn, (long long)sxc, (long long)sxh, (long long)sxw, (long long)swo,
                     (long long)w_strides[1], (long long)w_strides[2], (long long)w_strides[3], (long long)srn,
                     (long long)src, (long long)srh, (long long)res_strides[3], (long long)son,
                     (long long)out_strides[1], (long long)soh, (long long)out_strides[3],
                     (int)(out_c_offset + oc0), (int)conv[0], (int)conv[1], (int)(conv[2] - ch.oh0 * conv[0]),
-                    (int)conv[3], (int)conv[4], (int)conv[5], (float)eps, (float)slope);
+                    (int)conv[3], (int)conv[4], (int)conv[5], (float)eps, (float)slope, (long long)in_scale_stride);
         }
       };
       // The kernel's C_out_g is the chunk's channel count ch.c: both its bound on a group's

@@ -17,11 +17,14 @@ using Dims = std::vector<int64_t>;
 
 // act(bn(conv2d(x, w) + bias) [+ residual]) into out[:, off:off+C_out].
 // conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; residual == 0 for none.
+// in_scale: 0, or float32 (N, C_in) with row stride in_scale_stride (unit channel stride): the
+// input is multiplied by it per (image, input channel) as it is loaded (the SE gate).
 void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
                  const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight, uintptr_t bn_bias, uintptr_t bn_mean,
                  uintptr_t bn_var, double eps, uintptr_t residual, const Dims& res_strides, uintptr_t out,
                  const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset, const Dims& conv,
-                 int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream);
+                 int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream, uintptr_t in_scale = 0,
+                 int64_t in_scale_stride = 0);
 
 // max_pool(act(bn(conv2d(x, w) + bias))) in one launch. pool = {kh, kw, sh, sw, ph, pw};
 // conv_out_hw = the conv's output size; out_shape = the pooled output.
@@ -105,5 +108,12 @@ void fire_expand(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
                  const Dims& w1_strides, uintptr_t b1, uintptr_t w3, const Dims& w3_shape, const Dims& w3_strides,
                  uintptr_t b3, uintptr_t out, const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset,
                  int64_t dtype, int64_t act, double slope, uintptr_t stream);
+
+// The squeeze-excitation gate, out (N, C) float32 contiguous = gate(fc2(act(fc1(mean_hw(x))))), one block
+// per image; w1 (squeeze, C) and w2 (C, squeeze) contiguous, b1 / b2 vectors or 0, all in x's dtype; gate 0
+// sigmoid, 1 hardsigmoid (csrc/se_ops.cu).
+void se_gate(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w1, uintptr_t b1, uintptr_t w2,
+             uintptr_t b2, uintptr_t out, int64_t squeeze, int64_t dtype, int64_t act, double slope, int64_t gate,
+             uintptr_t stream);
 
 }  // namespace fb_ops

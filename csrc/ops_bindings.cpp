@@ -14,7 +14,8 @@ void fb_register_ops(py::module_& m) {
         py::arg("w_strides"), py::arg("bias"), py::arg("bn_weight"), py::arg("bn_bias"), py::arg("bn_mean"),
         py::arg("bn_var"), py::arg("eps"), py::arg("residual"), py::arg("res_strides"), py::arg("out"),
         py::arg("out_shape"), py::arg("out_strides"), py::arg("out_c_offset"), py::arg("conv"), py::arg("groups"),
-        py::arg("dtype"), py::arg("act"), py::arg("slope"), py::arg("stream"));
+        py::arg("dtype"), py::arg("act"), py::arg("slope"), py::arg("stream"), py::arg("in_scale") = 0,
+        py::arg("in_scale_stride") = 0);
   m.def("conv_bn_act_maxpool", &fb_ops::conv_bn_act_maxpool,
         "max_pool(act(bn(conv2d(x, w) + bias))) in one launch; 0 for an absent bias / bn_*",
         py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w"), py::arg("w_shape"),
@@ -72,6 +73,11 @@ void fb_register_ops(py::module_& m) {
         py::arg("w1_strides"), py::arg("b1"), py::arg("w3"), py::arg("w3_shape"), py::arg("w3_strides"),
         py::arg("b3"), py::arg("out"), py::arg("out_shape"), py::arg("out_strides"), py::arg("out_c_offset"),
         py::arg("dtype"), py::arg("act"), py::arg("slope"), py::arg("stream"));
+  m.def("se_gate", &fb_ops::se_gate,
+        "the squeeze-excitation gate (N, C) float32: gate(fc2(act(fc1(mean over H, W of x)))); 0 for an absent bias",
+        py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w1"), py::arg("b1"), py::arg("w2"),
+        py::arg("b2"), py::arg("out"), py::arg("squeeze"), py::arg("dtype"), py::arg("act"), py::arg("slope"),
+        py::arg("gate"), py::arg("stream"));
   py::dict constants;
   for (const auto& c : fb_ops::launch_constants()) {
     if (c.is_tuple) constants[c.name.c_str()] = py::tuple(py::cast(c.values));

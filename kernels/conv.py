@@ -67,9 +67,10 @@ def _conv_bn_act_kernel(
     out_c_offset,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     eps, slope,
+    scale_ptr, ssn,
     KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    ACT: tl.constexpr, HAS_RES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, INDEX64: tl.constexpr,
 ):
@@ -99,6 +100,11 @@ def _conv_bn_act_kernel(
     oh = (offs_m // OW) % OH
     nb = offs_m // (OW * OH)
     x_row = nb.to(tl.int64) * sxn + (_widen(g, INDEX64) * C_IN_G) * sxc
+    # HAS_IN_SCALE: the input is scaled per (image, input channel) as it is loaded (the SE gate in
+    # front of a projection conv), so the scaled activation never exists in memory. scale_ptr is
+    # float32 (N, C_in) with unit channel stride; the product is rounded to x's dtype, as torch's
+    # x * gate followed by a conv in that dtype.
+    s_row = nb.to(tl.int64) * ssn + g * C_IN_G
     oc = g * C_OUT_G + offs_n
     w_col = oc.to(tl.int64) * swo
 
@@ -118,6 +124,9 @@ def _conv_bn_act_kernel(
             iw = ow[:, None] * stride_w - pad_w + kw_[None, :] * dil_w
             a_ok = mask_m[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(x_ptr + x_row[:, None] + ih * sxh + iw * sxw + c[None, :] * sxc, mask=a_ok, other=0.0)
+            if HAS_IN_SCALE:
+                s = tl.load(scale_ptr + s_row[:, None] + c[None, :], mask=a_ok, other=0.0)
+                a = (a.to(tl.float32) * s).to(a.dtype)
             b_off = kh_ * swh + kw_ * sww + c * swc
             b = tl.load(w_ptr + w_col[None, :] + b_off[:, None], mask=k_ok[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -136,6 +145,9 @@ def _conv_bn_act_kernel(
             c_ok = c < C_IN_G
             a = tl.load(x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            if HAS_IN_SCALE:
+                s = tl.load(scale_ptr + s_row[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                a = (a.to(tl.float32) * s).to(a.dtype)
             b = tl.load(w_ptr + (w_col + _widen(kh, INDEX64) * swh + _widen(kw, INDEX64) * sww)[None, :]
                         + c[:, None] * swc,
                         mask=c_ok[:, None] & mask_n[None, :], other=0.0)
@@ -236,9 +248,10 @@ def needs_int64_indices(m: int, *tensors) -> bool:
 
 
 def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                     act_code, slope, residual, out, out_c_offset, input_precision):
-    """Launch the kernel: writes act(bn(conv(x, weight) + bias) [+ residual]) into
-    out[:, out_c_offset : out_c_offset + C_out]. bias and the bn_* tensors may be None (BN is
+                     act_code, slope, residual, out, out_c_offset, input_precision, input_scale=None):
+    """Launch the kernel: writes act(bn(conv(x * input_scale, weight) + bias) [+ residual]) into
+    out[:, out_c_offset : out_c_offset + C_out]. input_scale: None or float32 (N, C_in) with unit
+    channel stride, multiplied into the input per (image, channel) as it is loaded. bias and the bn_* tensors may be None (BN is
     applied iff bn_mean is given); shapes are validated by the op layer. The per-channel tensors
     may have any strides (made contiguous here: the kernel reads them at ptr + channel)."""
     n, c_in, h, w = x.shape
@@ -260,7 +273,7 @@ def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
                                                      for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)),
                              eps, stride, padding, dilation, g1 - g0, act_code, slope,
                              None if residual is None else residual[:, co], out, out_c_offset + g0 * c_out_g,
-                             input_precision)
+                             input_precision, None if input_scale is None else input_scale[:, ci])
         return out
     # Program ids along the first axis: split the batch where they would pass 2^31 - 1 (only at
     # the smallest tiles, 16 x 16, and an enormous problem).
@@ -271,7 +284,7 @@ def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
             sl = slice(n0, min(n, n0 + step))
             conv_bn_act_into(x[sl], weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
                              groups, act_code, slope, None if residual is None else residual[sl], out[sl],
-                             out_c_offset, input_precision)
+                             out_c_offset, input_precision, None if input_scale is None else input_scale[sl])
         return out
     index64 = needs_int64_indices(m, x, weight, residual, out)
     cfg = _block_config(m, c_out_g, c_in_g, kh * kw, x.element_size())
@@ -296,8 +309,9 @@ def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
         out_c_offset,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         float(eps), float(slope),
+        input_scale if input_scale is not None else out, 0 if input_scale is None else input_scale.stride(0),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_BN=bn_mean is not None, HAS_GAMMA=bn_weight is not None,
         HAS_BETA=bn_bias is not None, ACT=act_code, HAS_RES=residual is not None,
-        INPUT_PRECISION=input_precision, INDEX64=index64, **cfg,
+        INPUT_PRECISION=input_precision, HAS_IN_SCALE=input_scale is not None, INDEX64=index64, **cfg,
     )
     return out

@@ -5,7 +5,10 @@ Every tensor is addressed through its strides (logical NCHW shape), so the input
 may be NCHW or channels_last; the output is whatever the caller allocated
 (a channels_last tensor from the op layer). Output sizes come from `out`: the
 op layer computes them (ceil_mode only changes the output size; the windows
-themselves are clipped at the padded border, as torch does).
+themselves are clipped at the padded border, as torch does). The windowed pools
+write channels [out_c_offset, out_c_offset + C) of `out`: a concatenation's slice
+(Inception-ResNet's max-pool branches), addressed by an offset as the conv kernel
+does, so `out` itself is what the launch mutates (no view of it).
 
 One kernel serves the three windowed pools, parametrised by MODE:
   max:      windows of KH x KW at stride, padded positions never chosen,
@@ -33,7 +36,7 @@ def _window_pool_kernel(
     x_ptr, out_ptr,
     C, H, W, OH, OW, P,
     sxn, sxc, sxh, sxw,
-    son, soc, soh, sow,
+    son, soc, soh, sow, out_c_offset,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     MODE: tl.constexpr, COUNT_INCLUDE_PAD: tl.constexpr,
@@ -43,6 +46,7 @@ def _window_pool_kernel(
     # P = N*OH*OW. Columns: channels (contiguous in NHWC, so loads and stores coalesce).
     # INDEX64 (the launcher's choice): pixel indices and offsets in int64; else int32, proven
     # safe by the launcher (P + BLOCK_P and every tensor's largest offset below 2^31).
+    # Channel c of the result goes to channel out_c_offset + c of `out` (a concatenation's slice).
     offs_p = _widen(tl.program_id(0), INDEX64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = _widen(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX64)
     mask_p = offs_p < P
@@ -93,7 +97,7 @@ def _window_pool_kernel(
             w1 = tl.minimum(w1, W)
         acc = acc / ((h1 - h0) * (w1 - w0)).to(tl.float32)[:, None]
 
-    o_ptrs = out_ptr + (nb.to(tl.int64) * son + oh * soh + ow * sow)[:, None] + (offs_c * soc)[None, :]
+    o_ptrs = out_ptr + (nb.to(tl.int64) * son + oh * soh + ow * sow)[:, None] + ((out_c_offset + offs_c) * soc)[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
@@ -145,11 +149,11 @@ def _index64(rows: int, block_rows: int, *tensors) -> bool:
     return rows + block_rows > INT32_MAX or any(max_element_offset(t) > INT32_MAX for t in tensors)
 
 
-def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=False):
+def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=False, out_c_offset=0):
     n, c, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
     p = n * oh * ow
-    if out.numel() == 0:
+    if p * c == 0:
         return out
     block_p, block_c = _tile(p, c)
     if cdiv(c, block_c) > MAX_GRID_Y:
@@ -157,14 +161,14 @@ def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=F
         step = MAX_GRID_Y * block_c
         for c0 in range(0, c, step):
             sl = slice(c0, min(c, c0 + step))
-            _window_pool_into(x[:, sl], out[:, sl], kernel, stride, padding, mode, count_include_pad)
+            _window_pool_into(x[:, sl], out, kernel, stride, padding, mode, count_include_pad, out_c_offset + c0)
         return out
     grid = (cdiv(p, block_p), cdiv(c, block_c))
     launchable(_window_pool_kernel)[grid](
         x, out,
         c, h, w, oh, ow, p,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3), out_c_offset,
         stride[0], stride[1], padding[0], padding[1],
         KH=kernel[0], KW=kernel[1], MODE=mode, COUNT_INCLUDE_PAD=bool(count_include_pad),
         BLOCK_P=block_p, BLOCK_C=block_c, INDEX64=_index64(p, block_p, x, out), num_warps=_NUM_WARPS,
@@ -172,14 +176,14 @@ def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=F
     return out
 
 
-def max_pool2d_into(x, out, kernel, stride, padding):
-    """out <- max pool of x; out's H, W set the output size (ceil_mode decided there)."""
-    return _window_pool_into(x, out, kernel, stride, padding, MAX)
+def max_pool2d_into(x, out, kernel, stride, padding, out_c_offset=0):
+    """out[:, off : off + C] <- max pool of x; out's H, W set the output size (ceil_mode decided there)."""
+    return _window_pool_into(x, out, kernel, stride, padding, MAX, out_c_offset=out_c_offset)
 
 
-def avg_pool2d_into(x, out, kernel, stride, padding, count_include_pad):
-    """out <- average pool of x with torch's divisor rules; out's H, W set the output size."""
-    return _window_pool_into(x, out, kernel, stride, padding, AVG, count_include_pad)
+def avg_pool2d_into(x, out, kernel, stride, padding, count_include_pad, out_c_offset=0):
+    """out[:, off : off + C] <- average pool of x with torch's divisor rules; out's H, W set the output size."""
+    return _window_pool_into(x, out, kernel, stride, padding, AVG, count_include_pad, out_c_offset)
 
 
 def _largest_bin(size: int, out_size: int) -> int:

@@ -159,6 +159,40 @@ def test_depthwise_microbenchmarks_gpu_smoke(tmp_path):
                for r in records)
 
 
+def test_fire_and_darknet_microbenchmarks_cpu_smoke(tmp_path):
+    # The first two distinct Fire modules of squeezenet1_1 and darknet19's first two conv + pool pairs, at
+    # input size 32.
+    import torch
+
+    backend = "torch" if torch.cuda.is_available() else "triton"
+    records = run_microbenchmarks(tmp_path, "--bench-device", "cpu", "--bench-backend", backend, "--bench-size", "32",
+                                  "--bench-shapes", "2", "--bench-rounds", "2", path="bench/test_bench_fire.py")
+    ops = sorted(r["extra_info"]["op"] for r in records)
+    assert ops == ["conv_bn_act_maxpool"] * 2 + ["fire_module"] * 2
+    for r in records:
+        info = r["extra_info"]
+        assert info["backend_resolved"] == backend and info["dtype"] == "float32" and info["batch"] == 1
+        assert r["stats"]["rounds"] == 2 and info["check_rel_error"] < 1e-4
+        saved, fused, unfused = info["bytes_saved_by_fusion"], info["min_bytes"], info["torch_bytes"]
+        assert saved == unfused - fused > 0 and unfused == sum(info["torch_bytes_by_step"].values())
+        elem = 4  # float32
+        if info["op"] == "fire_module":
+            assert info["model"] == "fastbone.squeezenet1_1"
+            assert (info["launches_fused"], info["launches_torch"]) == (2, 7)
+            # The two expand outputs are never written separately and read back by a cat.
+            e1, e3 = info["shape"]["expand1x1"], info["shape"]["expand3x3"]
+            assert e1["in_hw"] == e3["in_hw"] and e1["c_in"] == e3["c_in"] == info["shape"]["squeeze"]["c_out"]
+            assert saved >= 2 * (e1["c_out"] + e3["c_out"]) * e1["in_hw"][0] * e1["in_hw"][1] * elem
+        else:
+            shape = info["shape"]
+            assert info["model"] == "fastbone.darknet19" and shape["pool"]["kernel_size"] == 2
+            assert shape["pool"]["ceil_mode"] and shape["pooled_hw"] == [-(-n // 2) for n in shape["out_hw"]]
+            # The conv output (written, read by BN, activation and pool) is never stored by the fused op.
+            assert saved >= 5 * shape["c_out"] * shape["out_hw"][0] * shape["out_hw"][1] * elem
+            assert info["launches_fused"] == (1 if info["fused_kernel"] else 2)
+            assert info["fastbone_bytes"] >= fused
+
+
 @pytest.mark.gpu
 def test_model_benchmark_gpu_smoke(tmp_path, monkeypatch):
     # torch.compile is skipped here (max-autotune takes minutes); its code path runs in the CPU test.

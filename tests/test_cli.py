@@ -59,7 +59,7 @@ def test_verify_reports_a_model_that_raises(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["verify", "resnet5"], "no model matches 'resnet5'; known: "),
-    (["verify", "resnet18", "efficient*"], "no model matches 'efficient*'; known: "),
+    (["verify", "resnet18", "no_such_net*"], "no model matches 'no_such_net*'; known: "),
     (["verify", "resnet18", "--all"], "model names / patterns or --all, not both"),
     (["verify", "resnet18", "--device", "cuda"], "sees no CUDA device"),
     (["verify", "resnet18", "--device", "cuda:1"], "sees no CUDA device"),

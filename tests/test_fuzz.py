@@ -41,7 +41,8 @@ from torch import nn
 
 import fastbone
 from fastbone.ops import (adaptive_avg_pool2d, avg_pool2d, conv_bias_act, conv_bn_act, conv_bn_act_maxpool,
-                          depthwise_conv_bn_act, max_pool2d, separable_conv_bn_act)
+                          depthwise_conv_bn_act, fire_expand, fire_expand_bias_act, max_pool2d,
+                          separable_conv_bn_act)
 from fastbone.ops._checks import ArgumentError
 from fastbone.ops.activation import ACTIVATIONS, apply_activation
 from helpers import rel_err
@@ -387,6 +388,64 @@ def gen_separable(rng, dtype) -> Case:
                 TOL[dtype] * (1 if dtype == torch.float32 else 3))
 
 
+def gen_fire(rng, dtype) -> Case:
+    """The Fire module's expand stage: act(1x1 conv) and act(3x3 conv, padding 1) of one input into one
+    output (E1 != E3, biases or none, 1-pixel images whose 3x3 taps are all padding but the centre,
+    empty batches), from the two modules (padding 1 or 'same') or from raw tensors (weights of another
+    float dtype than the input, strided bias views), into a channel slice or a new tensor."""
+    s = rng.choice((1, 2, 3, 5, 8, 13, 16, 20))
+    e1, e3 = rng.choice((1, 3, 6, 11, 16, 19)), rng.choice((1, 4, 6, 9, 16, 21))
+    if rng.random() < 0.3:
+        e3 = e1  # SqueezeNet's own shape
+    n = rng.choice((0, 1, 2)) if rng.random() < 0.1 else rng.choice((1, 2))
+    h = rng.choice((1, 1, 2, 3)) if rng.random() < 0.2 else rng.randint(2, 11)
+    w = rng.randint(1, 11)
+    x, layout = _layout(rng, _tensor(rng, (n, s, h, w), dtype))
+    use_b1, use_b3 = rng.random() < 0.7, rng.random() < 0.7
+    c1 = nn.Conv2d(s, e1, 1, padding=rng.choice((0, "same", "valid")), bias=use_b1)
+    c3 = nn.Conv2d(s, e3, 3, padding=rng.choice((1, 1, "same")), bias=use_b3)
+    with torch.no_grad():
+        for conv in (c1, c3):
+            conv.weight.copy_(_tensor(rng, conv.weight.shape) / conv.weight[0].numel() ** 0.5)
+            if conv.bias is not None:
+                conv.bias.copy_(_tensor(rng, conv.bias.shape, scale=0.3))
+    weight_dtype = dtype if rng.random() < 0.8 else rng.choice(DTYPES)
+    c1, c3 = c1.to(weight_dtype), c3.to(weight_dtype)
+    if rng.random() < 0.5:
+        c3.weight.data = c3.weight.data.contiguous(memory_format=torch.channels_last)
+    act = rng.choice(list(ACTIVATIONS))
+    slope = rng.choice((0.1, 0.01))
+    raw = rng.random() < 0.4
+    into = rng.random() < 0.3
+    name = (f"fire {dtype} x={tuple(x.shape)} {layout} expand {e1} + {e3} weights={weight_dtype} "
+            f"bias={use_b1},{use_b3} paddings={c1.padding},{c3.padding} act={act} slope={slope} raw={raw} "
+            f"into={into}")
+
+    def strided_bias(conv):  # every other element of a wider buffer
+        if conv.bias is None:
+            return None
+        view = torch.empty(2 * conv.out_channels, dtype=conv.bias.dtype)[::2]
+        return view.copy_(conv.bias.detach())
+
+    b1_view, b3_view = strided_bias(c1), strided_bias(c3)
+
+    def call(**kw):
+        if raw:
+            return fire_expand_bias_act(x, c1.weight.detach(), b1_view, c3.weight.detach(), b3_view, act=act,
+                                        slope=slope, **kw)
+        return fire_expand(x, c1, c3, act=act, slope=slope, **kw)
+
+    def reference():
+        # The weights as the kernels use them: rounded to the input's dtype.
+        ws = [conv.weight.to(dtype).double() for conv in (c1, c3)]
+        bs = [None if conv.bias is None else conv.bias.double() for conv in (c1, c3)]
+        y1 = apply_activation(F.conv2d(x.double(), ws[0], bs[0]), act, slope)
+        y3 = apply_activation(F.conv2d(x.double(), ws[1], bs[1], padding=1), act, slope)
+        return torch.cat([y1, y3], 1)
+
+    return Case(name, _into_runner(name, call, n, e1 + e3, h, w, dtype, into), reference, TOL[dtype])
+
+
 # family -> (generator, cases per backend in CI)
 FAMILIES: dict[str, tuple[Callable, int]] = {
     "conv": (gen_conv, 250),
@@ -396,6 +455,7 @@ FAMILIES: dict[str, tuple[Callable, int]] = {
     "stem": (gen_stem, 120),
     "depthwise": (gen_depthwise, 60),
     "separable": (gen_separable, 60),
+    "fire": (gen_fire, 100),
 }
 
 
@@ -620,12 +680,81 @@ def bad_stem(rng) -> BadCase:
                    torch_call)
 
 
+def bad_fire(rng) -> BadCase:
+    """fire_expand(_bias_act) with one argument broken. torch's counterpart is the sequence torchvision's
+    Fire runs (cat of the two convs); what only fastbone checks (the modules' kernel / stride / padding,
+    the output slice, a 4-D input, an exact weight shape) gets fastbone's documented exception."""
+    n, s, h, w = rng.randint(1, 2), rng.randint(1, 5), rng.randint(1, 6), rng.randint(1, 6)
+    e1, e3 = rng.randint(1, 4), rng.randint(1, 4)
+    x = _tensor(rng, (n, s, h, w))
+    w1, b1, w3, b3 = _tensor(rng, (e1, s, 1, 1)), _tensor(rng, e1), _tensor(rng, (e3, s, 3, 3)), _tensor(rng, e3)
+    kind = rng.choice(("channels", "expand1x1 channels", "bias shape", "bias int", "weight int", "empty image",
+                       "3-D input", "w3 5x5", "w1 3-D", "out narrow", "out dtype", "offset-1", "out overlaps input",
+                       "unknown act", "module stride 2", "module padding 0", "module groups", "not a module"))
+    kw, expect = {}, None
+    c1, c3 = nn.Conv2d(s, e1, 1), nn.Conv2d(s, e3, 3, padding=1)
+    if kind == "channels":
+        x = _tensor(rng, (n, s + 1, h, w))
+    elif kind == "expand1x1 channels":
+        w1 = _tensor(rng, (e1, s + 1, 1, 1))
+    elif kind == "bias shape":
+        b3 = rng.choice((_tensor(rng, e3 + 1), _tensor(rng, (e3, 1))))
+    elif kind == "bias int":
+        b1 = torch.ones(e1, dtype=torch.int64)
+    elif kind == "weight int":
+        w3 = torch.ones(e3, s, 3, 3, dtype=torch.int64)
+    elif kind == "empty image":
+        x = _tensor(rng, (n, s, 0, w))
+    elif kind == "3-D input":
+        x, expect = x[0], ArgumentError  # torch takes an unbatched 3-D input; fastbone's ops are 4-D only
+    elif kind == "w3 5x5":
+        w3, expect = _tensor(rng, (e3, s, 5, 5)), ArgumentError  # torch would convolve it with padding 1
+    elif kind == "w1 3-D":
+        w1 = w1[..., 0]
+    elif kind == "out narrow":
+        kw, expect = dict(out=torch.empty(n, e1 + e3, h, w), out_channel_offset=1), ArgumentError
+    elif kind == "out dtype":
+        kw, expect = dict(out=torch.empty(n, e1 + e3, h, w, dtype=torch.float16)), TypeError
+    elif kind == "offset-1":
+        kw, expect = dict(out=torch.empty(n, e1 + e3 + 1, h, w), out_channel_offset=-1), ArgumentError
+    elif kind == "out overlaps input":
+        buf = _tensor(rng, (n, s + e1 + e3, h, w))
+        x, kw = buf[:, :s], dict(out=buf, out_channel_offset=s - 1)
+        flat = _tensor(rng, 10)
+    elif kind == "unknown act":
+        kw, expect = dict(act="gelu"), ValueError
+    elif kind == "module stride 2":
+        c3, expect = nn.Conv2d(s, e3, 3, stride=2, padding=1), ArgumentError
+    elif kind == "module padding 0":
+        c3, expect = nn.Conv2d(s, e3, 3, padding=0), ArgumentError
+    elif kind == "module groups":
+        c1, expect = nn.Conv2d(2 * s, 2 * e1, 1, groups=2), ArgumentError  # its weight is (2 E1, S, 1, 1)
+    elif kind == "not a module":
+        c1, expect = nn.Linear(s, e1), TypeError
+    modules = kind.startswith("module") or kind == "not a module"
+
+    def ours():
+        if modules:
+            return fire_expand(x, c1, c3, **kw)
+        return fire_expand_bias_act(x, w1, b1, w3, b3, **kw)
+
+    def torch_call():
+        if kind == "out overlaps input":
+            return torch.add(flat[:6], 1, out=flat[4:])  # torch's refusal of a partial overlap
+        return torch.cat([F.relu(F.conv2d(x, w1, b1)), F.relu(F.conv2d(x, w3, b3, padding=1))], 1)
+
+    name = (f"fire {kind}: x={tuple(x.shape)} w1={tuple(w1.shape)} w3={tuple(w3.shape)} b1={tuple(b1.shape)} "
+            f"b3={tuple(b3.shape)} {sorted(kw)}")
+    return BadCase(name, ours, None if expect else torch_call, expect)
+
+
 # family -> (generator, cases per backend in CI)
 BAD_INPUTS: dict[str, tuple[Callable, int]] = {
     "conv": (bad_conv, 150),
     "pool": (bad_pool, 80),
     "adaptive_avg_pool2d": (bad_adaptive, 20),
     "stem": (bad_stem, 40),
+    "fire": (bad_fire, 40),
 }
 
 

@@ -17,7 +17,7 @@ TRACEABLE_SIZES = {"inception_resnet_v2": 75}  # its smallest valid input; 64 el
 
 def _model(name):
     model = fastbone.create_model(name).eval()
-    randomize_batchnorm(model)
+    randomize_batchnorm(model, input_size=TRACEABLE_SIZES.get(name, 32))
     return model
 
 

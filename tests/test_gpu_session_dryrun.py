@@ -61,10 +61,11 @@ def test_gpu_session_dry_run(tmp_path):
     compiled = session["models"]["compile"]["models"]
     assert set(compiled) == {m for m in gpu_session.COMPILE_MODELS if m in env_record["models"]}
     assert all("median_ms" in r["variants"]["torch_compile"] for r in compiled.values())
-    # One microbenchmark process per backend, each covering the three op families.
+    # One microbenchmark process per backend, each covering every benchmarked op family.
     assert set(session["micro"]) == {"micro-triton", "micro-cuda"}
     for name, rows in session["micro"].items():
-        assert {r["op"] for r in rows} == {"conv_bn_act", "depthwise_conv_bn_act", "separable_conv_bn_act"}, name
+        assert {r["op"] for r in rows} == {"conv_bn_act", "depthwise_conv_bn_act", "separable_conv_bn_act",
+                                           "fire_module", "conv_bn_act_maxpool"}, name
     # The gpu-marked tests in two runs that together are all of them (but the bench smoke tests), each
     # collected and skipped on the CPU.
     tests = session["tests"]

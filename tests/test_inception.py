@@ -7,11 +7,8 @@ copy, activation or pooling; the classifier's addmm passes) and counts fastbone'
 references on fresh random inputs throughout.
 
 Cost: the whole Inception-ResNet-v2 through Triton's interpreter takes ~70 s of CPU at 75x75 (the smallest
-valid size), so it runs whole on the cuda backend (the emulator, ~6 s) and block by block (mixed_5b,
-Block35, Block17, Block8 and the last block8, each against timm's block with the same weights) on both.
-Mixed_6a / Mixed_7a copy their max-pool branch into the output slice with a grouped identity 1x1 conv
-(no pool `out=` yet), which the interpreter runs one program per channel (20-40 s): those two blocks run
-block-level on the cuda backend (and inside the whole model there).
+valid size), so it runs whole on the cuda backend (the emulator, ~6 s) and block by block (every block
+type, each against timm's block with the same weights) on both.
 """
 # fastbone first: torchvision and timm import triton, and on a machine without CUDA Triton's
 # interpreter must be switched on before triton is first imported (fastbone/_triton_env.py).
@@ -30,9 +27,11 @@ from torchvision.models.googlenet import GoogLeNetOutputs
 
 from fastbone.backbones.inception import (Block8, Block17, Block35, GoogLeNet, Inception, InceptionResnetV2,
                                           Mixed_6a, Mixed_7a)
+from fastbone.ops import conv_bn_act_tensors
+from fastbone.ops._checks import ArgumentError
 from fastbone.verify import randomize_batchnorm
 from fastbone.weights import WeightsUnavailableError
-from helpers import rel_err
+from helpers import poisoned_like, rel_err
 from test_mobilenet import StrictFusedGuard
 
 # float32 fastbone against the float64 reference: measured 1e-6 - 6e-6 for both models (every backend);
@@ -210,7 +209,7 @@ def test_inception_resnet_v2_keys_modules_and_blocks_match_timm(irv2_pair):
     assert model.block8.relu is None and isinstance(model.repeat_2[0].relu, nn.ReLU)
     assert not model.mixed_5b.branch3[0].count_include_pad
     # The constant vectors of the fused epilogue are not state.
-    assert not any("_residual_scale" in k or "_pool_copy" in k for k in sd)
+    assert not any("_residual_scale" in k or "_zeros" in k or "_ones" in k for k in sd)
 
 
 def test_builders_are_registered_and_exported():
@@ -303,10 +302,8 @@ def test_strict_guard_catches_torch_ops(googlenet_pair):
 IRV2_BLOCKS = [("mixed_5b", 192, (7, 9)), ("repeat.3", 320, (5, 7)), ("mixed_6a", 320, (7, 9)),
                ("repeat_1.5", 1088, (3, 5)), ("mixed_7a", 1088, (5, 7)), ("repeat_2.2", 2080, (2, 3)),
                ("block8", 2080, (3, 2))]
-# The grouped identity copy of the pool branch runs one interpreter program per channel (see the docstring).
-TRITON_SKIPS = {"mixed_6a", "mixed_7a"}
 BLOCK_CASES = [pytest.param(path, c, hw, backend, id=f"{path}-{backend}") for path, c, hw in IRV2_BLOCKS
-               for backend in ("triton", "cuda") if not (backend == "triton" and path in TRITON_SKIPS)]
+               for backend in ("triton", "cuda")]
 
 
 @pytest.mark.parametrize("path, channels, hw, backend", BLOCK_CASES)
@@ -316,11 +313,12 @@ def test_inception_resnet_v2_blocks_match_timm(irv2_pair, path, channels, hw, ba
     x = channels_last(torch.randn(1, channels, *hw))
     out, ops = fused_run(block, x, backend)
     assert rel_err(out, reference_forward(ref_block, x)) < EVAL_TOL
-    # One launch per Conv2d, one per pool; the max-pool branches' copy into their slice is one more conv.
+    # One launch per Conv2d, one per pool (Mixed_6a / Mixed_7a: the max pool writes its slice itself).
     convs, pools = counted_modules(block)
-    copies = isinstance(block, (Mixed_6a, Mixed_7a))
-    assert launch_kinds(ops) == {"conv": convs + copies, "pool": pools, "stem": 0}, dict(ops)
-    assert sum(ops.values()) == convs + copies + pools
+    assert launch_kinds(ops) == {"conv": convs, "pool": pools, "stem": 0}, dict(ops)
+    assert sum(ops.values()) == convs + pools
+    if isinstance(block, (Mixed_6a, Mixed_7a)):
+        assert ops[f"{backend}_max_pool2d_into"] == 1 and f"{backend}_max_pool2d" not in ops, dict(ops)
 
 
 def test_inception_resnet_v2_whole_model_cuda(irv2_pair, irv2_expected):
@@ -329,8 +327,9 @@ def test_inception_resnet_v2_whole_model_cuda(irv2_pair, irv2_expected):
     out, ops = fused_run(model, x, "cuda")
     convs, pools = counted_modules(model)
     kinds = launch_kinds(ops)
-    assert kinds["conv"] == convs + 2, dict(ops)  # + the pool copies of mixed_6a / mixed_7a
+    assert kinds["conv"] == convs, dict(ops)
     assert kinds["pool"] + kinds["stem"] == pools, dict(ops)
+    assert sum(ops.values()) == kinds["conv"] + kinds["pool"], dict(ops)
     assert out.shape == (1, 17)
     assert rel_err(out, logits) < EVAL_TOL
 
@@ -348,6 +347,42 @@ def test_inception_resnet_v2_train_mode_blocks_match_timm(irv2_pair, path, chann
     ref_params = dict(ref_block.named_parameters())
     for name, p in block.named_parameters():
         assert rel_err(p.grad, ref_params[name].grad) < TRAIN_TOL, name
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_conv_bn_act_tensors_matches_float64_torch(backend):
+    # The raw-tensor conv + BatchNorm entry the up-projection uses: BatchNorm from plain tensors (with and
+    # without the affine pair), a conv bias, a residual, an odd-shaped 1x3 kernel, a channel slice of a
+    # NaN-filled buffer whose other channels must stay NaN.
+    x = channels_last(torch.randn(2, 5, 7, 6))
+    weight, bias, residual = torch.randn(6, 5, 1, 3), torch.randn(6), torch.randn(2, 6, 7, 6)
+    gamma, beta, mean, var = torch.rand(6) + 0.5, torch.randn(6), torch.randn(6), torch.rand(6) + 0.5
+    eps = 1e-3
+
+    def reference(gamma, beta):
+        y = nn.functional.conv2d(x.double(), weight.double(), bias.double(), padding=(0, 1))
+        y = nn.functional.batch_norm(y, mean.double(), var.double(), None if gamma is None else gamma.double(),
+                                     None if beta is None else beta.double(), False, 0.0, eps)
+        return torch.relu(y + residual.double())
+
+    buf = poisoned_like((2, 10, 7, 6), torch.float32)
+    with torch.no_grad(), fastbone.backend(backend):
+        y = conv_bn_act_tensors(x, weight, bias, gamma, beta, mean, var, eps, padding=(0, 1), act="relu",
+                                residual=residual)
+        into = conv_bn_act_tensors(x, weight, bias, None, None, mean, var, eps, padding=(0, 1), act="relu",
+                                   residual=residual, out=buf, out_channel_offset=3)
+    assert y.shape == (2, 6, 7, 6) and rel_err(y, reference(gamma, beta)) < EVAL_TOL
+    assert into is buf and rel_err(buf[:, 3:9], reference(None, None)) < EVAL_TOL
+    assert buf[:, :3].isnan().all() and buf[:, 9:].isnan().all()
+    with fastbone.backend(backend):
+        with pytest.raises(ArgumentError, match="needs both bn_mean and bn_var"):
+            conv_bn_act_tensors(x, weight, None, gamma, beta, mean, None)
+        with pytest.raises(ArgumentError, match="bn_weight / bn_bias were given without bn_mean and bn_var"):
+            conv_bn_act_tensors(x, weight, None, gamma, beta)
+        with pytest.raises(ArgumentError, match="eps must be a number >= 0"):
+            conv_bn_act_tensors(x, weight, None, gamma, beta, mean, var, -1e-3)
+        with pytest.raises(ArgumentError, match=r"bn_var must have shape \(6,\)"):
+            conv_bn_act_tensors(x, weight, None, gamma, beta, mean, torch.rand(5) + 0.5)
 
 
 def test_scaled_residual_eval_backward_matches_timm(irv2_pair):
@@ -395,7 +430,7 @@ def test_constants_follow_dtype_device_and_scale():
     assert torch.equal(lazy_googlenet._transform_bias,
                        torch.tensor([(0.485 - 0.5) / 0.5, (0.456 - 0.5) / 0.5, (0.406 - 0.5) / 0.5]))
     lazy_irv2.load_state_dict(lazy_irv2.to_empty(device="cpu").state_dict(), assign=True)
-    assert torch.equal(lazy_irv2.mixed_7a._pool_copy_weight, torch.ones(1088, 1, 1, 1))
+    assert torch.equal(lazy_irv2.repeat_1[4]._ones, torch.ones(1088))
     assert torch.equal(lazy_irv2.block8._residual_scale, torch.ones(2080))
 
 

@@ -73,8 +73,10 @@ def test_list_models_defaults_order_and_pretrained():
     assert fastbone.list_models("resnet*") == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
     assert fastbone.list_models("no_such_*") == []
     # Every current model has published weights (torchvision's, or timm's for timm-referenced models),
-    # except DarkNet-19, whose only weights are Darknet's own files (fastbone.load_darknet_weights).
-    assert fastbone.list_models(pretrained=True) == [n for n in names if n != "darknet19"]
+    # except DarkNet-19, whose only weights are Darknet's own files (fastbone.load_darknet_weights), and
+    # ShuffleNet v1, whose only weights are the authors' checkpoints (fastbone.load_checkpoint).
+    assert fastbone.list_models(pretrained=True) == [n for n in names if n != "darknet19"
+                                                     and not n.startswith("shufflenet_v1")]
     assert fastbone.list_models(module="vgg") == [n for n in names if n.startswith("vgg")]
     with pytest.raises(TypeError, match="filter must be a str"):
         fastbone.list_models([3])

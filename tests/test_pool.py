@@ -159,6 +159,135 @@ def test_kernels_write_exactly_their_output(mode, layout):
     assert buf[:, :3].isnan().all() and buf[:, 8:].isnan().all()
 
 
+# --- out= / out_channel_offset=: the pool writes a channel slice of a concatenation buffer ------
+
+KERNEL_BACKENDS = ("triton", "cuda")  # on CPU: Triton's interpreter, the CUDA C++ emulator
+
+# (op, x shape, pool arguments, buffer channels, offset, layout): odd sizes, ceil_mode, an avg pool that
+# excludes padding, a slice at either end of the buffer, an NCHW buffer, and more channels than one
+# interpreter channel block (256: the second block's offset).
+SLICE_CASES = (
+    ("max", (2, 5, 9, 7), (3, 2, 0, True), 11, 4, "channels_last"),
+    ("max", (1, 3, 8, 11), ((3, 2), (2, 1), (1, 1), False), 7, 0, "nchw"),
+    ("avg", (2, 5, 9, 7), (3, 2, 1, True, False), 8, 3, "channels_last"),
+    ("avg", (1, 4, 7, 10), ((2, 3), 2, (1, 1), True, True), 9, 0, "nchw"),
+    ("max", (1, 260, 5, 6), (3, 2, 1, True), 270, 7, "channels_last"),
+)
+_POOLS = {"max": (pool.max_pool2d, F.max_pool2d), "avg": (pool.avg_pool2d, F.avg_pool2d)}
+
+
+def _pool_reference(kind, x, args):
+    """The float64 torch reference of `_POOLS[kind]` with the positional pool arguments `args`."""
+    if kind == "max":
+        k, st, p, ceil = args
+        return F.max_pool2d(x.double(), k, st, p, ceil_mode=ceil)
+    k, st, p, ceil, include = args
+    return F.avg_pool2d(x.double(), k, st, p, ceil_mode=ceil, count_include_pad=include)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ("torch",))
+@pytest.mark.parametrize("kind, shape, args, channels, offset, layout", SLICE_CASES,
+                         ids=[f"{c[0]}-{c[1][1]}ch-{c[5]}" for c in SLICE_CASES])
+def test_pool_writes_its_channel_slice(backend, kind, shape, args, channels, offset, layout):
+    x = make_input(shape, torch.float32, layout)
+    ref = _pool_reference(kind, x, args)
+    buf = poisoned_like((shape[0], channels, *ref.shape[2:]), torch.float32, channels_last=layout != "nchw")
+    with torch.no_grad(), fastbone.backend(backend):
+        result = _POOLS[kind][0](x, *args, out=buf, out_channel_offset=offset)
+    assert result is buf
+    written = buf[:, offset:offset + shape[1]]
+    assert rel_err(written, ref) <= (0.0 if kind == "max" else AVG_TOL[torch.float32])
+    assert buf[:, :offset].isnan().all() and buf[:, offset + shape[1]:].isnan().all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_pool_into_slice_half_precision(backend):
+    x = make_input((2, 6, 11, 9), torch.float16, "channels_last")
+    buf = poisoned_like((2, 10, 6, 5), torch.float16)
+    with torch.no_grad(), fastbone.backend(backend):
+        pool.avg_pool2d(x, 3, 2, 1, True, False, out=buf, out_channel_offset=1)
+        pool.max_pool2d(x[:, :3], 3, 2, 1, True, out=buf, out_channel_offset=7)
+    assert rel_err(buf[:, 1:7], F.avg_pool2d(x.double(), 3, 2, 1, True, False)) <= AVG_TOL[torch.float16]
+    assert rel_err(buf[:, 7:], F.max_pool2d(x[:, :3].double(), 3, 2, 1, ceil_mode=True)) == 0.0
+    assert buf[:, :1].isnan().all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_pool_into_slice_records_gradients(backend):
+    # With autograd recording, the out-of-place op (which has a backward) runs and is copied into the
+    # slice, as conv's out= does; the input's gradient is torch's.
+    x = make_input((2, 3, 7, 6), torch.float32, "channels_last").requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    grad = torch.randn(2, 3, 4, 4)
+    buf = poisoned_like((2, 9, 4, 4), torch.float32)
+    with fastbone.backend(backend):
+        pool.max_pool2d(x, 3, 2, 1, True, out=buf, out_channel_offset=1)
+        pool.avg_pool2d(x, 3, 2, 1, True, False, out=buf, out_channel_offset=5)
+    assert buf.grad_fn is not None
+    max64, avg64 = F.max_pool2d(x64, 3, 2, 1, ceil_mode=True), F.avg_pool2d(x64, 3, 2, 1, True, False)
+    assert rel_err(buf[:, 1:4], max64) == 0.0 and rel_err(buf[:, 5:8], avg64) <= AVG_TOL[torch.float32]
+    (buf[:, 1:4] * grad + buf[:, 5:8] * grad).sum().backward()
+    ((max64 + avg64) * grad).sum().backward()
+    assert rel_err(x.grad, x64.grad) < 1e-6
+    assert buf[:, (0, 4, 8)].isnan().all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ("torch",))
+def test_pool_bad_out_is_refused(backend):
+    x = torch.randn(2, 3, 8, 8)  # a 3x3 / 2 pool, padding 1: 4x4 outputs
+    good = torch.empty(2, 5, 4, 4)
+    cases = [  # (out, offset, exception, message)
+        (torch.empty(2, 5, 5, 4), 0, ValueError, r"out has shape \(2, 5, 5, 4\); expected \(N=2, C>=3, 4, 4\)"),
+        (good, 3, ValueError, r"expected \(N=2, C>=6, 4, 4\) to hold channels \[3, 6\)"),
+        (torch.empty(2, 3, 4), 0, ValueError, r"out has shape \(2, 3, 4\)"),
+        (good.half(), 0, TypeError, "out has dtype torch.float16, expected the input's torch.float32"),
+        (torch.empty(2, 5, 4, 4, device="meta"), 0, ValueError, "out is on meta but the input is on cpu"),
+        (good, -1, ValueError, "out_channel_offset must be an int >= 0, got -1"),
+        (good, 1.0, ValueError, "out_channel_offset must be an int >= 0, got 1.0"),
+        ([0.0], 0, TypeError, "out must be a torch.Tensor or None, got list"),
+        (torch.zeros(1, 5, 1, 1).expand(2, 5, 4, 4), 0, ValueError, "out has internal overlap"),
+    ]
+    with fastbone.backend(backend):
+        for out, offset, error, message in cases:
+            for op in (pool.max_pool2d, pool.avg_pool2d):
+                with pytest.raises(error, match=message):
+                    op(x, 3, 2, 1, out=out, out_channel_offset=offset)
+        # The slice sharing memory with the input it pools: the same tensor (a stride-1 pool in place) and
+        # a partial overlap; both read around each output position, so both are refused.
+        buf = torch.randn(2, 5, 8, 8)
+        with pytest.raises(ValueError, match=r"out overlaps input \(the same memory"):
+            pool.max_pool2d(buf, 3, 1, 1, out=buf)
+        with pytest.raises(ValueError, match=r"out overlaps input \(partly"):
+            pool.avg_pool2d(buf[:, :3], 3, 1, 1, out=buf, out_channel_offset=1)
+        # Disjoint channel slices of one buffer are fine (read [0, 2), write [2, 4)).
+        ref = F.max_pool2d(buf[:, :2].double(), 3, 1, 1)
+        pool.max_pool2d(buf[:, :2], 3, 1, 1, out=buf, out_channel_offset=2)
+        assert rel_err(buf[:, 2:4], ref) == 0.0
+
+
+@pytest.mark.parametrize("prefix", ("triton", "cuda"))
+def test_into_ops_refuse_a_wrong_slice_when_called_directly(prefix):
+    # The registered `_into` ops check what they write (the op layer checks it first): a slice past the
+    # buffer's channels or of the wrong size would write the wrong memory.
+    ops = torch.ops.fastbone
+    x = make_input((1, 3, 7, 6), torch.float32, "channels_last")
+    with pytest.raises(ValueError, match=r"to hold channels \[2, 5\) of the pool"):
+        getattr(ops, f"{prefix}_max_pool2d_into")(x, [3, 3], [2, 2], [1, 1], True, poisoned_like((1, 4, 4, 4),
+                                                                                                  torch.float32), 2)
+    with pytest.raises(ValueError, match=r"expected torch.float32 \(N=1, C>=3, 4, 4\)"):
+        getattr(ops, f"{prefix}_avg_pool2d_into")(x, [3, 3], [2, 2], [1, 1], True, False,
+                                                  poisoned_like((1, 3, 4, 3), torch.float32), 0)
+
+
+@pytest.mark.parametrize("prefix", ("triton", "cuda"))
+@pytest.mark.parametrize("kind", ("max", "avg"))
+def test_into_ops_pass_opcheck(prefix, kind):
+    x = make_input((2, 3, 7, 6), torch.float32, "channels_last")
+    out = poisoned_like((2, 6, 4, 4), torch.float32)
+    args = (x, [3, 3], [2, 2], [1, 1], True) + (() if kind == "max" else (False,))
+    torch.library.opcheck(getattr(torch.ops.fastbone, f"{prefix}_{kind}_pool2d_into").default, args + (out, 2))
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_max_pool2d_propagates_nan(dtype):
     x = make_input((2, 4, 9, 10), dtype, "channels_last")
@@ -294,6 +423,37 @@ def test_gpu_registered_ops_pass_opcheck_and_compile(case):
     torch.testing.assert_close(compiled(*args), op(*args), rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_pools_into_channel_slices(backend, dtype):
+    # Inception-ResNet-v2's Mixed_6a at 299: its 3x3/2 max pool writes channels [768, 1088) of the block
+    # output; an avg pool (ceil_mode, padding excluded) writes the first 64.
+    x = make_input((8, 320, 35, 35), dtype, "channels_last", "cuda")
+    buf = poisoned_like((8, 1088, 17, 17), dtype, "cuda")
+    with torch.no_grad(), fastbone.backend(backend):
+        pool.max_pool2d(x, 3, 2, 0, False, out=buf, out_channel_offset=768)
+        pool.avg_pool2d(x[:, :64], 3, 2, 1, True, False, out=buf, out_channel_offset=0)
+    assert rel_err(buf[:, 768:], F.max_pool2d(x.double(), 3, 2, 0)) == 0.0
+    assert rel_err(buf[:, :64], F.avg_pool2d(x[:, :64].double(), 3, 2, 1, True, False)) <= AVG_TOL[dtype]
+    assert buf[:, 64:768].isnan().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefix", ("triton", "cuda"))
+def test_gpu_into_ops_opcheck_and_compile(prefix):
+    x = make_input((2, 3, 7, 6), torch.float32, "channels_last", "cuda")
+    op = getattr(torch.ops.fastbone, f"{prefix}_max_pool2d_into").default
+    torch.library.opcheck(op, (x, [3, 3], [2, 2], [1, 1], True, poisoned_like((2, 6, 4, 4), torch.float32, "cuda"), 2))
+
+    def into_buffer(x):
+        buf = torch.zeros(2, 6, 4, 4, device="cuda").contiguous(memory_format=torch.channels_last)
+        op(x, [3, 3], [2, 2], [1, 1], True, buf, 2)
+        return buf
+    compiled = torch.compile(into_buffer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), into_buffer(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", range(4), ids=("max", "avg", "adaptive", "global"))
 def test_registered_ops_compile_fullgraph(case):
     # aot_eager: the interpreter's ops are opaque custom ops on CPU, and Inductor's
@@ -301,3 +461,18 @@ def test_registered_ops_compile_fullgraph(case):
     op, args = _op_samples()[case]
     compiled = torch.compile(lambda *a: op(*a), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), op(*args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ("max", "avg"))
+def test_into_ops_compile_fullgraph(kind):
+    # The mutating op inside a compiled function that allocates the concatenation buffer (aot_eager, as above).
+    x = make_input((2, 3, 7, 6), torch.float32, "channels_last")
+    op = getattr(torch.ops.fastbone, f"triton_{kind}_pool2d_into")
+    extra = () if kind == "max" else (False,)
+
+    def into_buffer(x):
+        buf = torch.zeros(2, 6, 4, 4).contiguous(memory_format=torch.channels_last)
+        op(x, [3, 3], [2, 2], [1, 1], True, *extra, buf, 2)
+        return buf
+    compiled = torch.compile(into_buffer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), into_buffer(x), rtol=0, atol=0)

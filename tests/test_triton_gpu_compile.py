@@ -74,6 +74,9 @@ def test_triton_kernels_compile_for_sm90(sm90):
     separable = [r for r in records if r["kernel"].startswith("separable") and "float32" not in r["kernel"]]
     assert separable and all(r["wgmma"] + r["mma"] > 0 for r in separable)
     assert any(r["kernel"].startswith("depthwise") for r in records)
+    # The Fire expand kernel: both convs' dots on tensor cores (wgmma; mma.sync for 32-row tiles).
+    fire = [r for r in records if r["kernel"].startswith(("fire", "int64-index fire")) and "float32" not in r["kernel"]]
+    assert fire and all(r["wgmma"] + r["mma"] > 0 for r in fire)
 
 
 def test_no_unexpected_triton_spills(sm90):

@@ -156,9 +156,10 @@ def conv_cases():
                 launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 precision = "tf32" if dtype == torch.float32 else "ieee"
                 cases.append((f"conv {dtype} M={m} Cout={c_out} Cin={c_in} k={k} act={act}", kc._conv_bn_act_kernel,
-                              dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
+                              dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype, scale_ptr=torch.float32,
                                                  **bn_pointers(dtype)),
                                    constexprs=dict(KH=k, KW=k, ACT=act, HAS_RES=True, INPUT_PRECISION=precision,
+                                                   HAS_IN_SCALE=k == 1,  # the SE projection's prologue scale
                                                    **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg, INDEX64=False),
                                    floats=("eps", "slope"), divisible_by_16=NHWC_DIVISIBLE if c_in % 16 == 0 else (),
                                    **launch)))
@@ -168,9 +169,9 @@ def conv_cases():
             cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8))
             launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
             cases.append((f"int64-index conv {dtype} Cout={c_out} Cin={c_in} k={k}", kc._conv_bn_act_kernel,
-                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
+                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype, scale_ptr=torch.float32,
                                              **bn_pointers(dtype)),
-                               constexprs=dict(KH=k, KW=k, ACT=1, HAS_RES=True,
+                               constexprs=dict(KH=k, KW=k, ACT=1, HAS_RES=True, HAS_IN_SCALE=False,
                                                INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                                                **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg, INDEX64=True),
                                floats=("eps", "slope"), **launch)))
@@ -179,9 +180,10 @@ def conv_cases():
     for dtype in (torch.float32, torch.float16):
         for bm, bn, bk, warps, stages in kc.GPU_TILES:
             cases.append((f"conv autotune tile {dtype} {bm}x{bn}x{bk} w{warps} s{stages}", kc._conv_bn_act_kernel,
-                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
+                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype, scale_ptr=torch.float32,
                                              **bn_pointers(dtype)),
-                               constexprs=dict(KH=3, KW=3, ACT=1, HAS_RES=False, FLAT_K=False, **NHWC_UNIT_STRIDES,
+                               constexprs=dict(KH=3, KW=3, ACT=1, HAS_RES=False, FLAT_K=False, HAS_IN_SCALE=False,
+                                               **NHWC_UNIT_STRIDES,
                                                **BN_FLAGS,
                                                INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, INDEX64=False),
@@ -270,6 +272,54 @@ def depthwise_cases():
         sep_case(f"separable autotune tile float16 {bm}x{bn}x{bk} w{warps} s{stages}", torch.float16, 960, 320, 3, 1,
                  relu6, 0, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), dict(num_warps=warps, num_stages=stages,
                                                                           smem_limit=H100_SMEM))
+    return cases
+
+
+def fire_cases():
+    """The Fire expand kernel (expand1x1 + expand3x3 from one read) at SqueezeNet 1.1's Fire shapes
+    (batch 32): the fixed GPU config in every dtype (every activation in float16), the 64-bit index
+    variant, and every autotuner tile in float16 and float32 on a shape none of them is pruned for."""
+    from fastbone.kernels import fire as kf
+    from fastbone.ops.activation import ACTIVATIONS
+
+    # NHWC input and output, weights as a channels_last model holds them (the 3x3's channels innermost).
+    unit = dict(sxc=1, s1c=1, s3c=1, soc=1)
+    divisible = ("sxn", "sxh", "sxw", "s1o", "s3o", "s3h", "s3w", "son", "soh", "sow", "S", "E1", "E3",
+                 "out_c_offset")
+    cases = []
+
+    def case(name, dtype, s, e, act, cfg, launch, index64=False):
+        precision = "tf32" if dtype == torch.float32 else "ieee"
+        cases.append((name, kf._fire_expand_kernel,
+                      dict(pointers=dict(x_ptr=dtype, w1_ptr=dtype, b1_ptr=dtype, w3_ptr=dtype, b3_ptr=dtype,
+                                         out_ptr=dtype),
+                           constexprs=dict(HAS_B1=True, HAS_B3=True, ACT=act, INPUT_PRECISION=precision, **unit,
+                                           **cfg, INDEX64=index64),
+                           floats=("slope",), divisible_by_16=divisible if s % 16 == 0 and e % 16 == 0 else (),
+                           **launch)))
+
+    def fixed(m, s, e):
+        cfg = dict(kf.fire_block_config(m, e, s))
+        return cfg, dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+
+    # (M, squeeze channels S, expand channels E1 = E3): fire2/3, fire4/5, fire6/7, fire8/9 at 224.
+    problems = [(32 * 55 * 55, 16, 64), (32 * 27 * 27, 32, 128), (32 * 13 * 13, 48, 192), (32 * 13 * 13, 64, 256)]
+    relu = ACTIVATIONS["relu"]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for m, s, e in problems:
+            acts = ACTIVATIONS.values() if (dtype == torch.float16 and s == 32) else [relu]
+            for act in acts:
+                fire_cfg, launch = fixed(m, s, e)
+                case(f"fire {dtype} M={m} S={s} E={e} act={act}", dtype, s, e, act, fire_cfg, launch)
+    for dtype in (torch.float32, torch.float16):
+        m, s, e = problems[0]
+        fire_cfg, launch = fixed(m, s, e)
+        case(f"int64-index fire {dtype} S={s} E={e}", dtype, s, e, relu, fire_cfg, launch, index64=True)
+    for dtype in (torch.float32, torch.float16):
+        for bm, bn, bk, warps, stages in kf.FIRE_GPU_TILES:
+            case(f"fire autotune tile {dtype} {bm}x{bn}x{bk} w{warps} s{stages}", dtype, 64, 256, relu,
+                 dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                 dict(num_warps=warps, num_stages=stages, smem_limit=H100_SMEM))
     return cases
 
 
@@ -374,7 +424,7 @@ def all_cases(arch: int, with_models: bool = True) -> list:
     import time
 
     cases = [(name, fn, hand_spec(fn, **kwargs)) for name, fn, kwargs in conv_cases() + pool_cases() +
-             depthwise_cases()]
+             depthwise_cases() + fire_cases()]
     if with_models:
         start = time.monotonic()
         covered = {structure_key(fn, spec) for _, fn, spec in cases}

@@ -19,6 +19,16 @@
 #define FB_UNROLL _Pragma("unroll")
 #endif
 
+// The launch's dynamic shared memory as `float* name`, in kernel headers: launch.h's FB_DYNAMIC_SMEM
+// pulls in host headers, which NVRTC does not have (se.cuh; depthwise.cuh has its own copy).
+#ifdef FASTBONE_EMU
+#define FB_KERNEL_DYNAMIC_SMEM_FLOAT(name) float* name = static_cast<float*>(::fb_emu::dynamic_smem())
+#else
+#define FB_KERNEL_DYNAMIC_SMEM_FLOAT(name)                                \
+  extern __shared__ __align__(16) unsigned char fb_kernel_dynamic_smem_[]; \
+  float* name = reinterpret_cast<float*>(fb_kernel_dynamic_smem_)
+#endif
+
 namespace fb {
 
 // Dtype codes passed by the bindings (0 float32, 1 float16, 2 bfloat16).

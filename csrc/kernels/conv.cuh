@@ -47,16 +47,16 @@ constexpr int kConvNarrowMaxCout = 16;  // C_out per group at or below which Con
   const T *__restrict__ x, const T *__restrict__ w, const float *__restrict__ bias,                         \
       const float *__restrict__ bn_weight, const float *__restrict__ bn_bias,                               \
       const float *__restrict__ bn_mean, const float *__restrict__ bn_var, const T *__restrict__ res,       \
-      T *__restrict__ out, int M, int H, int W, int C_in_g, int OH, int OW, int C_out_g, int KH, int KW,    \
+      T *__restrict__ out, const float *__restrict__ in_scale, int M, int H, int W, int C_in_g, int OH, int OW, int C_out_g, int KH, int KW,    \
       long long sxn, long long sxc, long long sxh, long long sxw, long long swo, long long swc,             \
       long long swh, long long sww, long long srn, long long src, long long srh, long long srw,             \
       long long son, long long soc, long long soh, long long sow, int out_c_offset, int stride_h,           \
-      int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, float eps, float slope
+      int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, float eps, float slope, long long ssn
 #define FB_CONV_PROBLEM(T)                                                                                  \
   ConvProblem<T> {                                                                                         \
     x, w, ChannelAffine{bias, bn_weight, bn_bias, bn_mean, bn_var, eps}, res, out, M, H, W, C_in_g, OH, OW, \
         C_out_g, KH, KW, sxn, sxc, sxh, sxw, swo, swc, swh, sww, srn, src, srh, srw, son, soc, soh, sow,    \
-        out_c_offset, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope                                 \
+        out_c_offset, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope, in_scale, ssn                  \
   }
 
 template <typename T>
@@ -70,6 +70,12 @@ struct ConvProblem {
   long long sxn, sxc, sxh, sxw, swo, swc, swh, sww, srn, src, srh, srw, son, soc, soh, sow;
   int out_c_offset, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   float slope;
+  // nullptr, or float32 (images, C_in) with row stride ssn: the input is multiplied by it per (image,
+  // input channel) as the loader reads it (the SE gate in front of a projection conv), so the scaled
+  // activation never exists in memory. Last, so kernels that build a ConvProblem without it (fire.cuh)
+  // get nullptr.
+  const float* in_scale;
+  long long ssn;
 };
 
 // Gathers the BM x BK tile of A (input windows) and the BK x BN tile of B (weights) of group g
@@ -88,6 +94,7 @@ struct ConvTileLoader {
 
   int k_col, row0;
   long long a_base[kAPasses];
+  long long s_base[kAPasses];  // the row's first in_scale element (its image, group g)
   int a_ih0[kAPasses], a_iw0[kAPasses];
   long long b_base[kBPasses];
   bool b_ok[kBPasses];
@@ -101,10 +108,12 @@ struct ConvTileLoader {
       if (m < p.M) {
         const int ow = m % p.OW, oh = (m / p.OW) % p.OH, nb = m / (p.OW * p.OH);
         a_base[i] = nb * p.sxn + (long long)g * p.C_in_g * p.sxc;
+        s_base[i] = nb * p.ssn + (long long)g * p.C_in_g;
         a_ih0[i] = oh * p.stride_h - p.pad_h;
         a_iw0[i] = ow * p.stride_w - p.pad_w;
       } else {
         a_base[i] = 0;
+        s_base[i] = 0;
         a_ih0[i] = kOutside;
         a_iw0[i] = kOutside;
       }
@@ -134,7 +143,11 @@ struct ConvTileLoader {
     for (int i = 0; i < kAPasses; ++i) {
       const int ih = a_ih0[i] + dh, iw = a_iw0[i] + dw;
       const bool inside = k_ok && ih >= 0 && ih < p.H && iw >= 0 && iw < p.W;
-      put_a(row0 + i * kRowsPerPass, k_col, inside ? p.x[a_base[i] + ih * p.sxh + iw * p.sxw + x_koff] : zero);
+      T v = inside ? p.x[a_base[i] + ih * p.sxh + iw * p.sxw + x_koff] : zero;
+      // Rounded back to T, as torch's x * gate in x's dtype before the conv (a run-time branch: one
+      // instantiation serves both).
+      if (p.in_scale != nullptr && inside) v = from_float<T>(to_float(v) * p.in_scale[s_base[i] + c]);
+      put_a(row0 + i * kRowsPerPass, k_col, v);
     }
     FB_UNROLL
     for (int i = 0; i < kBPasses; ++i)

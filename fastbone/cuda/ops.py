@@ -9,7 +9,9 @@ Registered operators (torch.library.custom_op, each with a fake impl; all but th
                                      padding, dilation, groups, act, slope, pool_kernel, pool_stride,
                                      pool_padding, ceil_mode) -> Tensor
   fastbone::cuda_max_pool2d(x, kernel, stride, padding, ceil_mode) -> Tensor
+  fastbone::cuda_max_pool2d_into(x, kernel, stride, padding, ceil_mode, out!, out_channel_offset) -> ()
   fastbone::cuda_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad) -> Tensor
+  fastbone::cuda_avg_pool2d_into(..., count_include_pad, out!, out_channel_offset) -> ()   a channel slice of `out`
   fastbone::cuda_adaptive_avg_pool2d(x, output_size) -> Tensor
 The conv ops take the conv weight as the module holds it and the conv bias and BatchNorm tensors
 (gamma, beta, running mean, running variance; BatchNorm applies iff bn_mean is given, gamma / beta
@@ -38,10 +40,11 @@ from fastbone.ops._checks import check_kernel_dtype, quiet_under_jit_trace
 from fastbone.ops._registry import register_impl
 from fastbone.ops.conv import (conv_output, conv_output_size, new_activation, reference_conv_bn_act,
                                reference_conv_bn_act_maxpool)
-from fastbone.ops.pool import (pool_output_size, reference_adaptive_avg_pool2d, reference_avg_pool2d,
-                               reference_max_pool2d)
+from fastbone.ops.pool import (check_pool_slice, pool_output_size, reference_adaptive_avg_pool2d,
+                               reference_avg_pool2d, reference_max_pool2d)
 from . import depthwise_launch as _dw  # the depthwise kernels' launch geometry and NVRTC tables
 from . import fire_launch as _fire  # the Fire expand kernel's launches and NVRTC tables
+from . import se_launch as _se  # the squeeze-excitation gate's launch and NVRTC tables
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CUDA_TYPE_NAMES = ("float", "__half", "__nv_bfloat16")  # by dtype code
@@ -163,11 +166,13 @@ NVRTC_KERNELS = {
                               ("adaptive_avg_pool2d_kernel", ""), ("global_avg_pool_kernel", ""))],
     **_dw.NVRTC_KERNELS,
     **_fire.NVRTC_KERNELS,
+    **_se.NVRTC_KERNELS,
 }
 
 # Kernel parameter lists, one letter per parameter: p pointer, i int, q long long, f float.
-# conv: x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, res, out, ..., eps, slope (FB_CONV_PARAMS in conv.cuh)
-_CONV_SIGNATURE = "p" * 9 + "i" * 9 + "q" * 16 + "i" * 7 + "ff"
+# conv: x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, res, out, in_scale, ..., eps, slope, ssn (FB_CONV_PARAMS
+# in conv.cuh)
+_CONV_SIGNATURE = "p" * 10 + "i" * 9 + "q" * 16 + "i" * 7 + "ff" + "q"
 _SIGNATURES = {
     "fb::conv_bn_act_kernel": _CONV_SIGNATURE,
     "fb::conv_bn_act_tc_kernel": _CONV_SIGNATURE,
@@ -177,6 +182,7 @@ _SIGNATURES = {
     "fb::global_avg_pool_kernel": "ppiii" + "q" * 6,
     **_dw.SIGNATURES,
     **_fire.SIGNATURES,
+    **_se.SIGNATURES,
 }
 _ARG_TYPES = {"p": np.uint64, "i": np.int32, "q": np.int64, "f": np.float32}
 
@@ -187,7 +193,7 @@ def _check_bn_pointers(bn_mean: int, bn_var: int) -> None:
         raise ValueError("BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm)")
 
 
-class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin):
+class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMixin):
     """csrc/ops.cu's functions over kernels compiled by NVRTC (fastbone.cuda.nvrtc.get_function).
     Same names, arguments and launch geometry as the pybind11 module."""
 
@@ -222,7 +228,7 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin):
 
     def conv_bn_act(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var,
                     eps, residual, res_strides, out, out_shape, out_strides, out_c_offset, conv, groups, dtype, act,
-                    slope, stream):
+                    slope, stream, in_scale=0, in_scale_stride=0):
         _check_bn_pointers(bn_mean, bn_var)
         n, c_out, oh, ow = x_shape[0], w_shape[0], out_shape[2], out_shape[3]
         c_out_g = c_out // groups
@@ -253,10 +259,11 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin):
             m = nn * ohn * ow
             args = (at(x, n0 * sxn + g0 * w_shape[1] * sxc), at(w, oc0 * w_strides[0]),
                     *(at(v, oc0, 4) for v in (bias, bn_weight, bn_bias, bn_mean, bn_var)),
-                    at(residual, n0 * srn + oh0 * srh + oc0 * src), at(out, n0 * son + oh0 * soh), m, x_shape[2],
+                    at(residual, n0 * srn + oh0 * srh + oc0 * src), at(out, n0 * son + oh0 * soh),
+                    at(in_scale, n0 * in_scale_stride + g0 * w_shape[1], 4), m, x_shape[2],
                     x_shape[3], w_shape[1], ohn, ow, cn, w_shape[2], w_shape[3], *x_strides, *w_strides,
                     *res_strides, *out_strides, out_c_offset + oc0, conv[0], conv[1], conv[2] - oh0 * conv[0],
-                    *conv[3:], eps, slope)
+                    *conv[3:], eps, slope, in_scale_stride)
             self._launch("conv.cuh", name, template_args, (_cdiv(m, bm), _cdiv(cn, bn), gn), threads, args, stream)
 
     def stem_supported(self, c_in_g, kh, kw, pool):
@@ -396,8 +403,9 @@ def _check_act(act: int) -> None:
 
 
 def _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
-                 slope, residual, out, out_channel_offset):
+                 slope, residual, out, out_channel_offset, input_scale=None):
     _check_tensors(x, residual=residual, out=out)
+    _check_input_scale(x, input_scale)
     weight, vectors = _conv_params(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var)
     _check_act(act)
     with _device_guard(x):
@@ -405,23 +413,36 @@ def _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stri
             x.data_ptr(), *_shape_strides(x), weight.data_ptr(), *_shape_strides(weight), *map(_ptr, vectors),
             float(eps), _ptr(residual), [0] * 4 if residual is None else list(residual.stride()),
             out.data_ptr(), *_shape_strides(out), int(out_channel_offset),
-            [*stride, *padding, *dilation], int(groups), DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x))
+            [*stride, *padding, *dilation], int(groups), DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x),
+            *((_ptr(input_scale), input_scale.stride(0)) if input_scale is not None else ()))
+
+
+def _check_input_scale(x: Tensor, input_scale: Optional[Tensor]) -> None:
+    """What the kernel indexes by: float32 (N, C_in) on x's device, unit channel stride."""
+    if input_scale is None:
+        return
+    if not isinstance(input_scale, Tensor) or tuple(input_scale.shape) != tuple(x.shape[:2]) \
+            or input_scale.dtype != torch.float32 or input_scale.device != x.device \
+            or (input_scale.numel() and input_scale.stride(1) != 1):
+        raise ValueError(f"input_scale must be a float32 tensor of shape (N, C_in) = {tuple(x.shape[:2])} on "
+                         f"{x.device} with unit channel stride, got "
+                         f"{(input_scale.dtype, tuple(input_scale.shape), input_scale.stride(), str(input_scale.device)) if isinstance(input_scale, Tensor) else type(input_scale)}")
 
 
 @direct_custom_op("fastbone::cuda_conv_bn_act", mutates_args=())
 def cuda_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                      bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                      stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int, slope: float,
-                     residual: Optional[Tensor]) -> Tensor:
+                     residual: Optional[Tensor], input_scale: Optional[Tensor] = None) -> Tensor:
     out = conv_output(x, weight, stride, padding, dilation)
     _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
-                 slope, residual, out, 0)
+                 slope, residual, out, 0, input_scale)
     return out
 
 
 @cuda_conv_bn_act.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act, slope,
-      residual):
+      residual, input_scale=None):
     return conv_output(x, weight, stride, padding, dilation)
 
 
@@ -429,14 +450,15 @@ def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding
 def cuda_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                           bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                           stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int,
-                          slope: float, residual: Optional[Tensor], out: Tensor, out_channel_offset: int) -> None:
+                          slope: float, residual: Optional[Tensor], out: Tensor, out_channel_offset: int,
+                          input_scale: Optional[Tensor] = None) -> None:
     _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
-                 slope, residual, out, out_channel_offset)
+                 slope, residual, out, out_channel_offset, input_scale)
 
 
 @cuda_conv_bn_act_into.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act, slope,
-      residual, out, out_channel_offset):
+      residual, out, out_channel_offset, input_scale=None):
     return None
 
 
@@ -481,11 +503,19 @@ def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding
     return _stem_out(x, weight, stride, padding, dilation, pool_kernel, pool_stride, pool_padding, ceil_mode)[0]
 
 
-def _window_pool(fn_name: str, x: Tensor, kernel, stride, padding, ceil_mode, *extra) -> Tensor:
-    _check_tensors(x)
-    out = _pool_out(x, _window_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, ceil_mode))
+def _window_pool(fn_name: str, x: Tensor, kernel, stride, padding, ceil_mode, *extra, out: Optional[Tensor] = None,
+                 out_channel_offset: int = 0) -> Tensor:
+    """The pool into a new tensor, or into out[:, off : off + C]: the launchers address the output
+    through its strides, so the slice is the pointer of channel `off` with the slice's shape."""
+    _check_tensors(x, out=out)
+    if out is None:
+        out = _pool_out(x, _window_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, ceil_mode))
+        target = out
+    else:
+        check_pool_slice(x, kernel, stride, padding, ceil_mode, out, out_channel_offset)
+        target = out.narrow(1, out_channel_offset, x.shape[1])
     with _device_guard(x):
-        getattr(_runtime(x), fn_name)(x.data_ptr(), *_shape_strides(x), out.data_ptr(), *_shape_strides(out),
+        getattr(_runtime(x), fn_name)(x.data_ptr(), *_shape_strides(x), target.data_ptr(), *_shape_strides(target),
                                       [*kernel, *stride, *padding], *extra, DTYPE_CODES[x.dtype], _stream(x))
     return out
 
@@ -500,6 +530,18 @@ def _(x, kernel, stride, padding, ceil_mode):
     return _pool_out(x, _window_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, ceil_mode))
 
 
+@direct_custom_op("fastbone::cuda_max_pool2d_into", mutates_args=("out",))
+def cuda_max_pool2d_into(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
+                         out: Tensor, out_channel_offset: int) -> None:
+    _window_pool("max_pool2d", x, kernel, stride, padding, ceil_mode, out=out, out_channel_offset=out_channel_offset)
+
+
+@cuda_max_pool2d_into.register_fake
+def _(x, kernel, stride, padding, ceil_mode, out, out_channel_offset):
+    check_pool_slice(x, kernel, stride, padding, ceil_mode, out, out_channel_offset)
+    return None
+
+
 @direct_custom_op("fastbone::cuda_avg_pool2d", mutates_args=())
 def cuda_avg_pool2d(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
                     count_include_pad: bool) -> Tensor:
@@ -509,6 +551,19 @@ def cuda_avg_pool2d(x: Tensor, kernel: list[int], stride: list[int], padding: li
 @cuda_avg_pool2d.register_fake
 def _(x, kernel, stride, padding, ceil_mode, count_include_pad):
     return _pool_out(x, _window_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, ceil_mode))
+
+
+@direct_custom_op("fastbone::cuda_avg_pool2d_into", mutates_args=("out",))
+def cuda_avg_pool2d_into(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
+                         count_include_pad: bool, out: Tensor, out_channel_offset: int) -> None:
+    _window_pool("avg_pool2d", x, kernel, stride, padding, ceil_mode, bool(count_include_pad), out=out,
+                 out_channel_offset=out_channel_offset)
+
+
+@cuda_avg_pool2d_into.register_fake
+def _(x, kernel, stride, padding, ceil_mode, count_include_pad, out, out_channel_offset):
+    check_pool_slice(x, kernel, stride, padding, ceil_mode, out, out_channel_offset)
+    return None
 
 
 @direct_custom_op("fastbone::cuda_adaptive_avg_pool2d", mutates_args=())
@@ -527,8 +582,7 @@ def _(x, output_size):
 
 
 # --- backward: the vector-Jacobian product of the op layer's torch references -----------------
-# (the mutating cuda_conv_bn_act_into has none: the op layer runs the out-of-place op when a
-# gradient is wanted)
+# (the mutating `_into` ops have none: the op layer runs the out-of-place op when a gradient is wanted)
 
 register_reference_autograd(cuda_conv_bn_act, reference_conv_bn_act)
 register_reference_autograd(cuda_conv_bn_act_maxpool, reference_conv_bn_act_maxpool)
@@ -541,13 +595,13 @@ register_reference_autograd(cuda_adaptive_avg_pool2d, reference_adaptive_avg_poo
 
 @register_impl("conv_bn_act", "cuda")
 def _cuda_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                      act_code, slope, residual, out, out_channel_offset):
+                      act_code, slope, residual, out, out_channel_offset, input_scale=None):
     check_kernel_dtype(x, "cuda")
     args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), list(stride), list(padding),
             list(dilation), int(groups), int(act_code), float(slope), residual)
     if out is None:
-        return call_op("cuda_conv_bn_act", *args)
-    call_op("cuda_conv_bn_act_into", *args, out, int(out_channel_offset))
+        return call_op("cuda_conv_bn_act", *args, input_scale)
+    call_op("cuda_conv_bn_act_into", *args, out, int(out_channel_offset), input_scale)
     return out
 
 
@@ -569,14 +623,21 @@ def _cuda_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_v
 
 
 @register_impl("max_pool2d", "cuda")
-def _cuda_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw):
-    return call_op("cuda_max_pool2d", x, list(kernel), list(stride), list(padding), bool(ceil_mode))
+def _cuda_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw, out, out_channel_offset):
+    args = (x, list(kernel), list(stride), list(padding), bool(ceil_mode))
+    if out is None:
+        return call_op("cuda_max_pool2d", *args)
+    call_op("cuda_max_pool2d_into", *args, out, int(out_channel_offset))
+    return out
 
 
 @register_impl("avg_pool2d", "cuda")
-def _cuda_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw):
-    return call_op("cuda_avg_pool2d", x, list(kernel), list(stride), list(padding), bool(ceil_mode),
-                                              bool(count_include_pad))
+def _cuda_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw, out, out_channel_offset):
+    args = (x, list(kernel), list(stride), list(padding), bool(ceil_mode), bool(count_include_pad))
+    if out is None:
+        return call_op("cuda_avg_pool2d", *args)
+    call_op("cuda_avg_pool2d_into", *args, out, int(out_channel_offset))
+    return out
 
 
 @register_impl("adaptive_avg_pool2d", "cuda")
@@ -589,3 +650,4 @@ def _cuda_adaptive_avg_pool2d(x, out_hw):
 # registers them too.
 from . import depthwise as _depthwise_ops  # noqa: E402,F401
 from . import fire as _fire_ops  # noqa: E402,F401  (fastbone::cuda_fire_expand and its "cuda" impl)
+from . import se as _se_ops  # noqa: E402,F401  (fastbone::cuda_se_gate and its "cuda" impl)

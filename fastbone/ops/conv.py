@@ -9,21 +9,25 @@ torch.compile / torch.export / torch.jit.trace see one pure function of the modu
 Public entry points (each picks the backend from `fastbone.backend` and the input's device):
   conv_bn_act(x, conv, bn, act, ...)          an nn.Conv2d and an optional BatchNorm module
   conv_bias_act(x, weight, bias, ...)         raw tensors, no BatchNorm
+  conv_bn_act_tensors(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, ...)
+                                              raw tensors, BatchNorm from raw tensors too
   conv_bn_act_maxpool(x, conv, bn, act, ...)  the network stem (conv + BN + act + max pool)
 
 Backend implementations are registered per op name with these signatures (arguments
 validated; `weight` as the module holds it; bias and the bn_* tensors may be None, BN is
 present iff bn_mean is given):
   "conv_bn_act":         fn(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
-                            dilation, groups, act_code, slope, residual, out, out_channel_offset) -> Tensor
+                            dilation, groups, act_code, slope, residual, out, out_channel_offset,
+                            input_scale=None) -> Tensor   (input_scale passed only when given)
   "conv_bn_act_maxpool": fn(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
                             dilation, groups, act_code, slope, pool_kernel, pool_stride, pool_padding,
                             ceil_mode, pool_out_hw) -> Tensor   (optional: else conv then pool)
 
 Registered operators (torch.library, each with a fake impl and a backward):
   fastbone::triton_conv_bn_act(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, eps, stride,
-                               padding, dilation, groups, act, slope, residual?) -> Tensor
-  fastbone::triton_conv_bn_act_into(..., residual?, out!, out_channel_offset) -> ()
+                               padding, dilation, groups, act, slope, residual?, input_scale?=None) -> Tensor
+  fastbone::triton_conv_bn_act_into(..., residual?, out!, out_channel_offset, input_scale?=None) -> ()
+input_scale: float32 (N, C_in), multiplied into the input per (image, channel) as the kernel loads it.
 """
 from __future__ import annotations
 
@@ -124,10 +128,16 @@ _ACT_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 def reference_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                           bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                           stride, padding, dilation, groups: int, act: int, slope: float,
-                          residual: Optional[Tensor], inplace: bool = False) -> Tensor:
+                          residual: Optional[Tensor], input_scale: Optional[Tensor] = None,
+                          inplace: bool = False) -> Tensor:
     """act(batch_norm(conv2d(x, weight, bias)) + residual) with torch's own ops, differentiable;
     the sequence torchvision runs in eval mode. inplace=True (only where autograd records
-    nothing) adds the residual and applies the activation in place, as torchvision's blocks do."""
+    nothing) adds the residual and applies the activation in place, as torchvision's blocks do.
+    input_scale (N, C_in): x * input_scale[:, :, None, None] first (the SE gate), computed in float32
+    and rounded to x's dtype, as the kernels scale the input tiles they load."""
+    if input_scale is not None:
+        ct = torch.promote_types(x.dtype, torch.float32)
+        x = (x.to(ct) * input_scale.to(ct)[:, :, None, None]).to(x.dtype)
     y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride, padding, dilation,
                  groups)
     if bn_mean is not None:
@@ -147,10 +157,10 @@ def reference_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, 
 
 @register_impl("conv_bn_act", "torch")
 def _torch_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                       act_code, slope, residual, out, out_channel_offset):
-    inplace = not wants_grad(x, weight, bias, bn_weight, bn_bias, residual)
+                       act_code, slope, residual, out, out_channel_offset, input_scale=None):
+    inplace = not wants_grad(x, weight, bias, bn_weight, bn_bias, residual, input_scale)
     y = reference_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
-                              groups, act_code, slope, residual, inplace)
+                              groups, act_code, slope, residual, input_scale, inplace)
     if out is None:
         return y  # in the input's layout, as torch's own ops keep it
     out[:, out_channel_offset:out_channel_offset + y.shape[1]].copy_(y)
@@ -177,10 +187,10 @@ def conv_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
 def triton_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                        bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                        stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int,
-                       slope: float, residual: Optional[Tensor]) -> Tensor:
+                       slope: float, residual: Optional[Tensor], input_scale: Optional[Tensor] = None) -> Tensor:
     out = conv_output(x, weight, stride, padding, dilation)
     triton_conv.conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
-                                 dilation, groups, act, slope, residual, out, 0, _input_precision(x))
+                                 dilation, groups, act, slope, residual, out, 0, _input_precision(x), input_scale)
     return out
 
 
@@ -189,9 +199,10 @@ def triton_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], b
                             bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
                             eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                             act: int, slope: float, residual: Optional[Tensor], out: Tensor,
-                            out_channel_offset: int) -> None:
+                            out_channel_offset: int, input_scale: Optional[Tensor] = None) -> None:
     triton_conv.conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
-                                 dilation, groups, act, slope, residual, out, out_channel_offset, _input_precision(x))
+                                 dilation, groups, act, slope, residual, out, out_channel_offset, _input_precision(x),
+                                 input_scale)
 
 
 register_reference_autograd(triton_conv_bn_act, reference_conv_bn_act)
@@ -209,7 +220,7 @@ def _channel_vector(t: Tensor | None, x: Tensor) -> Tensor | None:
 
 @register_impl("conv_bn_act", "triton")
 def _triton_impl(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                 act_code, slope, residual, out, out_channel_offset):
+                 act_code, slope, residual, out, out_channel_offset, input_scale=None):
     check_kernel_dtype(x, "triton")
     if x.device.type == "cpu" and not triton_conv.INTERPRETED:
         raise RuntimeError("the triton backend got CPU tensors but Triton's interpreter is off "
@@ -218,20 +229,21 @@ def _triton_impl(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stri
     args = (x, weight.to(x.dtype), *vectors, float(eps), list(stride), list(padding), list(dilation), groups,
             act_code, float(slope), residual)
     if out is None:
-        return call_op("triton_conv_bn_act", *args)
-    call_op("triton_conv_bn_act_into", *args, out, out_channel_offset)
+        return call_op("triton_conv_bn_act", *args, input_scale)
+    call_op("triton_conv_bn_act_into", *args, out, out_channel_offset, input_scale)
     return out
 
 
 # --- public entry points ------------------------------------------------------------------
 
 def _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                     code, slope, residual, out, out_channel_offset):
+                     code, slope, residual, out, out_channel_offset, input_scale=None):
     """Validate, pick the backend, run. A gradient-recording call into a channel slice runs the
     out-of-place op (which has a backward) and copies: mutating ops have no autograd formula."""
     bn_tensors = (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("bn_mean", bn_mean), ("bn_var", bn_var))
     _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, out, out_channel_offset,
                      bn_tensors)
+    _check_input_scale(x, input_scale)
     _, impl = get_impl("conv_bn_act", x.device)
     if x.shape[1] == 0:
         # No input channels: torch's conv2d answers an (N, 0, OH, OW) tensor (not the bias), and
@@ -239,12 +251,35 @@ def _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
         impl = _torch_conv_bn_act
     args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), stride, padding, dilation, groups,
             code, slope, residual)
+    scale_kw = {} if input_scale is None else {"input_scale": input_scale}  # backends without it: never asked
     if out is not None and impl is not _torch_conv_bn_act and \
-            wants_grad(x, weight, bias, bn_weight, bn_bias, residual, out):
-        y = impl(*args, None, 0)
+            wants_grad(x, weight, bias, bn_weight, bn_bias, residual, out, input_scale):
+        y = impl(*args, None, 0, **scale_kw)
         out[:, out_channel_offset:out_channel_offset + y.shape[1]].copy_(y)
         return out
-    return impl(*args, out, out_channel_offset)
+    return impl(*args, out, out_channel_offset, **scale_kw)
+
+
+@quiet_under_jit_trace
+def _check_input_scale(x, input_scale) -> None:
+    """input_scale: None, or a float32 (N, C_in) tensor (float64 with a float64 input) on x's device with
+    unit channel stride (the kernels read row n at n * stride(0))."""
+    if input_scale is None:
+        return
+    if not isinstance(input_scale, Tensor):
+        raise TypeError(f"input_scale must be a torch.Tensor or None, got {type(input_scale).__name__}")
+    expect = (x.shape[0], x.shape[1])
+    if tuple(input_scale.shape) != expect:
+        raise ArgumentError(f"input_scale has shape {tuple(input_scale.shape)}; expected (N, C_in) = {expect}: one "
+                            "factor per image and input channel")
+    if input_scale.dtype != torch.float32 and not (input_scale.dtype == x.dtype == torch.float64):
+        raise ArgumentTypeError(f"input_scale has dtype {input_scale.dtype}; accepted: torch.float32 (the SE gate "
+                                "is computed in float32), or float64 with a float64 input (the torch backend)")
+    if input_scale.device != x.device:
+        raise ArgumentError(f"input_scale is on {input_scale.device} but the input is on {x.device}")
+    if input_scale.numel() and input_scale.stride(1) != 1:
+        raise ArgumentError(f"input_scale has strides {tuple(input_scale.stride())}; accepted: unit stride along "
+                            "channels (call .contiguous())")
 
 
 @fx_leaf
@@ -260,6 +295,35 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stri
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     return _run_conv_bn_act(x, weight, bias, None, None, None, None, 0.0, stride, padding, dilation, groups,
                             activation_code(act), slope, residual, out, out_channel_offset)
+
+
+@fx_leaf
+def conv_bn_act_tensors(x: Tensor, weight: Tensor, bias: Tensor | None = None, bn_weight: Tensor | None = None,
+                        bn_bias: Tensor | None = None, bn_mean: Tensor | None = None, bn_var: Tensor | None = None,
+                        eps: float = 0.0, *, stride=1, padding=0, dilation=1, groups: int = 1, act: str = "identity",
+                        slope: float = DEFAULT_LEAKY_SLOPE, residual: Tensor | None = None, out: Tensor | None = None,
+                        out_channel_offset: int = 0) -> Tensor:
+    """act(batch_norm(conv2d(x, weight, bias)) + residual) from raw tensors, computed by the selected
+    backend: `conv_bn_act` for code that holds tensors rather than modules (constant epilogues, e.g.
+    Inception-ResNet's scaled residual: gamma = scale, beta = 0, mean = 0, var = 1, eps = 0).
+
+    BatchNorm (inference semantics) applies when bn_mean and bn_var are given (both or neither):
+    per output channel, scale = bn_weight * rsqrt(bn_var + eps) (bn_weight None: 1), shift = bn_bias
+    - bn_mean * scale (bn_bias None: 0), in float32 in the kernel's epilogue; each bn_* tensor has
+    shape (C_out,). bn_weight / bn_bias without the statistics are refused. `out` as in conv_bias_act.
+    """
+    if (bn_mean is None) != (bn_var is None):
+        raise ArgumentError("BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm); got "
+                            f"bn_mean={'None' if bn_mean is None else 'a tensor'}, "
+                            f"bn_var={'None' if bn_var is None else 'a tensor'}")
+    if bn_mean is None and (bn_weight is not None or bn_bias is not None):
+        raise ArgumentError("bn_weight / bn_bias were given without bn_mean and bn_var: BatchNorm applies only with "
+                            "its running statistics; pass all four (or use conv_bias_act for a conv with a bias)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ArgumentError(f"eps must be a number >= 0 (BatchNorm's, added to the variance), got {eps!r}")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    return _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), stride, padding,
+                            dilation, groups, activation_code(act), slope, residual, out, out_channel_offset)
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -320,16 +384,18 @@ def batchnorm_tensors(bn: nn.Module | None, c_out: int):
 @fx_leaf
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str = "relu", *,
                 slope: float = DEFAULT_LEAKY_SLOPE, residual: Tensor | None = None,
-                out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
+                out: Tensor | None = None, out_channel_offset: int = 0, input_scale: Tensor | None = None) -> Tensor:
     """act(bn(conv(x)) + residual) with inference semantics (BN uses its running statistics),
-    BatchNorm applied in the kernel's epilogue from `bn`'s own tensors. See `conv_bias_act` for `out`."""
+    BatchNorm applied in the kernel's epilogue from `bn`'s own tensors. See `conv_bias_act` for `out`.
+    input_scale: a float32 (N, C_in) tensor (e.g. `se_gate`'s output): the conv reads
+    x * input_scale[:, :, None, None], scaled per (image, input channel) as the kernel loads its input."""
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     check_activation_tensor(x)
     bn_args = batchnorm_tensors(bn, conv.out_channels)
     return _run_conv_bn_act(x, conv.weight, conv.bias, *bn_args, tuple(conv.stride), _conv_padding(conv),
                             tuple(conv.dilation), conv.groups, activation_code(act), slope, residual, out,
-                            out_channel_offset)
+                            out_channel_offset, input_scale)
 
 
 @quiet_under_jit_trace

@@ -212,7 +212,7 @@ def reference_depthwise_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Te
                                     residual: Optional[Tensor], inplace: bool = False) -> Tensor:
     """act(batch_norm(conv2d(x, weight, bias, groups=C_in)) + residual) with torch's own ops."""
     return reference_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
-                                 x.shape[1], act, slope, residual, inplace)
+                                 x.shape[1], act, slope, residual, inplace=inplace)
 
 
 def reference_separable_conv_bn_act(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
@@ -230,7 +230,7 @@ def reference_separable_conv_bn_act(x: Tensor, dw_weight: Tensor, dw_bias: Optio
     if channel_order is not None:
         y = y.index_select(1, channel_order)
     return reference_conv_bn_act(y, pw_weight, pw_bias, pw_bn_weight, pw_bn_bias, pw_bn_mean, pw_bn_var, pw_eps,
-                                 (1, 1), (0, 0), (1, 1), pw_groups, pw_act, pw_slope, residual, inplace)
+                                 (1, 1), (0, 0), (1, 1), pw_groups, pw_act, pw_slope, residual, inplace=inplace)
 
 
 def _write_slice(y: Tensor, out: Tensor | None, out_channel_offset: int) -> Tensor:

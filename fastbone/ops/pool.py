@@ -1,15 +1,23 @@
 """Pooling: max pool (padding, dilation 1, ceil_mode), average pool, adaptive /
 global average pool. NHWC in and out.
 
+max_pool2d / avg_pool2d take `out=`, `out_channel_offset=` as conv_bias_act does: the result
+goes to out[:, off : off + C] (a concatenation's channel slice, e.g. Inception-ResNet's max-pool
+branches), checked as conv's out= is (shape, dtype, device, no overlap with the input).
+
 Backend implementations are registered per op name with these signatures
-(arguments already validated, sizes already computed):
-  "max_pool2d":          fn(x, kernel, stride, padding, ceil_mode, out_hw) -> Tensor
-  "avg_pool2d":          fn(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw) -> Tensor
+(arguments already validated, sizes already computed; out None: a new tensor):
+  "max_pool2d":          fn(x, kernel, stride, padding, ceil_mode, out_hw, out, out_channel_offset) -> Tensor
+  "avg_pool2d":          fn(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw, out,
+                            out_channel_offset) -> Tensor
   "adaptive_avg_pool2d": fn(x, out_hw) -> Tensor          (global pooling is out_hw == (1, 1))
 
 Registered operators (torch.library, triton backend; arguments already validated):
   fastbone::triton_max_pool2d(x, kernel, stride, padding, ceil_mode) -> Tensor
+  fastbone::triton_max_pool2d_into(x, kernel, stride, padding, ceil_mode, out!, out_channel_offset) -> ()
   fastbone::triton_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad) -> Tensor
+  fastbone::triton_avg_pool2d_into(x, kernel, stride, padding, ceil_mode, count_include_pad, out!,
+                                   out_channel_offset) -> ()
   fastbone::triton_adaptive_avg_pool2d(x, output_size) -> Tensor
 """
 from __future__ import annotations
@@ -22,9 +30,9 @@ from fastbone._fx import fx_leaf
 from fastbone._direct import call as call_op
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import kernel_op, pool as triton_pool
-from ._autograd import register_reference_autograd
+from ._autograd import register_reference_autograd, wants_grad
 from ._checks import (ArgumentError, check_activation_tensor, check_kernel_dtype, check_nonempty_image,
-                      check_window, pair, quiet_under_jit_trace)
+                      check_result_args, check_same_device, check_window, pair, quiet_under_jit_trace)
 from ._registry import get_impl, register_impl
 
 
@@ -55,19 +63,47 @@ def _window_args(x, kernel_size, stride, padding, ceil_mode, op: str = "max_pool
     return kernel, stride, padding, out_hw
 
 
+@quiet_under_jit_trace
+def _check_pool_out(x: Tensor, out_hw, out, out_channel_offset) -> None:
+    """conv's rules for `out=` (check_result_args): a 4-D tensor of the result's N, H, W with room for
+    C channels at the offset, the input's dtype and device, not overlapping the input."""
+    if isinstance(out, Tensor):
+        check_same_device(x, out=out)
+    check_result_args(x, (x.shape[0], x.shape[1], *out_hw), None, out, out_channel_offset, (("input", x),))
+
+
+def _run_window_pool(op: str, x: Tensor, args: tuple, out_hw, out, out_channel_offset) -> Tensor:
+    """Pick the backend and run. A gradient-recording call into a channel slice runs the out-of-place
+    op (which has a backward) and copies into the slice: mutating ops have no autograd formula."""
+    backend, impl = get_impl(op, x.device)
+    if out is not None and backend != "torch" and wants_grad(x, out):
+        y = impl(x, *args, out_hw, None, 0)
+        out.narrow(1, out_channel_offset, y.shape[1]).copy_(y)
+        return out
+    return impl(x, *args, out_hw, out, out_channel_offset)
+
+
 @fx_leaf
-def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False) -> Tensor:
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False, *,
+               out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
+    """torch's max_pool2d (dilation 1) by the selected backend. With `out`, the result goes to
+    out[:, out_channel_offset : out_channel_offset + C] (a 4-D tensor of the result's N, H, W, the
+    input's dtype and device, not overlapping the input) and `out` is returned; otherwise a new
+    channels_last tensor is returned."""
     kernel, stride, padding, out_hw = _window_args(x, kernel_size, stride, padding, ceil_mode)
-    _, impl = get_impl("max_pool2d", x.device)
-    return impl(x, kernel, stride, padding, bool(ceil_mode), out_hw)
+    _check_pool_out(x, out_hw, out, out_channel_offset)
+    return _run_window_pool("max_pool2d", x, (kernel, stride, padding, bool(ceil_mode)), out_hw, out,
+                            out_channel_offset)
 
 
 @fx_leaf
 def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
-               count_include_pad: bool = True) -> Tensor:
+               count_include_pad: bool = True, *, out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
+    """torch's avg_pool2d (no divisor_override) by the selected backend; `out` as in max_pool2d."""
     kernel, stride, padding, out_hw = _window_args(x, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
-    _, impl = get_impl("avg_pool2d", x.device)
-    return impl(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), out_hw)
+    _check_pool_out(x, out_hw, out, out_channel_offset)
+    return _run_window_pool("avg_pool2d", x, (kernel, stride, padding, bool(ceil_mode), bool(count_include_pad)),
+                            out_hw, out, out_channel_offset)
 
 
 @fx_leaf
@@ -113,14 +149,23 @@ def reference_adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
     return F.adaptive_avg_pool2d(x, output_size)
 
 
+def copy_into_slice(y: Tensor, out: Tensor | None, out_channel_offset: int) -> Tensor:
+    """y itself (out None), else y copied to out[:, off : off + C] and `out` returned."""
+    if out is None:
+        return y  # in the input's layout, as torch's own ops keep it
+    out.narrow(1, out_channel_offset, y.shape[1]).copy_(y)
+    return out
+
+
 @register_impl("max_pool2d", "torch")
-def _torch_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw):
-    return reference_max_pool2d(x, kernel, stride, padding, ceil_mode)
+def _torch_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw, out, out_channel_offset):
+    return copy_into_slice(reference_max_pool2d(x, kernel, stride, padding, ceil_mode), out, out_channel_offset)
 
 
 @register_impl("avg_pool2d", "torch")
-def _torch_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw):
-    return reference_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad)
+def _torch_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw, out, out_channel_offset):
+    return copy_into_slice(reference_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad), out,
+                           out_channel_offset)
 
 
 @register_impl("adaptive_avg_pool2d", "torch")
@@ -135,9 +180,25 @@ def _new_output(x: Tensor, out_hw) -> Tensor:
                        memory_format=torch.channels_last)
 
 
+def window_out_hw(x: Tensor, kernel, stride, padding, ceil_mode) -> list[int]:
+    return [pool_output_size(s, k, st, p, ceil_mode) for s, k, st, p in zip(x.shape[2:], kernel, stride, padding)]
+
+
 def _window_output(x: Tensor, kernel, stride, padding, ceil_mode) -> Tensor:
-    out_hw = [pool_output_size(s, k, st, p, ceil_mode) for s, k, st, p in zip(x.shape[2:], kernel, stride, padding)]
-    return _new_output(x, out_hw)
+    return _new_output(x, window_out_hw(x, kernel, stride, padding, ceil_mode))
+
+
+def check_pool_slice(x: Tensor, kernel, stride, padding, ceil_mode, out: Tensor, out_channel_offset: int) -> None:
+    """What the `_into` operators need when called directly (the op layer checks all of it first):
+    `out` holds channels [off, off + C) of the pool's result at its N, H, W, in the input's dtype.
+    A mismatch would write the wrong region, so it is refused."""
+    n, c = x.shape[0], x.shape[1]
+    oh, ow = window_out_hw(x, kernel, stride, padding, ceil_mode)
+    if out.dim() != 4 or out_channel_offset < 0 or out.shape[1] < out_channel_offset + c or \
+            (out.shape[0], out.shape[2], out.shape[3]) != (n, oh, ow) or out.dtype != x.dtype:
+        raise ArgumentError(f"out is {out.dtype} {tuple(out.shape)}; expected {x.dtype} (N={n}, "
+                            f"C>={out_channel_offset + c}, {oh}, {ow}) to hold channels [{out_channel_offset}, "
+                            f"{out_channel_offset + c}) of the pool")
 
 
 @kernel_op("fastbone::triton_max_pool2d", mutates_args=())
@@ -148,12 +209,26 @@ def triton_max_pool2d(x: Tensor, kernel: list[int], stride: list[int], padding: 
     return out
 
 
+@kernel_op("fastbone::triton_max_pool2d_into", mutates_args=("out",))
+def triton_max_pool2d_into(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
+                           out: Tensor, out_channel_offset: int) -> None:
+    check_pool_slice(x, kernel, stride, padding, ceil_mode, out, out_channel_offset)
+    triton_pool.max_pool2d_into(x, out, kernel, stride, padding, out_channel_offset)
+
+
 @kernel_op("fastbone::triton_avg_pool2d", mutates_args=())
 def triton_avg_pool2d(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
                       count_include_pad: bool) -> Tensor:
     out = _window_output(x, kernel, stride, padding, ceil_mode)
     triton_pool.avg_pool2d_into(x, out, kernel, stride, padding, count_include_pad)
     return out
+
+
+@kernel_op("fastbone::triton_avg_pool2d_into", mutates_args=("out",))
+def triton_avg_pool2d_into(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
+                           count_include_pad: bool, out: Tensor, out_channel_offset: int) -> None:
+    check_pool_slice(x, kernel, stride, padding, ceil_mode, out, out_channel_offset)
+    triton_pool.avg_pool2d_into(x, out, kernel, stride, padding, count_include_pad, out_channel_offset)
 
 
 @kernel_op("fastbone::triton_adaptive_avg_pool2d", mutates_args=())
@@ -176,16 +251,23 @@ def _check_triton_input(x: Tensor) -> None:
 
 
 @register_impl("max_pool2d", "triton")
-def _triton_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw):
+def _triton_max_pool2d(x, kernel, stride, padding, ceil_mode, out_hw, out, out_channel_offset):
     _check_triton_input(x)
-    return call_op("triton_max_pool2d", x, list(kernel), list(stride), list(padding), ceil_mode)
+    args = (x, list(kernel), list(stride), list(padding), bool(ceil_mode))
+    if out is None:
+        return call_op("triton_max_pool2d", *args)
+    call_op("triton_max_pool2d_into", *args, out, int(out_channel_offset))
+    return out
 
 
 @register_impl("avg_pool2d", "triton")
-def _triton_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw):
+def _triton_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, out_hw, out, out_channel_offset):
     _check_triton_input(x)
-    return call_op("triton_avg_pool2d", x, list(kernel), list(stride), list(padding), ceil_mode,
-                                                count_include_pad)
+    args = (x, list(kernel), list(stride), list(padding), bool(ceil_mode), bool(count_include_pad))
+    if out is None:
+        return call_op("triton_avg_pool2d", *args)
+    call_op("triton_avg_pool2d_into", *args, out, int(out_channel_offset))
+    return out
 
 
 @register_impl("adaptive_avg_pool2d", "triton")
