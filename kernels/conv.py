@@ -16,6 +16,7 @@ the same kernel with G > 1.
 import os
 from types import MappingProxyType
 
+import torch
 import triton
 import triton.language as tl
 
@@ -171,7 +172,8 @@ FLAT_K_MAX_CHANNELS = 16
 
 
 @memoize_for_ints
-def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: int = 2) -> MappingProxyType:
+def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: int = 2,
+                  in_scale: bool = False) -> MappingProxyType:
     """One fixed config per problem shape. Under the interpreter each program instance and
     each loop step costs milliseconds whatever the block size, so blocks are as big as the
     problem allows and there is no autotuning. On the GPU the pipelined tiles must fit
@@ -186,7 +188,7 @@ def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: in
     block_k = pow2_clamp(k_extent, 16, 64 if elem_bytes <= 2 else 32)
     block_m = 128 if m >= 4096 else 64
     stages = 3 if block_k <= 32 else 2
-    while stages > 1 and stages * (block_m + block_n) * block_k * elem_bytes > 96 * 1024:
+    while stages > 1 and pipeline_smem_bytes(block_m, block_n, block_k, elem_bytes, stages, in_scale) > 96 * 1024:
         stages -= 1
     warps = 8 if block_m * block_n >= 128 * 128 else 4
     return MappingProxyType(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, FLAT_K=flat_k,
@@ -203,13 +205,27 @@ GPU_TILES = [
 AUTOTUNE = not INTERPRETED and os.environ.get("FASTBONE_TRITON_AUTOTUNE", "1") != "0"
 
 
+def pipeline_smem_bytes(block_m: int, block_n: int, block_k: int, elem_bytes: int, stages: int,
+                        in_scale: bool = False) -> int:
+    """Shared memory of the pipelined K loop: an A and a B tile per stage, plus the float32 tile of
+    per-(image, input channel) scales when the input is scaled (the SE projection)."""
+    per_stage = (block_m + block_n) * block_k * elem_bytes + (block_m * block_k * 4 if in_scale else 0)
+    return stages * per_stage
+
+
 def _prune_tiles(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (a 64-channel layer gains nothing from BLOCK_N=256)."""
+    """Drop tiles far larger than the problem (a 64-channel layer gains nothing from BLOCK_N=256), and
+    tiles whose pipeline outgrows 96 KiB of shared memory with the input scale on (sm_86 / sm_89: 99 KiB)."""
     c_out_g, c_in_g = named_args["C_OUT_G"], named_args["C_IN_G"]
     k_extent = c_in_g * kwargs.get("KH", 1) * kwargs.get("KW", 1) if kwargs.get("FLAT_K") else c_in_g
     n_cap = pow2_clamp(c_out_g, 16, 256)
     k_cap = pow2_clamp(k_extent, 16, 64)
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    if kwargs.get("HAS_IN_SCALE"):
+        x = named_args["x_ptr"]  # a tensor, or bench/triton_launches.py's Pointer (dtype only)
+        elem_bytes = torch.empty((), dtype=x.dtype).element_size()
+        kept = [c for c in kept if pipeline_smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                                       elem_bytes, c.num_stages, True) <= 96 * 1024]
     return kept or configs[:1]
 
 
@@ -287,7 +303,7 @@ def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
                              out_c_offset, input_precision, None if input_scale is None else input_scale[sl])
         return out
     index64 = needs_int64_indices(m, x, weight, residual, out)
-    cfg = _block_config(m, c_out_g, c_in_g, kh * kw, x.element_size())
+    cfg = _block_config(m, c_out_g, c_in_g, kh * kw, x.element_size(), input_scale is not None)
     if AUTOTUNE:
         kernel, cfg = _conv_bn_act_autotuned, dict(FLAT_K=cfg["FLAT_K"])
 

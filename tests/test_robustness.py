@@ -377,14 +377,16 @@ def _run_recorded(memory: _Memory, launches):
     names = {code: name for name, code in __import__("fastbone").ops.ACTIVATIONS.items()}
     for name, template_args, grid, block, args in launches:
         if name == "fb::conv_bn_act_kernel":
-            x, w, bias, gamma, beta, mean, var, res, out = args[:9]
-            m, h, wd, c_in_g, oh, ow, c_out_g, kh, kw = args[9:18]
-            sx, sw, sr, so = args[18:22], args[22:26], args[26:30], args[30:34]
-            out_c, sh, sw_, ph, pw, dh, dw = args[34:41]
-            eps, slope = args[41:43]
+            x, w, bias, gamma, beta, mean, var, res, out, in_scale = args[:10]
+            m, h, wd, c_in_g, oh, ow, c_out_g, kh, kw = args[10:19]
+            sx, sw, sr, so = args[19:23], args[23:27], args[27:31], args[31:35]
+            out_c, sh, sw_, ph, pw, dh, dw = args[35:42]
+            eps, slope, s_scale_n = args[42:45]
             groups, n = grid[2], m // (oh * ow)
             c = groups * c_out_g
             xv = memory.view(x, (n, groups * c_in_g, h, wd), sx).double()
+            if in_scale:  # the SE projection's per-(image, input channel) scale of the input
+                xv = xv * memory.view(in_scale, (n, groups * c_in_g), (s_scale_n, 1)).double()[:, :, None, None]
             bottom = (oh - 1) * sh + (kh - 1) * dh + 1 - h - ph
             right = (ow - 1) * sw_ + (kw - 1) * dw + 1 - wd - pw
             y = F.conv2d(F.pad(xv, (pw, right, ph, bottom)), memory.view(w, (c, c_in_g, kh, kw), sw).double(), None,
@@ -447,7 +449,7 @@ def test_nvrtc_runtime_split_launches_compute_the_conv(monkeypatch):
         launches.clear()
         torch.ops.fastbone.cuda_conv_bn_act_into(x, weight, bias, *bn, 1e-5, [kw["stride"]] * 2, [kw["padding"]] * 2,
                                                  [kw["dilation"]] * 2, kw["groups"], 1, 0.1, res, out, 2)
-        assert len(launches) > 1 and all(max(grid[1:]) <= 2 for _, _, grid, _, _ in launches), [l[4][9:18] for l in launches]
+        assert len(launches) > 1 and all(max(grid[1:]) <= 2 for _, _, grid, _, _ in launches), [l[4][10:19] for l in launches]
         _run_recorded(_Memory(x, weight, res, out, bias, *bn), launches)  # float32: the op passes these on
         assert rel_err(out[:, 2:-1], ref) < 1e-6, shape
         assert out[:, :2].isnan().all() and out[:, -1].isnan().all()

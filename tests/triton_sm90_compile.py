@@ -152,7 +152,7 @@ def conv_cases():
         for m, c_out, c_in, k in problems:
             acts = ACTIVATIONS.values() if (dtype == torch.float16 and k == 3 and c_in == 64) else [1]
             for act in acts:
-                cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8))
+                cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8, k == 1))
                 launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 precision = "tf32" if dtype == torch.float32 else "ieee"
                 cases.append((f"conv {dtype} M={m} Cout={c_out} Cin={c_in} k={k} act={act}", kc._conv_bn_act_kernel,
