@@ -152,14 +152,14 @@ def conv_cases():
         for m, c_out, c_in, k in problems:
             acts = ACTIVATIONS.values() if (dtype == torch.float16 and k == 3 and c_in == 64) else [1]
             for act in acts:
-                cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8, k == 1))
+                cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8))
                 launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 precision = "tf32" if dtype == torch.float32 else "ieee"
                 cases.append((f"conv {dtype} M={m} Cout={c_out} Cin={c_in} k={k} act={act}", kc._conv_bn_act_kernel,
                               dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype, scale_ptr=torch.float32,
                                                  **bn_pointers(dtype)),
                                    constexprs=dict(KH=k, KW=k, ACT=act, HAS_RES=True, INPUT_PRECISION=precision,
-                                                   HAS_IN_SCALE=k == 1,  # the SE projection's prologue scale
+                                                   HAS_IN_SCALE=False,  # scaled: EfficientNet's model cases
                                                    **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg, INDEX64=False),
                                    floats=("eps", "slope"), divisible_by_16=NHWC_DIVISIBLE if c_in % 16 == 0 else (),
                                    **launch)))
