@@ -673,14 +673,20 @@ class Block17(_ScaledResidual, nn.Module):
         self._make_constants()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            branches = torch.cat((self.branch0(x), self.branch1(x)), 1)
-            return self._reference_up_projection(branches, x, self.act)
-        buf, offsets = self._branch_buffer(x, (self.branch0, self.branch1[-1]))
-        buf = _conv_unit_into(x, self.branch0, buf, offsets[0])  # the two 1x1s on x: one launch once fused
-        mid = self.branch1[0](x)
-        buf = _conv_unit_into(self.branch1[1](mid), self.branch1[2], buf, offsets[1])
-        return self._up_projection(buf, x, self.act)
+        return _two_branch_forward(self, x, self.act)
+
+
+def _two_branch_forward(block, x: Tensor, act) -> Tensor:
+    """Block17 / Block8: branch0 (1x1) | branch1 (1x1 -> 1xk -> kx1) into slices of one buffer, then the
+    scaled-residual up-projection; train mode runs timm's modules and torch.cat."""
+    if block.training:
+        branches = torch.cat((block.branch0(x), block.branch1(x)), 1)
+        return block._reference_up_projection(branches, x, act)
+    buf, offsets = block._branch_buffer(x, (block.branch0, block.branch1[-1]))
+    buf = _conv_unit_into(x, block.branch0, buf, offsets[0])  # the two 1x1s on x: one launch once fused
+    mid = block.branch1[0](x)
+    buf = _conv_unit_into(block.branch1[1](mid), block.branch1[2], buf, offsets[1])
+    return block._up_projection(buf, x, act)
 
 
 class Block8(_ScaledResidual, nn.Module):
@@ -701,14 +707,7 @@ class Block8(_ScaledResidual, nn.Module):
         self._make_constants()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            branches = torch.cat((self.branch0(x), self.branch1(x)), 1)
-            return self._reference_up_projection(branches, x, self.relu)
-        buf, offsets = self._branch_buffer(x, (self.branch0, self.branch1[-1]))
-        buf = _conv_unit_into(x, self.branch0, buf, offsets[0])  # the two 1x1s on x: one launch once fused
-        mid = self.branch1[0](x)
-        buf = _conv_unit_into(self.branch1[1](mid), self.branch1[2], buf, offsets[1])
-        return self._up_projection(buf, x, self.relu)
+        return _two_branch_forward(self, x, self.relu)
 
 
 # The layers that shrink the map, in order, with the feature index each belongs to (the smallest

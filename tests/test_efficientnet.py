@@ -230,7 +230,7 @@ def test_eval_backward_gives_the_references_gradients():
 # --- features_only ------------------------------------------------------------------------
 
 def test_feature_info_matches_timm():
-    timm = pytest.importorskip("timm")
+    import timm  # a dev dependency: its absence must fail, not skip
     ref = timm.create_model("efficientnet_b0", features_only=True, pretrained=False)
     model = fastbone.create_model("efficientnet_b0", features_only=True)
     assert model.feature_info.channels() == ref.feature_info.channels() == [16, 24, 40, 112, 320]
