@@ -52,8 +52,8 @@ from torch import Tensor, nn
 
 from fastbone import ops
 from fastbone.registry import register_model
-from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, activation_name, conv_norm_act, enter_network,
-                     head_pool, max_pool)
+from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, conv_norm_act, conv_norm_act_max_pool,
+                     enter_network, head_pool, max_pool)
 
 __all__ = ["ConvNormAct", "DarkNet19", "DarkNet19Reference", "DARKNET19_CFG", "darknet19", "darknet19_reference"]
 
@@ -141,15 +141,6 @@ class DarkNet19(ClassifierMixin, FeaturesMixin, nn.Module):
 
     # --- the network body: eval fuses each conv with the max pool that follows it ---
 
-    def _conv_then_pool(self, x: Tensor, unit: ConvNormAct, pool: nn.MaxPool2d) -> Tensor:
-        """pool(unit(x)) on the fused path, as one conv_bn_act_maxpool where the op takes it."""
-        if unit.bn.training or pool.dilation not in (1, (1, 1)) or pool.return_indices:
-            # Outside what the fused op takes (a BN with batch statistics, a dilated pool): one, then the other.
-            return max_pool(conv_norm_act(x, unit.conv, unit.bn, unit.act, fused=True), pool, fused=True)
-        act, slope = activation_name(unit.act)
-        return ops.conv_bn_act_maxpool(x, unit.conv, unit.bn, act, slope=slope, pool_kernel=pool.kernel_size,
-                                       pool_stride=pool.stride, pool_padding=pool.padding, ceil_mode=pool.ceil_mode)
-
     def _run_stages(self, x: Tensor, fused: bool, last: int, keep: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
         """Stages 0..last; returns (stage `last`'s output, the outputs of the stages in `keep`). On the
         fused path a stage's last conv takes the next stage's pool into its launch, unless that stage's
@@ -169,7 +160,7 @@ class DarkNet19(ClassifierMixin, FeaturesMixin, nn.Module):
                     first = self.stages[i + 1][0]
                     next_pool = first if isinstance(first, nn.MaxPool2d) else None
                 if next_pool is not None:
-                    x = self._conv_then_pool(x, unit, next_pool)
+                    x = conv_norm_act_max_pool(x, unit.conv, unit.bn, unit.act, next_pool, fused=True)
                     pooled = True
                 else:
                     x = conv_norm_act(x, unit.conv, unit.bn, unit.act, fused=fused)

@@ -1,19 +1,25 @@
-"""EfficientNet B0-B7 (Tan & Le, 2019) with torchvision's constructor keywords and module names
-(features.N.M.block.K, SqueezeExcitation's fc1 / fc2, classifier.1), so torchvision's state_dict loads
-unchanged.
+"""EfficientNet B0-B7 (Tan & Le, 2019) and EfficientNetV2-S / M / L (Tan & Le, 2021) with torchvision's
+constructor keywords and module names (features.N.M.block.K, SqueezeExcitation's fc1 / fc2, classifier.1),
+so torchvision's state_dict loads unchanged.
 
 Eval mode runs fastbone's fused operators; an MBConv block is at most four launches, each reading its
 input once:
   1. the expand 1x1 conv + BN + SiLU (conv_bn_act; absent when the expand ratio is 1);
-  2. the depthwise kxk conv + BN + SiLU (depthwise_conv_bn_act);
-  3. the squeeze-excitation gate, mean -> fc1 -> SiLU -> fc2 -> sigmoid, as an (N, C) float32 tensor
-     (se_gate);
+  2. the depthwise kxk conv + BN + SiLU, whose epilogue also writes per-(image, pixel tile, channel) float32
+     partial sums of its output (depthwise_conv_bn_act(..., se_pool=True));
+  3. the squeeze-excitation gate from those sums, mean -> fc1 -> SiLU -> fc2 -> sigmoid, as an (N, C)
+     float32 tensor (se_gate_from_sums: it never re-reads the activation);
   4. the project 1x1 conv + BN, which scales its input by the gate as it loads it (conv_bn_act's
      input_scale) and adds the block's input in its epilogue: x * gate never exists in memory.
+EfficientNetV2's early stages are FusedMBConv blocks (no SE, no depthwise), at most two launches each:
+  1. the expand kxk conv + BN + SiLU (conv_bn_act), then the project 1x1 conv + BN + the block's input in
+     its epilogue; or, with expand ratio 1,
+  1'. one kxk conv + BN + SiLU + the block's input, added AFTER the SiLU as torchvision does
+     (conv_bn_act's residual_after_act).
 The stem and head convs are conv_bn_act, the global pool fastbone's; the classifier's Linear is torch's.
 Train mode runs torchvision's forward op for op (stochastic depth, "row" mode, only there; BatchNorm
 statistics updates). Widths, depths, dropout and BatchNorm eps / momentum per variant follow
-torchvision's builders (b5-b7: eps 1e-3, momentum 0.01).
+torchvision's builders (b5-b7: eps 1e-3, momentum 0.01; v2: eps 1e-3, head width 1280).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 import torchvision.ops.misc as torchvision_misc
-from torchvision.models.efficientnet import MBConvConfig, _MBConvConfig
+from torchvision.models.efficientnet import FusedMBConvConfig, MBConvConfig, _MBConvConfig
 from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
@@ -36,8 +42,9 @@ from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, activation_nam
                      check_norm_layer, conv_norm_act, enter_network, head_pool)
 from .mobilenet import _conv_norm_act_parts
 
-__all__ = ["EfficientNet", "MBConv", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
-           "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7"]
+__all__ = ["EfficientNet", "FusedMBConv", "MBConv", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",
+           "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+           "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"]
 
 
 def _norm_in_train_mode(block: nn.Module) -> bool:
@@ -48,9 +55,11 @@ def _norm_in_train_mode(block: nn.Module) -> bool:
 
 @fx_leaf
 def se_project(x: Tensor, se: SqueezeExcitation, conv: nn.Conv2d, norm: nn.Module | None,
-               residual: Tensor | None) -> Tensor:
-    """norm(conv(x * se_gate(x))) + residual in two launches: the gate (one small kernel reading x once),
-    then the projection conv, which multiplies its input by the gate per (image, channel) as it loads it."""
+               residual: Tensor | None, pool_sums: Tensor | None = None) -> Tensor:
+    """norm(conv(x * se_gate(x))) + residual in two launches: the gate, then the projection conv, which
+    multiplies its input by the gate per (image, channel) as it loads it. With pool_sums (the partial
+    sums of x that depthwise_conv_bn_act(..., se_pool=True) wrote with x) the gate reads those, not x;
+    without, one small kernel reads x once."""
     act, _ = activation_name(se.activation)
     scale = se.scale_activation
     if isinstance(scale, nn.Sigmoid):
@@ -60,7 +69,10 @@ def se_project(x: Tensor, se: SqueezeExcitation, conv: nn.Conv2d, norm: nn.Modul
     else:
         raise TypeError(f"the fused squeeze-excitation gate is sigmoid or hardsigmoid; this one has "
                         f"{type(scale).__name__} (run the model in train mode for other gates)")
-    g = ops.se_gate(x, se.fc1, se.fc2, act=act, gate=gate)
+    if pool_sums is None:
+        g = ops.se_gate(x, se.fc1, se.fc2, act=act, gate=gate)
+    else:
+        g = ops.se.se_gate_from_sums(pool_sums, x.shape[2] * x.shape[3], se.fc1, se.fc2, act=act, gate=gate)
     return ops.conv_bn_act(x, conv, norm, "identity", residual=residual, input_scale=g)
 
 
@@ -107,11 +119,63 @@ class MBConv(nn.Module):
             h = conv_norm_act(h, *_conv_norm_act_parts(layers[0]), fused=True)
         dw_conv, dw_norm, dw_act = _conv_norm_act_parts(layers[-3])
         act, slope = activation_name(dw_act)
-        h = ops.depthwise_conv_bn_act(h, dw_conv, dw_norm, act, slope=slope)
+        # The depthwise epilogue also writes the SE pool's partial sums: the gate never re-reads h.
+        h, pool_sums = ops.depthwise_conv_bn_act(h, dw_conv, dw_norm, act, slope=slope, se_pool=True)
         proj_conv, proj_norm, proj_act = _conv_norm_act_parts(layers[-1])
         if proj_act is not None:
             raise TypeError(f"the fused path expects the project conv without an activation; got {layers[-1]!r}")
-        return se_project(h, layers[-2], proj_conv, proj_norm, x if self.use_res_connect else None)
+        return se_project(h, layers[-2], proj_conv, proj_norm, x if self.use_res_connect else None, pool_sums)
+
+
+class FusedMBConv(nn.Module):
+    """torchvision's FusedMBConv (EfficientNetV2's early stages): expand kxk conv-BN-SiLU then project 1x1
+    conv-BN, or a single kxk conv-BN-SiLU when the expand ratio is 1; no squeeze-excitation; + input (after
+    stochastic depth) when stride 1 and the widths agree. Same constructor, attributes and children."""
+    convert_compares_attributes = True  # fastbone.convert: use_res_connect, out_channels compared
+
+    def __init__(self, cnf: _MBConvConfig, stochastic_depth_prob: float,
+                 norm_layer: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        if not 1 <= cnf.stride <= 2:
+            raise ValueError("illegal stride value")
+        self.use_res_connect = cnf.stride == 1 and cnf.input_channels == cnf.out_channels
+        layers: list[nn.Module] = []
+        expanded = cnf.adjust_channels(cnf.input_channels, cnf.expand_ratio)
+        if expanded != cnf.input_channels:
+            layers.append(Conv2dNormActivation(cnf.input_channels, expanded, kernel_size=cnf.kernel, stride=cnf.stride,
+                                               norm_layer=norm_layer, activation_layer=nn.SiLU))
+            layers.append(Conv2dNormActivation(expanded, cnf.out_channels, kernel_size=1, norm_layer=norm_layer,
+                                               activation_layer=None))
+        else:
+            layers.append(Conv2dNormActivation(cnf.input_channels, cnf.out_channels, kernel_size=cnf.kernel,
+                                               stride=cnf.stride, norm_layer=norm_layer, activation_layer=nn.SiLU))
+        self.block = nn.Sequential(*layers)
+        self.stochastic_depth = StochasticDepth(stochastic_depth_prob, "row")
+        self.out_channels = cnf.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training or _norm_in_train_mode(self):  # torchvision's forward, op for op
+            result = self.block(x)
+            if self.use_res_connect:
+                result = self.stochastic_depth(result)
+                result += x
+            return result
+        layers = list(self.block)
+        residual = x if self.use_res_connect else None
+        if len(layers) == 1:
+            # x + SiLU(BN(conv(x))): torchvision adds the input after the block's activation, so the
+            # epilogue does too (residual_after_act), in one launch.
+            conv, norm, act = _conv_norm_act_parts(layers[0])
+            name, slope = activation_name(act)
+            return ops.conv_bn_act(x, conv, norm, name, slope=slope, residual=residual, residual_after_act=True)
+        if len(layers) != 2:
+            raise TypeError(f"the fused path expects FusedMBConv.block = [expand conv, project conv] or [conv] as "
+                            f"torchvision builds it; got {self.block!r}")
+        h = conv_norm_act(x, *_conv_norm_act_parts(layers[0]), fused=True)
+        proj_conv, proj_norm, proj_act = _conv_norm_act_parts(layers[1])
+        if proj_act is not None:
+            raise TypeError(f"the fused path expects the project conv without an activation; got {layers[1]!r}")
+        return conv_norm_act(h, proj_conv, proj_norm, None, fused=True, residual=residual)
 
 
 # (expand ratio, kernel, stride, input channels, output channels, layers) per stage: torchvision's
@@ -262,8 +326,42 @@ _B_VARIANTS = {
 }
 
 
+# name -> (stages, dropout, default resolution): torchvision's _efficientnet_conf for efficientnet_v2_*,
+# its builders' dropout and its weights' transforms (crop sizes). A stage: (block, expand ratio, kernel,
+# stride, input channels, output channels, layers), block "fused" (FusedMBConv) or "mbconv" (MBConv, with
+# SE). Every variant: BatchNorm eps 1e-3 (momentum 0.1), head width 1280.
+_V2_VARIANTS = {
+    "efficientnet_v2_s": ((("fused", 1, 3, 1, 24, 24, 2), ("fused", 4, 3, 2, 24, 48, 4), ("fused", 4, 3, 2, 48, 64, 4),
+                           ("mbconv", 4, 3, 2, 64, 128, 6), ("mbconv", 6, 3, 1, 128, 160, 9),
+                           ("mbconv", 6, 3, 2, 160, 256, 15)), 0.2, 384),
+    "efficientnet_v2_m": ((("fused", 1, 3, 1, 24, 24, 3), ("fused", 4, 3, 2, 24, 48, 5), ("fused", 4, 3, 2, 48, 80, 5),
+                           ("mbconv", 4, 3, 2, 80, 160, 7), ("mbconv", 6, 3, 1, 160, 176, 14),
+                           ("mbconv", 6, 3, 2, 176, 304, 18), ("mbconv", 6, 3, 1, 304, 512, 5)), 0.3, 480),
+    "efficientnet_v2_l": ((("fused", 1, 3, 1, 32, 32, 4), ("fused", 4, 3, 2, 32, 64, 7), ("fused", 4, 3, 2, 64, 96, 7),
+                           ("mbconv", 4, 3, 2, 96, 192, 10), ("mbconv", 6, 3, 1, 192, 224, 19),
+                           ("mbconv", 6, 3, 2, 224, 384, 25), ("mbconv", 6, 3, 1, 384, 640, 7)), 0.4, 480),
+}
+_V2_BATCHNORM = {"eps": 1e-3}
+_V2_LAST_CHANNEL = 1280
+
+
+def _v2_setting(name: str) -> list[_MBConvConfig]:
+    return [FusedMBConvConfig(*stage, block=FusedMBConv) if kind == "fused" else MBConvConfig(*stage, block=MBConv)
+            for kind, *stage in _V2_VARIANTS[name][0]]
+
+
+def _variant(name: str) -> tuple[list[_MBConvConfig], float, dict, int | None, int]:
+    """(block settings, dropout, BatchNorm keywords, head width (None: 4x the last stage's), default
+    resolution) of a registered variant."""
+    if name in _B_VARIANTS:
+        width, depth, dropout, bn_kwargs, size = _B_VARIANTS[name]
+        return _b_setting(width, depth), dropout, bn_kwargs, None, size
+    _, dropout, size = _V2_VARIANTS[name]
+    return _v2_setting(name), dropout, _V2_BATCHNORM, _V2_LAST_CHANNEL, size
+
+
 def _build_b(name: str, weights, kwargs: dict) -> EfficientNet:
-    width, depth, dropout, bn_kwargs, _ = _B_VARIANTS[name]
+    setting, dropout, bn_kwargs, last_channel, _ = _variant(name)
     if kwargs.get("drop_rate") is not None and "dropout" in kwargs and kwargs["dropout"] != kwargs["drop_rate"]:
         raise ValueError(f"{name}(): dropout={kwargs['dropout']} and drop_rate={kwargs['drop_rate']} disagree "
                          "(drop_rate is timm's name for the classifier's dropout)")
@@ -273,17 +371,18 @@ def _build_b(name: str, weights, kwargs: dict) -> EfficientNet:
         kwargs["norm_layer"] = partial(nn.BatchNorm2d, **bn_kwargs)
 
     def make(**kw: Any) -> EfficientNet:
-        return EfficientNet(_b_setting(width, depth), dropout, **kw)
+        return EfficientNet(setting, dropout, last_channel=last_channel, **kw)
     return build_with_weights(name, make, weights, kwargs)
 
 
 def _builder(name: str, verify: bool = False):
-    size = _B_VARIANTS[name][4]
+    size = _variant(name)[4]
+    title = name.removeprefix("efficientnet_").replace("_", "-").upper()  # "B0", "V2-S"
 
     def builder(*, weights=None, **kwargs) -> EfficientNet:
         return _build_b(name, weights, kwargs)
     builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (f"EfficientNet-{name[-2:].upper()} ({size}x{size}); keywords as torchvision.models.{name} "
+    builder.__doc__ = (f"EfficientNet-{title} ({size}x{size}); keywords as torchvision.models.{name} "
                        "(dropout, stochastic_depth_prob, num_classes, norm_layer) plus timm's in_chans, "
                        "global_pool, drop_rate.")
     return register_model(reference=f"torchvision.models.{name}", family="efficientnet", default_input_size=size,
@@ -298,16 +397,20 @@ efficientnet_b4 = _builder("efficientnet_b4")
 efficientnet_b5 = _builder("efficientnet_b5")
 efficientnet_b6 = _builder("efficientnet_b6")
 efficientnet_b7 = _builder("efficientnet_b7")
+efficientnet_v2_s = _builder("efficientnet_v2_s")
+efficientnet_v2_m = _builder("efficientnet_v2_m")
+efficientnet_v2_l = _builder("efficientnet_v2_l")
 
 
 # --- fastbone.convert ----------------------------------------------------------------------
 
 def _structure(model: nn.Module) -> tuple[list[int], list[int], int, dict] | None:
     """(stage widths, stage depths, head width, BatchNorm eps / momentum) of a torchvision EfficientNet
-    built from MBConv stages, or None when it is not one."""
+    built from MBConv / FusedMBConv stages (as many as some registered variant has), or None when it is not one."""
     features, classifier = getattr(model, "features", None), getattr(model, "classifier", None)
+    stage_counts = {len(_B_STAGES)} | {len(stages) for stages, _, _ in _V2_VARIANTS.values()}
     if not (isinstance(features, nn.Sequential) and isinstance(classifier, nn.Sequential) and len(classifier) == 2
-            and len(features) == len(_B_STAGES) + 2):
+            and len(features) - 2 in stage_counts):
         return None
     stages = list(features)[1:-1]
     if not all(isinstance(s, nn.Sequential) and len(s) and all(hasattr(b, "block") for b in s) for s in stages):
@@ -321,19 +424,21 @@ def _structure(model: nn.Module) -> tuple[list[int], list[int], int, dict] | Non
 
 
 @register_converter(sources={EfficientNet: "torchvision.models.efficientnet.EfficientNet",
-                             MBConv: "torchvision.models.efficientnet.MBConv"})
+                             MBConv: "torchvision.models.efficientnet.MBConv",
+                             FusedMBConv: "torchvision.models.efficientnet.FusedMBConv"})
 def recognise_efficientnet(model: nn.Module) -> tuple[str, dict] | None:
-    """torchvision's EfficientNet B0-B7, recognised by its stage widths and depths (each variant's width
-    and depth multipliers) and its BatchNorm eps; None when it is none. `fastbone.convert` then checks
-    every module (shapes, keys, attributes)."""
+    """torchvision's EfficientNet B0-B7 and V2-S / M / L, recognised by its stage widths and depths (each
+    B variant's width and depth multipliers, each V2 variant's table), its head width and its BatchNorm eps;
+    None when it is none. `fastbone.convert` then checks every module (shapes, keys, attributes, block
+    classes)."""
     found = _structure(model)
     if found is None:
         return None
     widths, depths, head, bn = found
-    for name, (width, depth, dropout, bn_kwargs, _) in _B_VARIANTS.items():
-        setting = _b_setting(width, depth)
+    for name in (*_B_VARIANTS, *_V2_VARIANTS):
+        setting, dropout, bn_kwargs, last_channel, _ = _variant(name)
         if [c.out_channels for c in setting] == widths and [c.num_layers for c in setting] == depths \
-                and head == 4 * widths[-1]:
+                and head == (last_channel or 4 * widths[-1]):
             kwargs: dict = {"num_classes": getattr(model.classifier[1], "out_features", 1000),
                             "dropout": getattr(model.classifier[0], "p", dropout)}
             expect = {"eps": bn_kwargs.get("eps", 1e-5), "momentum": bn_kwargs.get("momentum", 0.1)}
@@ -351,4 +456,4 @@ def recognise_efficientnet(model: nn.Module) -> tuple[str, dict] | None:
                     kwargs["stochastic_depth_prob"] = prob
             return name, kwargs
     raise ValueError(f"convert: an EfficientNet with stage widths {widths}, depths {depths} and head {head} matches "
-                     "none of torchvision's efficientnet_b0..b7")
+                     "none of torchvision's efficientnet_b0..b7, efficientnet_v2_s / m / l")

@@ -55,8 +55,8 @@ from fastbone.ops.conv import _conv_padding, conv_output_size
 from fastbone.ops.pool import pool_output_size
 from fastbone.registry import register_converter, register_model
 from .layers import (BatchNormAct2d, ClassifierMixin, FeatureSpec, FeaturesMixin, SelectAdaptivePool2d,
-                     _check_pool_type, _norm_and_act, activation_name, conv_norm_act, enter_network, head_pool,
-                     max_pool)
+                     _check_pool_type, _norm_and_act, activation_name, conv_norm_act, conv_norm_act_max_pool,
+                     enter_network, head_pool, max_pool)
 
 __all__ = ["BasicConv2d", "Inception", "InceptionAux", "GoogLeNet", "GoogLeNetOutputs", "googlenet",
            "ConvNormAct", "Mixed_5b", "Block35", "Mixed_6a", "Block17", "Mixed_7a", "Block8", "InceptionResnetV2",
@@ -97,16 +97,6 @@ def _conv_unit_into(x: Tensor, unit: nn.Module, out: Tensor, offset: int) -> Ten
     norm, act = _norm_and_act(norm, act)
     name, slope = activation_name(act)
     return ops.conv_bn_act(x, conv, norm, name, slope=slope, out=out, out_channel_offset=offset)
-
-
-def _conv_unit_then_max_pool(x: Tensor, unit: nn.Module, pool: nn.MaxPool2d) -> Tensor:
-    """pool(unit(x)) on the fused path: one ops.conv_bn_act_maxpool (the stem op) where it applies."""
-    if unit.bn.training or pool.dilation not in (1, (1, 1)) or pool.return_indices:
-        return max_pool(unit(x), pool, fused=True)
-    norm, act = _norm_and_act(unit.bn, unit.fused_act)
-    name, slope = activation_name(act)
-    return ops.conv_bn_act_maxpool(x, unit.conv, norm, name, slope=slope, pool_kernel=pool.kernel_size,
-                                   pool_stride=pool.stride, pool_padding=pool.padding, ceil_mode=pool.ceil_mode)
 
 
 def _widths_offsets(widths: Sequence[int]) -> list[int]:
@@ -351,7 +341,7 @@ class GoogLeNet(_ConstantBuffers, ClassifierMixin, FeaturesMixin, nn.Module):
             if i == 1:
                 x = self.conv2(x)
             if fused and i not in wanted:
-                x = _conv_unit_then_max_pool(x, unit, pool)
+                x = conv_norm_act_max_pool(x, unit.conv, unit.bn, unit.fused_act, pool, fused=True)
                 continue
             x = unit(x)
             if i in wanted:
@@ -832,7 +822,7 @@ class InceptionResnetV2(ClassifierMixin, FeaturesMixin, nn.Module):
             if i == 1:
                 x = self.conv2d_3b(x)
             if fused and i not in wanted:
-                x = _conv_unit_then_max_pool(x, unit, pool)
+                x = conv_norm_act_max_pool(x, unit.conv, unit.bn, unit.fused_act, pool, fused=True)
                 continue
             x = unit(x)
             if i in wanted:

@@ -179,6 +179,24 @@ def max_pool(x: Tensor, pool: nn.MaxPool2d, *, fused: bool) -> Tensor:
 
 
 @fx_leaf
+def conv_norm_act_max_pool(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Module | str | None,
+                           pool: nn.MaxPool2d, *, fused: bool) -> Tensor:
+    """pool(act(norm(conv(x)))): the stems' conv + pool (ResNet, GoogLeNet, ShuffleNet, SqueezeNet) and the
+    body's conv + 2x2 / 2 pool (VGG, DarkNet-19). fused=True: one ops.conv_bn_act_maxpool (one launch where
+    the backend fuses that pool); a BatchNorm with batch statistics or a pool outside what the op takes
+    (dilation, return_indices) runs as conv_norm_act then max_pool, as conv_norm_act's own rules say."""
+    if not fused:
+        return pool(conv_norm_act(x, conv, norm, act, fused=False))
+    batch_statistics = norm is not None and norm.training and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+    if batch_statistics or pool.dilation not in (1, (1, 1)) or pool.return_indices:
+        return max_pool(conv_norm_act(x, conv, norm, act, fused=True), pool, fused=True)
+    norm, act = _norm_and_act(norm, act)
+    name, slope = activation_name(act)
+    return ops.conv_bn_act_maxpool(x, conv, norm, name, slope=slope, pool_kernel=pool.kernel_size,
+                                   pool_stride=pool.stride, pool_padding=pool.padding, ceil_mode=pool.ceil_mode)
+
+
+@fx_leaf
 def adaptive_avg_pool(x: Tensor, pool: nn.AdaptiveAvgPool2d, *, fused: bool) -> Tensor:
     if not fused:
         return pool(x)

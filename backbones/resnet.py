@@ -14,11 +14,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastbone import ops
 from fastbone._convert import SOURCE_CLASSES
 from fastbone.registry import register_block_converter, register_converter, register_model
-from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, activation_name, build_with_weights,
-                     check_norm_layer, conv_norm_act, enter_network, head_pool, is_foldable_norm, max_pool)
+from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, build_with_weights, check_norm_layer, conv_norm_act,
+                     conv_norm_act_max_pool, enter_network, head_pool, is_foldable_norm, max_pool)
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -231,14 +230,7 @@ class ResNet(ClassifierMixin, FeaturesMixin, nn.Module):
 
 def _stem(x: Tensor, conv1: nn.Conv2d, bn1: nn.Module, relu: nn.Module, pool: nn.MaxPool2d, fused: bool) -> Tensor:
     """conv1 + bn1 + relu + max pool: one launch in eval mode where the fused stem takes it."""
-    if not fused:
-        return pool(relu(bn1(conv1(x))))
-    act, slope = activation_name(relu)
-    if pool.dilation not in (1, (1, 1)) or pool.return_indices or bn1.training:
-        # Outside what the one-op stem takes: run the conv and the pool one after the other.
-        return max_pool(conv_norm_act(x, conv1, bn1, relu, fused=True), pool, fused=True)
-    return ops.conv_bn_act_maxpool(x, conv1, bn1, act, slope=slope, pool_kernel=pool.kernel_size,
-                                   pool_stride=pool.stride, pool_padding=pool.padding, ceil_mode=pool.ceil_mode)
+    return conv_norm_act_max_pool(x, conv1, bn1, relu, pool, fused=fused)
 
 
 def _resnet(name: str, block, layers, weights, kwargs) -> ResNet:

@@ -43,7 +43,7 @@ from fastbone._fx import fx_leaf
 from fastbone.ops.conv import conv_output_size
 from fastbone.registry import register_converter, register_model
 from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, _check_pool_type, activation_name,
-                     build_with_weights, conv_norm_act, enter_network, global_pool)
+                     build_with_weights, conv_norm_act, conv_norm_act_max_pool, enter_network, global_pool)
 
 __all__ = ["InvertedResidual", "ShuffleNetV2", "ShuffleV1Block", "ShuffleNetV1", "ShuffleNetV1Reference",
            "channel_shuffle", "shufflenet_v1", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5",
@@ -61,14 +61,7 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
 def _stem(x: Tensor, conv_bn_relu: nn.Sequential, pool: nn.MaxPool2d, fused: bool) -> Tensor:
     """conv + BN + ReLU, then the 3x3 / 2 max pool: one op on the fused path."""
     conv, bn, relu = conv_bn_relu
-    if not fused:
-        return pool(relu(bn(conv(x))))
-    if pool.dilation not in (1, (1, 1)) or pool.return_indices:
-        raise ValueError("the fused stem supports a max pool with dilation=1 without return_indices; got "
-                         f"dilation={pool.dilation}, return_indices={pool.return_indices}")
-    act, slope = activation_name(relu)
-    return ops.conv_bn_act_maxpool(x, conv, bn, act, slope=slope, pool_kernel=pool.kernel_size,
-                                   pool_stride=pool.stride, pool_padding=pool.padding, ceil_mode=pool.ceil_mode)
+    return conv_norm_act_max_pool(x, conv, bn, relu, pool, fused=fused)
 
 
 def _new_output(x: Tensor, channels: int, dw_conv: nn.Conv2d) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from fastbone import ops
 from fastbone.registry import register_converter, register_model
 from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, _check_pool_type, activation_name,
-                     build_with_weights, conv_norm_act, enter_network, head_pool, max_pool)
+                     build_with_weights, conv_norm_act, conv_norm_act_max_pool, enter_network, head_pool, max_pool)
 
 __all__ = ["Fire", "SqueezeNet", "squeezenet1_0", "squeezenet1_1"]
 
@@ -138,13 +138,7 @@ class SqueezeNet(ClassifierMixin, FeaturesMixin, nn.Module):
     def _stem(self, x: Tensor, fused: bool) -> Tensor:
         """conv + ReLU + max pool: one op (the stem kernel where the backend has one)."""
         conv, relu, pool = self.features[0], self.features[1], self.features[2]
-        if not fused:
-            return pool(relu(conv(x)))
-        if pool.dilation not in (1, (1, 1)) or pool.return_indices:
-            return max_pool(conv_norm_act(x, conv, None, relu, fused=True), pool, fused=True)
-        act, slope = activation_name(relu)
-        return ops.conv_bn_act_maxpool(x, conv, None, act, slope=slope, pool_kernel=pool.kernel_size,
-                                       pool_stride=pool.stride, pool_padding=pool.padding, ceil_mode=pool.ceil_mode)
+        return conv_norm_act_max_pool(x, conv, None, relu, pool, fused=fused)
 
     # --- features_only: the map before each max pool (the stem's ReLU first), then the last Fire's ---
 

@@ -1,9 +1,10 @@
 """VGG (Simonyan & Zisserman, 2014) with torchvision's module names (features.N,
 classifier.N) and constructor keywords.
 
-Eval mode runs each conv (+BN) + ReLU as one fused operator and the pools through
-fastbone's pooling operators; the classifier is torch's Linear/ReLU (dropout is the
-identity in eval). Train mode runs the plain torch modules.
+Eval mode runs each conv (+BN) + ReLU as one fused operator; the conv closing a stage takes the
+stage's 2x2 / 2 max pool into the same launch (conv_bn_act_maxpool) where the backend fuses it; the
+classifier is torch's Linear/ReLU (dropout is the identity in eval). Train mode runs the plain torch
+modules.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from fastbone import ops
+from fastbone._fx import fx_leaf
 from fastbone.registry import register_converter, register_model
-from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, build_with_weights, conv_norm_act, enter_network,
-                     head_pool, max_pool)
+from .layers import (ClassifierMixin, FeatureSpec, FeaturesMixin, build_with_weights, conv_norm_act,
+                     conv_norm_act_max_pool, enter_network, head_pool, max_pool)
 
 __all__ = ["VGG", "make_layers", "CFGS", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
 
@@ -119,18 +122,27 @@ class VGG(ClassifierMixin, FeaturesMixin, nn.Module):
         self._hidden = self.classifier[3].out_features
         self._init_classifier_api(global_pool, dropout)
 
-    def _run_units(self, x: Tensor, units: list[ConvUnit], fused: bool) -> Tensor:
+    def _unit_modules(self, u: ConvUnit) -> tuple:
         f = self.features
+        return f[u.conv], None if u.norm is None else f[u.norm], None if u.act is None else f[u.act]
+
+    def _run_units(self, x: Tensor, units: list[ConvUnit], fused: bool) -> Tensor:
         for u in units:
-            x = conv_norm_act(x, f[u.conv], None if u.norm is None else f[u.norm],
-                              None if u.act is None else f[u.act], fused=fused)
+            x = conv_norm_act(x, *self._unit_modules(u), fused=fused)
         return x
+
+    def _run_stage(self, x: Tensor, units: list[ConvUnit], pool: int | None, fused: bool) -> Tensor:
+        """A stage and the max pool closing it: on the fused path the last conv takes the pool into its
+        epilogue (conv_norm_act_max_pool), so its unpooled output is never stored."""
+        if pool is None or not units:
+            x = self._run_units(x, units, fused)
+            return x if pool is None else max_pool(x, self.features[pool], fused=fused)
+        x = self._run_units(x, units[:-1], fused)
+        return conv_norm_act_max_pool(x, *self._unit_modules(units[-1]), self.features[pool], fused=fused)
 
     def _features(self, x: Tensor, fused: bool) -> Tensor:
         for units, pool in self._stages:
-            x = self._run_units(x, units, fused)
-            if pool is not None:
-                x = max_pool(x, self.features[pool], fused=fused)
+            x = self._run_stage(x, units, pool, fused)
         return x
 
     # --- features_only (timm's convention: the map before each max pool, then the last pool's output) ---
@@ -155,6 +167,9 @@ class VGG(ClassifierMixin, FeaturesMixin, nn.Module):
         x, fused = enter_network(self, x)
         feats, last = [], max(indices)
         for i, (units, pool) in enumerate(self._stages):
+            if i not in indices and i != last:  # the unpooled map is not wanted: the pool joins the conv
+                x = self._run_stage(x, units, pool, fused)
+                continue
             x = self._run_units(x, units, fused)
             if i in indices:
                 feats.append(x)
@@ -177,6 +192,8 @@ class VGG(ClassifierMixin, FeaturesMixin, nn.Module):
         return self._features(x, fused)
 
     def _pre_logits(self, x: Tensor, fused: bool) -> Tensor:
+        if fused:
+            return hidden_layers(x, self.avgpool, self.classifier)
         x = head_pool(x, self.avgpool, fused=fused)
         # flatten of the logical (N, C, H, W) shape is torchvision's NCHW order whatever the memory layout.
         x = torch.flatten(x, 1)
@@ -188,6 +205,34 @@ class VGG(ClassifierMixin, FeaturesMixin, nn.Module):
         if self.feature_indices is not None:
             return self.forward_intermediates(x, self.feature_indices)
         return self.forward_head(self.forward_features(x))
+
+
+@fx_leaf
+def hidden_layers(x: Tensor, pool: nn.Module, classifier: nn.Sequential) -> Tensor:
+    """Eval: the pool to 7x7, flatten and classifier[:6] (Linear, ReLU, Dropout, Linear, ReLU, Dropout).
+    Where the map already is 7x7 (224-pixel inputs) the adaptive pool is the identity and the first Linear
+    is a 7x7 conv over the map (its weight viewed as (4096, C, 7, 7): flatten's NCHW order), the second a
+    1x1 conv, each with its bias and ReLU in the epilogue: two launches instead of pool, flatten copy of
+    the channels_last map, two matmuls and two ReLUs. Anything else runs as the modules say."""
+    hidden = list(classifier)[:-1]
+    kinds = (nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout)
+    identity_pool = (isinstance(pool, nn.AdaptiveAvgPool2d) and x.dim() == 4
+                     and tuple(x.shape[2:]) == _pair(pool.output_size))
+    if not identity_pool or len(hidden) != 6 or not all(type(m) is k for m, k in zip(hidden, kinds)) \
+            or hidden[0].in_features != x.shape[1] * x.shape[2] * x.shape[3]:
+        x = torch.flatten(head_pool(x, pool, fused=True), 1)
+        for m in hidden:
+            x = m(x)
+        return x
+    first, second = hidden[0], hidden[3]
+    y = ops.conv_bias_act(x, first.weight.view(first.out_features, *x.shape[1:]), first.bias, act="relu")
+    y = ops.conv_bias_act(y, second.weight.view(second.out_features, second.in_features, 1, 1), second.bias,
+                          act="relu")
+    return torch.flatten(y, 1)
+
+
+def _pair(size) -> tuple:
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def _vgg(name: str, cfg: str, batch_norm: bool, weights, kwargs) -> VGG:

@@ -18,20 +18,23 @@ stopped, recorded as "timeout", and the session goes on):
   warm-triton         60 s  the models' Triton binaries compiled ahead (16 - 4 processes: nvcc has the rest)
   gpu-tests-triton    75 s  the gpu-marked tests that need no CUDA C++ build, interleaved, -n 8
   micro-triton        55 s  Triton microbenchmarks: conv (ResNet-50 shapes), depthwise and separable
-                            (mobilenet_v2), the Fire module (squeezenet1_1) and conv+BN+act+max pool
-                            (darknet19), one process, interleaved, CUDA graphs
+                            (mobilenet_v2), the Fire module (squeezenet1_1), conv+BN+act+max pool
+                            (darknet19), and whole blocks (MBConv, ShuffleNet units, Inception blocks:
+                            test_bench_blocks.py), one process, interleaved, CUDA graphs
   build-wait          15 s  waits for build-cuda (no longer than it needs); if it has not finished by the
                             end of this step it is stopped. The CUDA C++ steps then run fastbone._C
                             (FASTBONE_CUDA_BUILD=aot) or, if the build failed, the NVRTC build (=nvrtc)
   gpu-tests-cuda      55 s  the gpu-marked tests of the CUDA C++ kernels (fastbone._C, NVRTC), -n 8
   micro-cuda          35 s  the same microbenchmarks on the CUDA C++ kernels
   models-b64          60 s  every registered model, batch 64 fp16: eager channels_last, fastbone, + graphs
-  models-b1           55 s  the same at batch 1
-  compile             90 s  mobilenet_v2, resnet50 (efficientnet_b0 when registered), batch 64:
+  models-b1           40 s  the same at batch 1
+  detection           20 s  Faster R-CNN R50-FPN (FrozenBatchNorm2d) against it converted by fastbone.convert:
+                            backbone alone and end to end, batch 2, 800x1333 (bench_detection.py)
+  compile             80 s  mobilenet_v2, resnet50 (efficientnet_b0 when registered), batch 64:
                             torch.compile (default mode) next to eager and fastbone
   summary             15 s  session.json, summary.md, models.png, micro.png, artifacts.tar.gz
 
-542 s in all (the call may take 600). Time a step leaves unused goes to the next ones. pytest steps and
+555 s in all with the summary (the call may take 600). Time a step leaves unused goes to the next ones. pytest steps and
 the model benchmark stop starting work a little before their budget ends (FASTBONE_SESSION_DEADLINE,
 --deadline); a step still running at its end gets SIGINT (pytest then prints its summary), then SIGTERM,
 then SIGKILL. Each test's outcome, each failure's traceback and each microbenchmark's numbers are written
@@ -460,7 +463,7 @@ def _gpu_tests_env(group: str):
 def _micro(backend: str):
     def commands(s: Session) -> list[list[str]]:
         cmd = [s.py, "-m", "pytest", "bench/test_bench_conv.py", "bench/test_bench_depthwise.py",
-               "bench/test_bench_fire.py", "-p", "no:cacheprovider", "-p", "session_plugin",
+               "bench/test_bench_fire.py", "bench/test_bench_blocks.py", "-p", "no:cacheprovider", "-p", "session_plugin",
                "--bench-backend", backend, f"--benchmark-json={s.work / f'micro-{backend}.json'}"]
         if s.dry:  # CPU: triton = Triton's interpreter, cuda = the host emulation build
             return [cmd + ["-q", "--bench-device", "cpu", "--bench-shapes", "2", "--bench-rounds", "2",
@@ -498,6 +501,15 @@ def _host_overhead(s: Session) -> list[list[str]]:
     return [cmd + ["--device", "cuda", "--size", "64", "--runs", "20"]]
 
 
+def _detection(s: Session) -> list[list[str]]:
+    """Faster R-CNN R50-FPN (FrozenBatchNorm2d) against it converted by fastbone.convert: backbone alone and
+    end to end, batch 2, 800x1333 float16 (issue 13's target); tiny images on the CPU."""
+    cmd = [s.py, str(BENCH / "bench_detection.py"), "--json", str(s.work / "detection.json")]
+    if s.dry:
+        return [cmd + ["--device", "cpu", "--size", "64", "96"]]
+    return [cmd + ["--device", "cuda", "--runs", "10", "--warmup", "2"]]
+
+
 def _compile(s: Session) -> list[list[str]]:
     registered = s.registered_models()
     models = [m for m in COMPILE_MODELS if m in registered]
@@ -527,8 +539,9 @@ STEPS = [
     Step("micro-cuda", 35, 150, _micro("cuda"), "the same microbenchmarks, CUDA C++", env=_micro_env("cuda")),
     Step("host-overhead", 18, 120, _host_overhead, "host time per operator call, dispatcher shortcut on / off"),
     Step("models-b64", 60, 300, _models(64, "b64"), "every model, batch 64: eager, fastbone, fastbone graphs"),
-    Step("models-b1", 50, 150, _models(1, "b1"), "every model, batch 1: eager, fastbone, fastbone graphs"),
-    Step("compile", 90, 300, _compile, "torch.compile (default mode) of a few models, batch 64"),
+    Step("models-b1", 40, 150, _models(1, "b1"), "every model, batch 1: eager, fastbone, fastbone graphs"),
+    Step("detection", 20, 120, _detection, "Faster R-CNN R50-FPN, torchvision vs converted, batch 2, 800x1333"),
+    Step("compile", 80, 300, _compile, "torch.compile (default mode) of a few models, batch 64"),
 ]
 
 
@@ -734,12 +747,13 @@ def write_summary(s: Session, out: Path, final: bool = True) -> None:
     warm = _load_json(s.work / "warm-triton.json")
     cuda_build = _load_json(s.work / "cuda-build.json")
     host = _load_json(s.work / "host-overhead.json")
+    detection = _load_json(s.work / "detection.json")
     date = env.get("date") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     card = env.get("device_name") or "unknown device"
     record = {"schema": 2, "dry_run": s.dry, "final": final, "date": date, "environment": env,
               "budget_s": s.args.budget, "elapsed_s": round(s.elapsed(), 1), "steps": s.records, "tests": tests,
               "warm_triton": warm, "cuda_build": cuda_build, "models": models_runs, "micro": micro,
-              "host_overhead": host}
+              "host_overhead": host, "detection": detection}
     (out / "session.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
 
     lines = [f"# fastbone GPU session: {card}, {date[:10]}", ""]
@@ -818,6 +832,16 @@ def write_summary(s: Session, out: Path, final: bool = True) -> None:
         for r in host["rows"]:
             lines.append(f"| {r['model']} | {r['backend']} | {r['fastbone_calls']} | {r['direct_us_per_call']:.1f} | "
                          f"{r['dispatched_us_per_call']:.1f} | {r['dispatched_over_direct']:.2f}x |")
+    if detection and detection.get("detection"):
+        d = detection["detection"]
+        lines += ["", f"## Faster R-CNN R50-FPN, torchvision vs fastbone.convert (batch {d.get('batch')}, "
+                      f"{d.get('image_hw')}; target: backbone >= 1.5x)", "",
+                  "| part | torchvision ms | fastbone ms | speedup |", "| --- | ---: | ---: | ---: |"]
+        for part in ("backbone", "end_to_end"):
+            r = d.get(part) or {}
+            lines.append(f"| {part} | {r.get('torchvision', {}).get('median_ms', float('nan')):.2f} | "
+                         f"{r.get('fastbone', {}).get('median_ms', float('nan')):.2f} | {r.get('speedup', float('nan')):.2f}x |")
+        lines.append(f"\nBackbone features, relative error against torchvision: {d.get('backbone_rel_err', float('nan')):.2e}")
     for name, t in tests.items():
         lines += ["", f"## {name}", "",
                   f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped "
@@ -1028,7 +1052,7 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU, tiny sizes, no timing claims")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole session (default: the foreground steps' budgets + 15 s for the "
-                        "summary: 542 s for a whole GPU session)")
+                        "summary: 555 s for a whole GPU session)")
     p.add_argument("--only", nargs="+", default=None,
                    help="run only these steps (install, environment and the summary always run; build-wait "
                         "comes with build-cuda)")

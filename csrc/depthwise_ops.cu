@@ -21,10 +21,6 @@
 
 namespace fb_ops {
 
-#ifndef FASTBONE_EMU
-bool device_has_tensor_core_conv();  // csrc/ops.cu: the current device is sm_80+ (cached per device)
-#endif
-
 namespace {
 
 void dw_check_dims(const Dims& d, const char* name) {
@@ -121,13 +117,14 @@ std::vector<int64_t> separable_launch_plan(int64_t c_out_g, int64_t oh, int64_t 
   return {th, tw, bn, bytes(th, tw)};
 }
 
-// act(bn(depthwise_conv2d(x, w) + bias) [+ residual]) into out[:, off:off+C_out].
+// act(bn(depthwise_conv2d(x, w) + bias) [+ residual]) into out[:, off:off+C_out]; pool_sums != 0: also
+// the squeeze-excitation pool's partial sums, float32 (N, tiles_h * tiles_w, C_out) by the launch plan's tile.
 void depthwise_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w,
                            const Dims& w_shape, const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight,
                            uintptr_t bn_bias, uintptr_t bn_mean, uintptr_t bn_var, double eps, uintptr_t residual,
                            const Dims& res_strides, uintptr_t out, const Dims& out_shape, const Dims& out_strides,
                            int64_t out_c_offset, const Dims& conv, int64_t dtype, int64_t act, double slope,
-                           int64_t max_blocks, uintptr_t stream) {
+                           int64_t max_blocks, uintptr_t stream, uintptr_t pool_sums) {
   dw_check_dims(x_shape, "x_shape"), dw_check_dims(x_strides, "x_strides"), dw_check_dims(w_shape, "w_shape");
   dw_check_dims(w_strides, "w_strides"), dw_check_dims(res_strides, "res_strides");
   dw_check_dims(out_shape, "out_shape"), dw_check_dims(out_strides, "out_strides"), dw_check_conv(conv);
@@ -157,12 +154,14 @@ void depthwise_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strid
     using T = typename decltype(tag)::type;
     dispatch_act(act, [&](auto act_c) {
       constexpr int ACT = decltype(act_c)::value;
-      auto launch = [&](auto ks_c) {
+      auto launch = [&](auto ks_c, auto pool_c) {
         constexpr int KS = decltype(ks_c)::value;
-        FB_LAUNCH((fb::depthwise_conv_bn_act_kernel<T, ACT, KS>), dim3(grid_blocks(items, max_blocks)),
+        constexpr bool POOL = decltype(pool_c)::value;
+        FB_LAUNCH((fb::depthwise_conv_bn_act_kernel<T, ACT, KS, POOL>), dim3(grid_blocks(items, max_blocks)),
                   dim3(fb::kDwThreads), (size_t)plan[3], FB_STREAM(stream),
                   in_ptr<T>(x), in_ptr<T>(w), in_ptr<float>(bias), in_ptr<float>(bn_weight), in_ptr<float>(bn_bias),
                   in_ptr<float>(bn_mean), in_ptr<float>(bn_var), in_ptr<T>(residual), out_ptr<T>(out),
+                  out_ptr<float>(pool_sums),
                   (int)x_shape[2], (int)x_shape[3], (int)c_out, (int)oh, (int)ow, (int)kh, (int)kw,
                   (int)(c_out / c_in),
                   (long long)x_strides[0], (long long)x_strides[1], (long long)x_strides[2], (long long)x_strides[3],
@@ -173,12 +172,16 @@ void depthwise_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strid
                   (int)conv[0], (int)conv[1], (int)conv[2], (int)conv[3], (int)conv[4], (int)conv[5],
                   (int)th, (int)tw, (int)cb, (long long)n, (float)eps, (float)slope);
       };
-      switch (ks) {
-        case 3: launch(std::integral_constant<int, 3>{}); break;
-        case 5: launch(std::integral_constant<int, 5>{}); break;
-        case 7: launch(std::integral_constant<int, 7>{}); break;
-        default: launch(std::integral_constant<int, 0>{}); break;
-      }
+      auto launch_ks = [&](auto pool_c) {
+        switch (ks) {
+          case 3: launch(std::integral_constant<int, 3>{}, pool_c); break;
+          case 5: launch(std::integral_constant<int, 5>{}, pool_c); break;
+          case 7: launch(std::integral_constant<int, 7>{}, pool_c); break;
+          default: launch(std::integral_constant<int, 0>{}, pool_c); break;
+        }
+      };
+      if (pool_sums != 0) launch_ks(std::true_type{});
+      else launch_ks(std::false_type{});
     });
   });
 }
@@ -222,7 +225,7 @@ void separable_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strid
   const int64_t c_out_g = c_out / pw_groups;
   bool tensor_cores = false;
 #ifndef FASTBONE_EMU
-  tensor_cores = dtype != fb::kFloat32 && device_has_tensor_core_conv();
+  tensor_cores = dtype != fb::kFloat32 && current_compute_capability() >= fb::kSepTcMinCC;
 #endif
   const std::vector<int64_t> plan = separable_launch_plan(c_out_g, oh, ow, kh, kw, conv, tensor_cores);
   if (plan[0] == 0)

@@ -9,6 +9,7 @@
 // The launch geometry below is mirrored by NvrtcRuntime in fastbone/cuda/ops.py: change both.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -49,22 +50,76 @@ void check_bn(uintptr_t bn_mean, uintptr_t bn_var) {
     throw std::invalid_argument("BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm)");
 }
 
-#ifndef FASTBONE_EMU
-// Whether the current device runs the tensor-core conv (cached per device).
-bool device_has_tensor_core_conv() {
-  static int cached[64] = {0};  // 0 unknown, 1 no, 2 yes
+// FASTBONE_CUDA_CONV_MMA: which float16 / bfloat16 convs run the tensor-core variant
+// (conv_bn_act_mma_kernel). Read on every call, so tests can switch it with monkeypatch.setenv.
+//   unset, "" or "auto": on GPUs of compute capability >= kConvMmaMinCC, never in the emulator
+//   "1": also in the emulator (CPU tests of the kernel: its loaders, pipeline, fragments, epilogue)
+//   "64" / "128": as "1", with the 64x64 / 128x128 tile forced instead of chosen by the problem's shape
+//   "0": never (the plain variant everywhere, e.g. to compare the two on a GPU)
+// Convs with few output channels per group (the narrow tile) always run the plain variant.
+struct ConvMmaMode {
+  bool allowed;  // whether the mma variant may run (given the device / build)
+  int forced_tile;  // 0: by shape, else 64 or 128
+};
+
+ConvMmaMode conv_mma_mode(bool emulator) {
+  const char* env = std::getenv("FASTBONE_CUDA_CONV_MMA");
+  const std::string v = env == nullptr ? "" : env;
+  if (v.empty() || v == "auto") return {!emulator, 0};  // a GPU subject to its compute capability
+  if (v == "0") return {false, 0};
+  if (v == "1") return {true, 0};
+  if (v == "64" || v == "128") return {true, std::stoi(v)};
+  throw std::invalid_argument("FASTBONE_CUDA_CONV_MMA=" + v + ": expected auto, 0, 1, 64 or 128");
+}
+
+// The tensor-core variant's tile for a problem: the large one where C_out per group fills it and its
+// grid still has kConvMmaLargeMinBlocks blocks (mirrored by fastbone/cuda/ops.py's conv_mma_tile).
+bool conv_mma_large(int64_t m, int64_t c_out_g, int64_t groups, int forced_tile) {
+  if (forced_tile != 0) return forced_tile == fb::ConvMmaLarge::BM;
+  using L = fb::ConvMmaLarge;
+  return c_out_g >= fb::kConvMmaLargeMinCout &&
+         fb::ceil_div(m, L::BM) * fb::ceil_div(c_out_g, L::BN) * groups >= fb::kConvMmaLargeMinBlocks;
+}
+
+enum class ConvVariant { kNarrow, kWide, kMmaSmall, kMmaLarge };
+
+// The conv kernel for a problem of m output pixels; compute_capability 0 stands for the emulator.
+ConvVariant choose_conv_variant(int64_t m, int64_t c_out_g, int64_t groups, int64_t dtype,
+                                int64_t compute_capability) {
+  if (c_out_g <= fb::kConvNarrowMaxCout) return ConvVariant::kNarrow;
+  const bool emulator = compute_capability == 0;
+  const ConvMmaMode mode = conv_mma_mode(emulator);
+  const bool device_ok = emulator || compute_capability >= fb::kConvMmaMinCC;
+  if (dtype == fb::kFloat32 || !mode.allowed || !device_ok) return ConvVariant::kWide;
+  return conv_mma_large(m, c_out_g, groups, mode.forced_tile) ? ConvVariant::kMmaLarge : ConvVariant::kMmaSmall;
+}
+
+std::string conv_variant(int64_t m, int64_t c_out_g, int64_t groups, int64_t dtype, int64_t compute_capability) {
+  switch (choose_conv_variant(m, c_out_g, groups, dtype, compute_capability)) {
+    case ConvVariant::kNarrow: return "narrow";
+    case ConvVariant::kWide: return "wide";
+    case ConvVariant::kMmaSmall: return "mma_small";
+    default: return "mma_large";
+  }
+}
+
+// The current device's compute capability (cached per device); 0 in the emulator.
+int64_t current_compute_capability() {
+#ifdef FASTBONE_EMU
+  return 0;
+#else
+  static int cached[64] = {0};
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (device < 0 || device >= 64) return false;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 1;  // no tensor cores assumed
   if (cached[device] == 0) {
     int major = 0, minor = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    cached[device] = major * 10 + minor >= fb::kConvTcMinCC ? 2 : 1;
+    cached[device] = major * 10 + minor;
   }
-  return cached[device] == 2;
-}
+  return cached[device];
 #endif
+}
 
 // --- launch splitting ---------------------------------------------------------------------
 // A launch's grid must fit CUDA's limits (gridDim.y and gridDim.z <= 65535, gridDim.x < 2^31) and
@@ -145,7 +200,7 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
                  uintptr_t bn_var, double eps, uintptr_t residual, const Dims& res_strides, uintptr_t out,
                  const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset, const Dims& conv,
                  int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream, uintptr_t in_scale,
-                 int64_t in_scale_stride) {
+                 int64_t in_scale_stride, int64_t residual_after_act) {
   check_dims(x_shape, "x_shape"), check_dims(x_strides, "x_strides"), check_dims(w_shape, "w_shape");
   check_dims(w_strides, "w_strides"), check_dims(res_strides, "res_strides"), check_dims(out_shape, "out_shape");
   check_dims(out_strides, "out_strides"), check_params(conv, 6, "conv"), check_bn(bn_mean, bn_var);
@@ -157,7 +212,7 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
   check_int_range(x_shape[2], "H"), check_int_range(x_shape[3], "W"), check_int_range(oh, "OH");
   check_int_range(out_c_offset + c_out, "out_c_offset + C_out");
   check_int_range(w_shape[1] * w_shape[2] * w_shape[3] + 64, "C_in/groups * KH * KW");
-  const bool narrow = c_out_g <= fb::kConvNarrowMaxCout;
+  const ConvVariant variant = choose_conv_variant(n * oh * ow, c_out_g, groups, dtype, current_compute_capability());
   const int64_t sxn = x_strides[0], sxc = x_strides[1], sxh = x_strides[2], sxw = x_strides[3];
   const int64_t swo = w_strides[0], srn = res_strides[0], src = res_strides[1], srh = res_strides[2];
   const int64_t son = out_strides[0], soh = out_strides[2];
@@ -168,12 +223,21 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
       // One launch per chunk: pointers advanced to its first image / row, group and channel.
       // A row band starts at output row oh0: the kernel sees rows 0.. and padding
       // pad_h - oh0 * stride_h, so its input rows (oh * stride - pad) are the image's own.
-      auto run = [&](auto conv_kernel, int64_t bm, int64_t block_n, int threads) {
+      auto run = [&](auto conv_kernel, int64_t bm, int64_t block_n, int threads, int smem = 0) {
+#ifndef FASTBONE_EMU
+        if (smem > 48 * 1024) {  // past the default limit the kernel must opt in (sm_80+: up to 163 KiB)
+          const cudaError_t err =
+              cudaFuncSetAttribute(conv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+          if (err != cudaSuccess)
+            throw std::runtime_error(std::string("conv: cannot give the tensor-core kernel ") +
+                                     std::to_string(smem) + " bytes of shared memory: " + cudaGetErrorString(err));
+        }
+#endif
         for (const ConvChunk& ch : conv_chunks(n, oh, ow, groups, c_out_g, block_n)) {
           const int64_t oc0 = ch.g0 * c_out_g + ch.c0;  // first output channel of the chunk
           const int64_t m = ch.n * ch.oh * ow;
           const dim3 grid((unsigned)fb::ceil_div(m, bm), (unsigned)fb::ceil_div(ch.c, block_n), (unsigned)ch.g);
-          FB_LAUNCH(conv_kernel, grid, dim3(threads), 0, FB_STREAM(stream),
+          FB_LAUNCH(conv_kernel, grid, dim3(threads), smem, FB_STREAM(stream),
                     in_ptr<T>(x) + ch.n0 * sxn + ch.g0 * w_shape[1] * sxc, in_ptr<T>(w) + oc0 * swo,
                     offset_or_null(in_ptr<float>(bias), oc0), offset_or_null(in_ptr<float>(bn_weight), oc0),
                     offset_or_null(in_ptr<float>(bn_bias), oc0), offset_or_null(in_ptr<float>(bn_mean), oc0),
@@ -188,7 +252,8 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
                     (long long)src, (long long)srh, (long long)res_strides[3], (long long)son,
                     (long long)out_strides[1], (long long)soh, (long long)out_strides[3],
                     (int)(out_c_offset + oc0), (int)conv[0], (int)conv[1], (int)(conv[2] - ch.oh0 * conv[0]),
-                    (int)conv[3], (int)conv[4], (int)conv[5], (float)eps, (float)slope, (long long)in_scale_stride);
+                    (int)conv[3], (int)conv[4], (int)conv[5], (float)eps, (float)slope, (long long)in_scale_stride,
+                    (int)(residual_after_act != 0));
         }
       };
       // The kernel's C_out_g is the chunk's channel count ch.c: both its bound on a group's
@@ -200,15 +265,16 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
         run(fb::conv_bn_act_kernel<T, ACT, Tile::BM, Tile::BN, Tile::BK, Tile::TM, Tile::TN>, Tile::BM, Tile::BN,
             Tile::kThreads);
       };
-#ifndef FASTBONE_EMU
-      if constexpr (!std::is_same<T, float>::value) {
-        if (!narrow && device_has_tensor_core_conv()) {  // float16 / bfloat16 on sm_80+: tensor cores
-          run(fb::conv_bn_act_tc_kernel<T, ACT>, fb::kConvTcBM, fb::kConvTcBN, fb::kConvTcThreads);
-          return;
-        }
+      auto launch_mma = [&](auto tile) {
+        using Tile = decltype(tile);
+        run(fb::conv_bn_act_mma_kernel<T, ACT, Tile::BM, Tile::BN>, Tile::BM, Tile::BN, Tile::kThreads,
+            Tile::kSmemBytes);
+      };
+      if constexpr (!std::is_same<T, float>::value) {  // float16 / bfloat16: tensor cores on sm_80+
+        if (variant == ConvVariant::kMmaLarge) return launch_mma(fb::ConvMmaLarge{});
+        if (variant == ConvVariant::kMmaSmall) return launch_mma(fb::ConvMmaSmall{});
       }
-#endif
-      if (narrow) launch(fb::ConvNarrow{}); else launch(fb::ConvWide{});
+      if (variant == ConvVariant::kNarrow) launch(fb::ConvNarrow{}); else launch(fb::ConvWide{});
     });
   });
 }
@@ -366,14 +432,20 @@ std::vector<LaunchConstant> launch_constants() {
     using Tile = decltype(t);
     return LaunchConstant{name, {Tile::BM, Tile::BN, Tile::BK, Tile::TM, Tile::TN}, true};
   };
+  auto mma_tile = [](const char* name, auto t) {  // BM, BN, BK, threads, stages, dynamic shared memory bytes
+    using Tile = decltype(t);
+    return LaunchConstant{name, {Tile::BM, Tile::BN, Tile::BK, Tile::kThreads, Tile::kStages, Tile::kSmemBytes},
+                          true};
+  };
   std::vector<LaunchConstant> constants = {
       tile("conv_wide_tile", fb::ConvWide{}),
       tile("conv_narrow_tile", fb::ConvNarrow{}),
       {"conv_narrow_max_cout", {fb::kConvNarrowMaxCout}, false},
-#ifndef FASTBONE_EMU
-      {"conv_tc_tile", {fb::kConvTcBM, fb::kConvTcBN, fb::kConvTcThreads}, true},
-      {"conv_tc_min_cc", {fb::kConvTcMinCC}, false},
-#endif
+      mma_tile("conv_mma_large_tile", fb::ConvMmaLarge{}),
+      mma_tile("conv_mma_small_tile", fb::ConvMmaSmall{}),
+      {"conv_mma_large_min_cout", {fb::kConvMmaLargeMinCout}, false},
+      {"conv_mma_large_min_blocks", {fb::kConvMmaLargeMinBlocks}, false},
+      {"conv_mma_min_cc", {fb::kConvMmaMinCC}, false},
       {"stem_threads", {fb::kStemThreads}, false},
       {"stem_co_tile", {fb::kStemCoTile}, false},
       {"stem_max_taps", {fb::kStemMaxTaps}, false},

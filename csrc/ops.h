@@ -19,12 +19,13 @@ using Dims = std::vector<int64_t>;
 // conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; residual == 0 for none.
 // in_scale: 0, or float32 (N, C_in) with row stride in_scale_stride (unit channel stride): the
 // input is multiplied by it per (image, input channel) as it is loaded (the SE gate).
+// residual_after_act: nonzero for act(bn(conv2d(x, w) + bias)) + residual.
 void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
                  const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight, uintptr_t bn_bias, uintptr_t bn_mean,
                  uintptr_t bn_var, double eps, uintptr_t residual, const Dims& res_strides, uintptr_t out,
                  const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset, const Dims& conv,
                  int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream, uintptr_t in_scale = 0,
-                 int64_t in_scale_stride = 0);
+                 int64_t in_scale_stride = 0, int64_t residual_after_act = 0);
 
 // max_pool(act(bn(conv2d(x, w) + bias))) in one launch. pool = {kh, kw, sh, sw, ph, pw};
 // conv_out_hw = the conv's output size; out_shape = the pooled output.
@@ -36,6 +37,13 @@ void conv_bn_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides
                          uintptr_t stream);
 
 bool stem_supported(int64_t c_in_g, int64_t kh, int64_t kw, const Dims& pool);
+
+// Which kernel conv_bn_act runs for m output pixels: "narrow", "wide", "mma_small" or "mma_large" (the
+// tensor-core variant's tiles), on a device of compute_capability (0: the emulator), under the current
+// FASTBONE_CUDA_CONV_MMA (mirrored by fastbone/cuda/ops.py's conv_variant / conv_mma_tile).
+std::string conv_variant(int64_t m, int64_t c_out_g, int64_t groups, int64_t dtype, int64_t compute_capability);
+// The current device's compute capability (major * 10 + minor, cached per device); 0 in the emulator.
+int64_t current_compute_capability();
 
 // How conv_bn_act splits a problem into launches that fit the grid limits and the kernels' 32-bit
 // pixel index (mirrored by NvrtcRuntime): one {n0, n, oh0, oh, g0, g, c0, c} per launch (images,
@@ -71,12 +79,14 @@ std::vector<LaunchConstant> launch_constants();
 // none; max_blocks > 0 caps the grid below its default (the blocks loop over the work items).
 
 // act(bn(depthwise_conv2d(x, w) + bias) [+ residual]) into out[:, off:off+C_out]; w (m * C_in, 1, KH, KW).
+// pool_sums: 0, or float32 (N, tiles_h * tiles_w, C_out) contiguous (the launch plan's tiles): the
+// epilogue also writes each (image, tile, channel)'s sum of the stored output (the SE pool).
 void depthwise_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w,
                            const Dims& w_shape, const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight,
                            uintptr_t bn_bias, uintptr_t bn_mean, uintptr_t bn_var, double eps, uintptr_t residual,
                            const Dims& res_strides, uintptr_t out, const Dims& out_shape, const Dims& out_strides,
                            int64_t out_c_offset, const Dims& conv, int64_t dtype, int64_t act, double slope,
-                           int64_t max_blocks, uintptr_t stream);
+                           int64_t max_blocks, uintptr_t stream, uintptr_t pool_sums = 0);
 
 // pw_act(pw_bn(pw_conv(D)) [+ residual]) into out[:, off:off+C_out] in one launch, D[:, k] =
 // dw_act(dw_bn(depthwise_conv2d(x, dw_w)))[:, channel_order[k]] (identity when channel_order == 0,
@@ -115,5 +125,11 @@ void fire_expand(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
 void se_gate(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w1, uintptr_t b1, uintptr_t w2,
              uintptr_t b2, uintptr_t out, int64_t squeeze, int64_t dtype, int64_t act, double slope, int64_t gate,
              uintptr_t stream);
+
+// The same gate from the depthwise kernel's pool sums: sums float32 (N, tiles, C) contiguous, mean = the
+// sum over tiles / hw; dtype: the weights' (csrc/se_ops.cu).
+void se_gate_from_sums(uintptr_t sums, int64_t n, int64_t tiles, int64_t c, int64_t hw, uintptr_t w1, uintptr_t b1,
+                       uintptr_t w2, uintptr_t b2, uintptr_t out, int64_t squeeze, int64_t dtype, int64_t act,
+                       double slope, int64_t gate, uintptr_t stream);
 
 }  // namespace fb_ops

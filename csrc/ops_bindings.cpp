@@ -15,7 +15,7 @@ void fb_register_ops(py::module_& m) {
         py::arg("bn_var"), py::arg("eps"), py::arg("residual"), py::arg("res_strides"), py::arg("out"),
         py::arg("out_shape"), py::arg("out_strides"), py::arg("out_c_offset"), py::arg("conv"), py::arg("groups"),
         py::arg("dtype"), py::arg("act"), py::arg("slope"), py::arg("stream"), py::arg("in_scale") = 0,
-        py::arg("in_scale_stride") = 0);
+        py::arg("in_scale_stride") = 0, py::arg("residual_after_act") = 0);
   m.def("conv_bn_act_maxpool", &fb_ops::conv_bn_act_maxpool,
         "max_pool(act(bn(conv2d(x, w) + bias))) in one launch; 0 for an absent bias / bn_*",
         py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w"), py::arg("w_shape"),
@@ -25,6 +25,10 @@ void fb_register_ops(py::module_& m) {
         py::arg("act"), py::arg("slope"), py::arg("stream"));
   m.def("stem_supported", &fb_ops::stem_supported, "whether conv_bn_act_maxpool accepts this conv / pool",
         py::arg("c_in_g"), py::arg("kh"), py::arg("kw"), py::arg("pool"));
+  m.def("conv_variant", &fb_ops::conv_variant,
+        "the conv kernel conv_bn_act runs: narrow, wide, mma_small or mma_large (compute_capability 0: the "
+        "emulator; FASTBONE_CUDA_CONV_MMA applies)",
+        py::arg("m"), py::arg("c_out_g"), py::arg("groups"), py::arg("dtype"), py::arg("compute_capability"));
   m.def("conv_launch_plan", &fb_ops::conv_launch_plan,
         "conv_bn_act's launches: [n0, n, oh0, oh, g0, g, c0, c] each (images, output rows, groups, channels)",
         py::arg("n"), py::arg("oh"), py::arg("ow"), py::arg("groups"), py::arg("c_out_g"), py::arg("block_n"));
@@ -47,7 +51,7 @@ void fb_register_ops(py::module_& m) {
         py::arg("w_strides"), py::arg("bias"), py::arg("bn_weight"), py::arg("bn_bias"), py::arg("bn_mean"),
         py::arg("bn_var"), py::arg("eps"), py::arg("residual"), py::arg("res_strides"), py::arg("out"),
         py::arg("out_shape"), py::arg("out_strides"), py::arg("out_c_offset"), py::arg("conv"), py::arg("dtype"),
-        py::arg("act"), py::arg("slope"), py::arg("max_blocks"), py::arg("stream"));
+        py::arg("act"), py::arg("slope"), py::arg("max_blocks"), py::arg("stream"), py::arg("pool_sums") = 0);
   m.def("separable_conv_bn_act", &fb_ops::separable_conv_bn_act,
         "pw_act(pw_bn(pw_conv(dw_act(dw_bn(dw_conv(x)))[:, channel_order])) [+ residual]) into "
         "out[:, off:off+C_out] in one launch; 0 for an absent pointer",
@@ -78,6 +82,12 @@ void fb_register_ops(py::module_& m) {
         py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w1"), py::arg("b1"), py::arg("w2"),
         py::arg("b2"), py::arg("out"), py::arg("squeeze"), py::arg("dtype"), py::arg("act"), py::arg("slope"),
         py::arg("gate"), py::arg("stream"));
+  m.def("se_gate_from_sums", &fb_ops::se_gate_from_sums,
+        "the squeeze-excitation gate (N, C) float32 from the pool's partial sums (N, tiles, C) float32: "
+        "mean = sum over tiles / hw; 0 for an absent bias",
+        py::arg("sums"), py::arg("n"), py::arg("tiles"), py::arg("c"), py::arg("hw"), py::arg("w1"), py::arg("b1"),
+        py::arg("w2"), py::arg("b2"), py::arg("out"), py::arg("squeeze"), py::arg("dtype"), py::arg("act"),
+        py::arg("slope"), py::arg("gate"), py::arg("stream"));
   py::dict constants;
   for (const auto& c : fb_ops::launch_constants()) {
     if (c.is_tuple) constants[c.name.c_str()] = py::tuple(py::cast(c.values));

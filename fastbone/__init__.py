@@ -14,7 +14,8 @@ from .backbones import (shufflenet_v1, shufflenet_v1_g3_x0_5, shufflenet_v1_g3_x
                         shufflenet_v1_g8_x2_0, shufflenet_v2_x0_5, shufflenet_v2_x1_0, shufflenet_v2_x1_5,
                         shufflenet_v2_x2_0)
 from .backbones import (efficientnet_b0, efficientnet_b1, efficientnet_b2, efficientnet_b3,  # noqa: E402
-                        efficientnet_b4, efficientnet_b5, efficientnet_b6, efficientnet_b7)
+                        efficientnet_b4, efficientnet_b5, efficientnet_b6, efficientnet_b7, efficientnet_v2_s,
+                        efficientnet_v2_m, efficientnet_v2_l)
 from . import weights  # noqa: E402
 from .weights import load_checkpoint  # noqa: E402
 from .darknet_weights import load_darknet_weights  # noqa: E402
@@ -33,4 +34,5 @@ __all__ += ["shufflenet_v1", "shufflenet_v1_g3_x0_5", "shufflenet_v1_g3_x1_0", "
             "shufflenet_v1_g8_x2_0", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5",
             "shufflenet_v2_x2_0"]
 __all__ += ["efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
-            "efficientnet_b5", "efficientnet_b6", "efficientnet_b7"]
+            "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_s", "efficientnet_v2_m",
+            "efficientnet_v2_l"]

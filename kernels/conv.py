@@ -74,11 +74,21 @@ def _conv_bn_act_kernel(
     ACT: tl.constexpr, HAS_RES: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, INDEX64: tl.constexpr,
+    RES_AFTER_ACT: tl.constexpr = False,
+    POOL: tl.constexpr = 1, pooled_h=1, pooled_w=1,
 ):
     # INDEX64 (chosen by the launcher, `needs_int64_indices`): the output pixel index and every
     # element offset are computed in int64. Otherwise int32, which the launcher has proven safe:
     # every tensor's largest element offset and N*OH*OW + BLOCK_M are below 2^31.
-    M = _widen(N, INDEX64) * OH * OW
+    # POOL > 1: a max pool with window POOL x POOL and stride POOL (no padding) follows the activation
+    # in this epilogue (VGG's and DarkNet's 2x2 / 2 pools): the rows of the GEMM are ordered (pooled
+    # pixel, window position), so the POOL * POOL conv pixels of a window are consecutive rows of one
+    # tile, reduced before the store; the conv output never reaches memory. pooled_h x pooled_w is the
+    # pooled output (ceil mode: the last windows may reach past the conv output; those rows are left out).
+    if POOL > 1:
+        M = _widen(N, INDEX64) * pooled_h * pooled_w * (POOL * POOL)
+    else:
+        M = _widen(N, INDEX64) * OH * OW
     # Grouped launch order along m keeps a band of weight tiles hot in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -97,9 +107,17 @@ def _conv_bn_act_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < C_OUT_G
 
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    nb = offs_m // (OW * OH)
+    if POOL > 1:
+        window = offs_m % (POOL * POOL)
+        pooled = offs_m // (POOL * POOL)
+        ow = (pooled % pooled_w) * POOL + window % POOL
+        oh = ((pooled // pooled_w) % pooled_h) * POOL + window // POOL
+        nb = pooled // (pooled_w * pooled_h)
+        mask_m = mask_m & (oh < OH) & (ow < OW)
+    else:
+        ow = offs_m % OW
+        oh = (offs_m // OW) % OH
+        nb = offs_m // (OW * OH)
     x_row = nb.to(tl.int64) * sxn + (_widen(g, INDEX64) * C_IN_G) * sxc
     # HAS_IN_SCALE: the input is scaled per (image, input channel) as it is loaded (the SE gate in
     # front of a projection conv), so the scaled activation never exists in memory. scale_ptr is
@@ -160,8 +178,27 @@ def _conv_bn_act_kernel(
     if HAS_RES:
         r_off = nb.to(tl.int64) * srn + oh * srh + ow * srw
         res = tl.load(res_ptr + r_off[:, None] + _widen(oc, INDEX64)[None, :] * src, mask=mask, other=0.0)
-        acc += res.to(tl.float32)
-    acc = apply_activation(acc, ACT, slope)
+        # RES_AFTER_ACT: x + act(bn(conv(x))), the order of torchvision's FusedMBConv without expansion;
+        # otherwise act(bn(conv(x)) + x), ResNet's.
+        if RES_AFTER_ACT:
+            acc = apply_activation(acc, ACT, slope) + res.to(tl.float32)
+        else:
+            acc = apply_activation(acc + res.to(tl.float32), ACT, slope)
+    else:
+        acc = apply_activation(acc, ACT, slope)
+    if POOL > 1:
+        # Rows outside the conv output take no part in the max; a NaN in a window gives NaN (torch's rule:
+        # the reduction alone would drop it).
+        acc = tl.where(mask_m[:, None], acc, float("-inf"))
+        windows = tl.reshape(acc, (BLOCK_M // (POOL * POOL), POOL * POOL, BLOCK_N))
+        has_nan = tl.max(tl.reshape((acc != acc).to(tl.int32), (BLOCK_M // (POOL * POOL), POOL * POOL, BLOCK_N)),
+                         axis=1)
+        acc = tl.where(has_nan > 0, float("nan"), tl.max(windows, axis=1))
+        offs_p = pid_m * (BLOCK_M // (POOL * POOL)) + tl.arange(0, BLOCK_M // (POOL * POOL))
+        mask = (offs_p < M // (POOL * POOL))[:, None] & mask_n[None, :]
+        ow = offs_p % pooled_w
+        oh = (offs_p // pooled_w) % pooled_h
+        nb = offs_p // (pooled_w * pooled_h)
     o_off = nb.to(tl.int64) * son + oh * soh + ow * sow
     o_ptrs = out_ptr + o_off[:, None] + _widen(out_c_offset + oc, INDEX64)[None, :] * soc
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -232,7 +269,8 @@ def _prune_tiles(configs, named_args, **kwargs):
 _conv_bn_act_autotuned = triton.autotune(
     configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
              for bm, bn, bk, w, st in GPU_TILES],
-    key=["N", "H", "W", "C_IN_G", "OH", "OW", "C_OUT_G", "stride_h", "stride_w", "KH", "KW", "FLAT_K", "INDEX64"],
+    key=["N", "H", "W", "C_IN_G", "OH", "OW", "C_OUT_G", "stride_h", "stride_w", "KH", "KW", "FLAT_K", "INDEX64",
+         "POOL"],
     prune_configs_by={"early_config_prune": _prune_tiles},
 )(_conv_bn_act_kernel) if AUTOTUNE else None
 
@@ -244,6 +282,10 @@ INT32_MAX = 2**31 - 1
 # The largest BLOCK_M any config uses (the interpreter's clamp; GPU tiles and autotuner <= 256):
 # with N*OH*OW + this below 2^31, every row index the kernel forms fits int32.
 MAX_BLOCK_M = 256
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def max_element_offset(t) -> int:
@@ -264,17 +306,30 @@ def needs_int64_indices(m: int, *tensors) -> bool:
 
 
 def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                     act_code, slope, residual, out, out_c_offset, input_precision, input_scale=None):
+                     act_code, slope, residual, out, out_c_offset, input_precision, input_scale=None,
+                     residual_after_act=False, pool_kernel=1):
     """Launch the kernel: writes act(bn(conv(x * input_scale, weight) + bias) [+ residual]) into
-    out[:, out_c_offset : out_c_offset + C_out]. input_scale: None or float32 (N, C_in) with unit
+    out[:, out_c_offset : out_c_offset + C_out] (residual_after_act: act(...) + residual instead). input_scale: None or float32 (N, C_in) with unit
     channel stride, multiplied into the input per (image, channel) as it is loaded. bias and the bn_* tensors may be None (BN is
     applied iff bn_mean is given); shapes are validated by the op layer. The per-channel tensors
-    may have any strides (made contiguous here: the kernel reads them at ptr + channel)."""
+    may have any strides (made contiguous here: the kernel reads them at ptr + channel).
+    pool_kernel > 1 (a power of two; no residual): `out` is max_pool2d(that, pool_kernel, pool_kernel) with
+    out's size (floor or ceil mode), computed in the epilogue; the conv output is never stored."""
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
-    oh, ow = out.shape[2], out.shape[3]
     c_out_g = c_out // groups
-    m = n * oh * ow
+    if pool_kernel > 1:
+        if residual is not None or pool_kernel & (pool_kernel - 1):
+            raise ValueError(f"the fused max pool takes a power-of-two window and no residual; got window "
+                             f"{pool_kernel}, residual {'given' if residual is not None else 'none'}")
+        oh, ow = (conv_output_size(size, k, st, pad, dil)
+                  for size, k, st, pad, dil in zip((h, w), (kh, kw), stride, padding, dilation))
+        pooled_h, pooled_w = out.shape[2], out.shape[3]
+        m = n * pooled_h * pooled_w * pool_kernel * pool_kernel
+    else:
+        oh, ow = out.shape[2], out.shape[3]
+        pooled_h = pooled_w = 1
+        m = n * oh * ow
     if m == 0 or c_out == 0:
         return out
     bias, bn_weight, bn_bias, bn_mean, bn_var = (None if t is None else t.contiguous()
@@ -289,18 +344,20 @@ def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
                                                      for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)),
                              eps, stride, padding, dilation, g1 - g0, act_code, slope,
                              None if residual is None else residual[:, co], out, out_c_offset + g0 * c_out_g,
-                             input_precision, None if input_scale is None else input_scale[:, ci])
+                             input_precision, None if input_scale is None else input_scale[:, ci],
+                             residual_after_act, pool_kernel)
         return out
     # Program ids along the first axis: split the batch where they would pass 2^31 - 1 (only at
     # the smallest tiles, 16 x 16, and an enormous problem).
-    per_image = cdiv(oh * ow, 16) * cdiv(c_out_g, 16)
+    per_image = cdiv(m // n, 16) * cdiv(c_out_g, 16)
     if n > 1 and cdiv(m, 16) * cdiv(c_out_g, 16) > MAX_GRID_X:
         step = max(1, MAX_GRID_X // per_image - 1)
         for n0 in range(0, n, step):
             sl = slice(n0, min(n, n0 + step))
             conv_bn_act_into(x[sl], weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
                              groups, act_code, slope, None if residual is None else residual[sl], out[sl],
-                             out_c_offset, input_precision, None if input_scale is None else input_scale[sl])
+                             out_c_offset, input_precision, None if input_scale is None else input_scale[sl],
+                             residual_after_act, pool_kernel)
         return out
     index64 = needs_int64_indices(m, x, weight, residual, out)
     cfg = _block_config(m, c_out_g, c_in_g, kh * kw, x.element_size(), input_scale is not None)
@@ -328,6 +385,8 @@ def conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
         input_scale if input_scale is not None else out, 0 if input_scale is None else input_scale.stride(0),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_BN=bn_mean is not None, HAS_GAMMA=bn_weight is not None,
         HAS_BETA=bn_bias is not None, ACT=act_code, HAS_RES=residual is not None,
-        INPUT_PRECISION=input_precision, HAS_IN_SCALE=input_scale is not None, INDEX64=index64, **cfg,
+        INPUT_PRECISION=input_precision, HAS_IN_SCALE=input_scale is not None, INDEX64=index64,
+        RES_AFTER_ACT=bool(residual_after_act) and residual is not None, **cfg,
+        POOL=pool_kernel, pooled_h=pooled_h, pooled_w=pooled_w,
     )
     return out

@@ -19,6 +19,12 @@ pointwise input channel k takes depthwise channel channel_order[k] (ShuffleNet v
 an index outside [0, C_dw) yields NaN in the output, never an out-of-bounds read (the op layer
 refuses such an order eagerly where it can check without a device sync).
 
+With POOL (a constexpr), the depthwise kernel's programs are (image, TILE_H x TILE_W pixel tile, channel
+block) instead of flat pixel blocks, and the epilogue also stores the squeeze-excitation pool's partial
+sums: per (image, tile, channel) the float32 sum of the outputs as stored (rounded to the output dtype),
+into a (N, tiles, C_out) tensor that the SE gate kernel reduces (kernels/se.py). One program per entry:
+deterministic, no atomics, no zero fill.
+
 Both epilogues apply the conv bias and BatchNorm from the module's own tensors with
 kernels.conv's `_bias_batchnorm`, then the residual and the activation, and store into a
 channel slice of `out` (out_c_offset). Every tensor is addressed through its strides
@@ -59,8 +65,8 @@ def _depthwise_taps(x_ptr, w_ptr, x_pix, x_col, w_row, ih0, iw0, row_ok, col_ok,
 
 @triton.jit
 def _depthwise_kernel(
-    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, res_ptr, out_ptr,
-    P, H, W, OH, OW, C_OUT,
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, res_ptr, out_ptr, sums_ptr,
+    P, H, W, OH, OW, C_OUT, TILES, TILES_W,
     sxn, sxc, sxh, sxw,
     swo, swh, sww,
     srn, src, srh, srw,
@@ -72,14 +78,25 @@ def _depthwise_kernel(
     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     ACT: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    POOL: tl.constexpr = False, TILE_W: tl.constexpr = 1,
 ):
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     oc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < P
     mask_c = oc < C_OUT
-    ow = offs_p % OW
-    oh = (offs_p // OW) % OH
-    nb = offs_p // (OW * OH)
+    if POOL:
+        # Program = (image, TILE_H x TILE_W tile of its output pixels): a tile never spans two images,
+        # so its partial sums belong to one image. TILES tiles per image, TILES_W of them per row.
+        tile = tl.program_id(0) % TILES
+        nb = tl.program_id(0) // TILES
+        r = tl.arange(0, BLOCK_P)
+        oh = (tile // TILES_W) * (BLOCK_P // TILE_W) + r // TILE_W
+        ow = (tile % TILES_W) * TILE_W + r % TILE_W
+        mask_p = (oh < OH) & (ow < OW)
+    else:
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        ow = offs_p % OW
+        oh = (offs_p // OW) % OH
+        nb = offs_p // (OW * OH)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     x_pix = nb.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
@@ -100,7 +117,13 @@ def _depthwise_kernel(
     acc = apply_activation(acc, ACT, slope)
     o_pix = nb64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
     o_ptrs = out_ptr + o_pix[:, None] + ((out_c_offset + oc).to(tl.int64) * soc)[None, :]
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(o_ptrs, y, mask=mask)
+    if POOL:
+        # The squeeze-excitation pool's partial sums: of the values as stored (rounded to the output
+        # dtype, what a mean of the stored tensor adds up), in float32; sums (N, TILES, C_OUT).
+        part = tl.sum(tl.where(mask, y.to(tl.float32), 0.0), axis=0)
+        tl.store(sums_ptr + tl.program_id(0).to(tl.int64) * C_OUT + oc, part, mask=mask_c)
 
 
 @triton.jit
@@ -227,6 +250,64 @@ _depthwise_autotuned = triton.autotune(
 )(_depthwise_kernel) if AUTOTUNE else None
 
 
+# The pooled variant (POOL: the epilogue also writes the squeeze-excitation pool's partial sums) tiles
+# each image into TILE_H x TILE_W pixel tiles (powers of two). A tile is the partial sums' unit, so
+# the host picks it before the launch (it sizes the (N, tiles, C) sums tensor) and the autotuner
+# varies only the channel block and the warps. On the GPU 64 pixels (32 for kernels over 3x3), at
+# most 8 along a row. Accumulators per thread stay at 16 (8 over 3x3): sm_90 compiles showed more
+# spill (a 5x5 tile of 16 per thread spilled 100-4000 bytes, 8 none).
+POOL_GPU_TILE_PIXELS = 64
+POOL_GPU_TILE_MAX_W = 8
+DEPTHWISE_POOL_GPU_TILES = [(32, 4), (64, 8)]  # (BLOCK_C, warps)
+
+
+def _pool_accumulators_cap(taps: int) -> int:
+    return 16 if taps <= 9 else 8
+
+
+@memoize_for_ints
+def depthwise_pool_tile(oh: int, ow: int, c_out: int, taps: int = 9) -> tuple[int, int]:
+    """(tile_h, tile_w) of the pooled depthwise kernel: powers of two; under the interpreter as much of
+    the image as _INTERPRETED_TILE elements allow (one tile per image where it fits)."""
+    if INTERPRETED:
+        budget = max(1, _INTERPRETED_TILE // pow2_clamp(c_out, 1, 256))
+        tile_w = min(pow2_clamp(ow, 1, 1 << 30), budget)
+        return min(pow2_clamp(oh, 1, 1 << 30), max(1, budget // tile_w)), tile_w
+    tile_w = min(POOL_GPU_TILE_MAX_W, pow2_clamp(ow, 1, 1 << 30))
+    return (POOL_GPU_TILE_PIXELS if taps <= 9 else POOL_GPU_TILE_PIXELS // 2) // tile_w, tile_w
+
+
+@memoize_for_ints
+def depthwise_pool_block_config(block_p: int, c_out: int, taps: int) -> MappingProxyType:
+    """The pooled kernel's fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) channel block and warps."""
+    if INTERPRETED:
+        return MappingProxyType(dict(BLOCK_C=pow2_clamp(c_out, 1, 256), num_warps=4))
+    block_c = pow2_clamp(c_out, 8, 64)
+    warps = max(4, min(8, block_p * block_c // (32 * _pool_accumulators_cap(taps))))
+    return MappingProxyType(dict(BLOCK_C=block_c, num_warps=warps))
+
+
+def _prune_depthwise_pool(configs, named_args, **kwargs):
+    """_prune_depthwise's channel cap, then at most _pool_accumulators_cap accumulators per thread."""
+    kept = _prune_depthwise(configs, named_args, **kwargs)
+    cap = _pool_accumulators_cap(kwargs.get("KH", 3) * kwargs.get("KW", 3))
+    block_p = kwargs.get("BLOCK_P", POOL_GPU_TILE_PIXELS)
+    fits = [c for c in kept if block_p * c.kwargs["BLOCK_C"] <= cap * 32 * c.num_warps]
+    return fits or kept[:1]
+
+
+def pool_tiles(oh: int, ow: int, tile_h: int, tile_w: int) -> int:
+    """Tiles per image (the sums' second dimension)."""
+    return cdiv(oh, tile_h) * cdiv(ow, tile_w)
+
+
+_depthwise_pool_autotuned = triton.autotune(
+    configs=[triton.Config(dict(BLOCK_C=bc), num_warps=w) for bc, w in DEPTHWISE_POOL_GPU_TILES],
+    key=["H", "W", "OH", "OW", "C_OUT", "stride_h", "stride_w", "KH", "KW", "MULT", "BLOCK_P", "TILE_W"],
+    prune_configs_by={"early_config_prune": _prune_depthwise_pool},
+)(_depthwise_kernel) if AUTOTUNE else None
+
+
 @memoize_for_ints
 def separable_block_config(m: int, c_out_g: int, k_g: int, elem_bytes: int = 2, taps: int = 9) -> MappingProxyType:
     """The fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) config of the separable kernel;
@@ -296,17 +377,36 @@ def _bn_flags(prefix: str, bias, bn_weight, bn_bias, bn_mean) -> dict:
 
 
 def depthwise_conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
-                               act_code, slope, residual, out, out_c_offset):
+                               act_code, slope, residual, out, out_c_offset, sums=None, tile=(1, 1)):
     """out[:, off : off + C_out] <- act(bn(depthwise_conv(x, weight) + bias) [+ residual]).
     weight (C_out, 1, KH, KW) with C_out = MULT * C_in; bias and bn_* may be None (BN iff
-    bn_mean); arguments validated by the op layer."""
+    bn_mean); arguments validated by the op layer. With `sums` (float32 (N, tiles, C_out) contiguous,
+    tiles = pool_tiles(OH, OW, *tile)): also sums[n, t, c] <- the sum of the stored output of channel c
+    over tile t (tile = (tile_h, tile_w), powers of two; row-major tiles of image n)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     oh, ow = out.shape[2], out.shape[3]
     p = n * oh * ow
     if p == 0 or c_out == 0:
         return out
-    if AUTOTUNE:
+    pool = sums is not None
+    tiles = tiles_w = 1
+    if pool:
+        tile_h, tile_w = tile
+        tiles_w = cdiv(ow, tile_w)
+        tiles = cdiv(oh, tile_h) * tiles_w
+        block_p = tile_h * tile_w
+        if AUTOTUNE:
+            kernel, cfg = _depthwise_pool_autotuned, dict(BLOCK_P=block_p)
+
+            def grid(meta):
+                return (n * tiles, cdiv(c_out, meta["BLOCK_C"]))
+        else:
+            kernel, cfg = _depthwise_kernel, dict(depthwise_pool_block_config(block_p, c_out, kh * kw),
+                                                  BLOCK_P=block_p)
+            grid = (n * tiles, cdiv(c_out, cfg["BLOCK_C"]))
+        cfg.update(POOL=True, TILE_W=tile_w)
+    elif AUTOTUNE:
         kernel, cfg = _depthwise_autotuned, {}
 
         def grid(meta):
@@ -317,8 +417,8 @@ def depthwise_conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_
     res = residual if residual is not None else out  # never read when HAS_RES is False
     vectors = [t if t is not None else out for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
     launchable(kernel)[grid](
-        x, weight, *vectors, res, out,
-        p, h, w, oh, ow, c_out,
+        x, weight, *vectors, res, out, sums if pool else out,  # sums: never written when POOL is False
+        p, h, w, oh, ow, c_out, tiles, tiles_w,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         weight.stride(0), weight.stride(2), weight.stride(3),
         res.stride(0), res.stride(1), res.stride(2), res.stride(3),

@@ -4,6 +4,9 @@
     hidden[n, s] = act(sum_c w1[s, c] * mean[n, c] + b1[s])                 (fc1: a 1x1 conv)
     gate[n, c]   = sigmoid | hardsigmoid(sum_s w2[c, s] * hidden[n, s] + b2[c])   (fc2)
 
+The same kernel computes the gate from the depthwise kernel's partial pool sums (se_gate_from_sums_into:
+the (N, T, C) float32 sums read as an image of T pixels, divided by the activation's H * W).
+
 One program per image: it walks the channels BLOCK_C at a time, sums each block over the image's
 pixels (BLOCK_HW at a time) and folds that block's means straight into fc1's accumulator
 (hidden [BLOCK_S] stays in registers, BLOCK_S >= S), so x is read once and no mean is stored.
@@ -74,29 +77,47 @@ def _se_gate_kernel(
         tl.store(out_ptr + n * C + offs_c, g, mask=mask_c)
 
 
-def se_block_config(c: int, hw: int, s: int) -> dict:
+def se_block_config(c: int, hw: int, s: int, max_block_hw: int = 64) -> dict:
     """Under the interpreter each loop step costs milliseconds whatever the tile, so tiles are as
-    big as the problem; on the GPU a [BLOCK_S, BLOCK_C] weight tile must stay in registers."""
+    big as the problem; on the GPU a [BLOCK_S, BLOCK_C] weight tile must stay in registers.
+    max_block_hw: the pool sums' path reads 16 rows at a time (float32 rows beside float16 / bfloat16
+    weights spilled 8 bytes on sm_90 at 32 and 64; there are few rows, one per depthwise tile)."""
     block_s = pow2_clamp(s, 2, 1 << 20)
     if INTERPRETED:
         return dict(BLOCK_C=pow2_clamp(c, 16, 256), BLOCK_HW=pow2_clamp(hw, 16, 1024), BLOCK_S=block_s, num_warps=4)
     block_c = max(16, min(128, 8192 // block_s))
-    return dict(BLOCK_C=block_c, BLOCK_HW=max(16, min(64, 4096 // block_c)), BLOCK_S=block_s, num_warps=4)
+    return dict(BLOCK_C=block_c, BLOCK_HW=max(16, min(max_block_hw, 4096 // block_c)), BLOCK_S=block_s, num_warps=4)
+
+
+def _launch_gate(src, c, rows, row_w, strides, count, w1, b1, w2, b2, act_code, slope, gate_code, out,
+                 max_block_hw=64):
+    """One program per image: sum `rows` rows of `src` per channel (row p at (p // row_w) * strides[2] +
+    (p % row_w) * strides[3]), divide by `count`, then fc1 -> act -> fc2 -> gate into out."""
+    n, s = out.shape[0], w1.shape[0]
+    if n == 0 or c == 0:
+        return out
+    cfg = se_block_config(c, rows, s, max_block_hw)
+    launchable(_se_gate_kernel)[(n,)](
+        src, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out,  # absent biases: never read
+        c, rows, row_w, s,
+        *strides,
+        1.0 / count, float(slope),
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACT=act_code, GATE=gate_code, **cfg,
+    )
+    return out
 
 
 def se_gate_into(x, w1, b1, w2, b2, act_code, slope, gate_code, out):
     """Launch: out (N, C) float32 contiguous <- the gate of each image of x. w1 (S, C), w2 (C, S)
     contiguous; b1 (S,) / b2 (C,) contiguous or None; all in x's dtype; validated by the op layer."""
     n, c, h, w = x.shape
-    s = w1.shape[0]
-    if n == 0 or c == 0:
-        return out
-    cfg = se_block_config(c, h * w, s)
-    launchable(_se_gate_kernel)[(n,)](
-        x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out,  # absent biases: never read
-        c, h * w, w, s,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        1.0 / (h * w), float(slope),
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACT=act_code, GATE=gate_code, **cfg,
-    )
-    return out
+    return _launch_gate(x, c, h * w, w, x.stride(), h * w, w1, b1, w2, b2, act_code, slope, gate_code, out)
+
+
+def se_gate_from_sums_into(sums, hw, w1, b1, w2, b2, act_code, slope, gate_code, out):
+    """Launch: out (N, C) float32 <- the gate from the pool's partial sums: sums (N, T, C) float32
+    contiguous (the depthwise kernel's POOL epilogue), mean = sum over T / hw. The same kernel as
+    se_gate_into: the sums are an NHWC "image" of T x 1 pixels, so a program reads T * C floats
+    instead of the activation's H * W * C."""
+    n, t, c = sums.shape
+    return _launch_gate(sums, c, t, 1, (t * c, 1, c, c), hw, w1, b1, w2, b2, act_code, slope, gate_code, out, 16)

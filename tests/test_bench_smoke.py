@@ -193,6 +193,23 @@ def test_fire_and_darknet_microbenchmarks_cpu_smoke(tmp_path):
             assert info["fastbone_bytes"] >= fused
 
 
+def test_block_microbenchmarks_cpu_smoke(tmp_path):
+    # The first distinct block of each multi-launch family (MBConv, ShuffleNet v2 / v1 units, Inception,
+    # Inception-ResNet), at input size 32, on Triton's interpreter so the fused path really runs.
+    records = run_microbenchmarks(tmp_path, "--bench-device", "cpu", "--bench-backend", "triton", "--bench-size", "32",
+                                  "--bench-shapes", "1", "--bench-rounds", "2", path="bench/test_bench_blocks.py")
+    families = sorted(r["extra_info"]["op"] for r in records)
+    assert families == ["inception", "inception_resnet", "mbconv", "shufflenet_v1_unit", "shufflenet_v2_unit"]
+    for r in records:
+        info = r["extra_info"]
+        assert info["backend_resolved"] == "triton" and info["check_rel_error"] < 1e-4
+        # Recorded, not hand-counted: fastbone's ops are the Triton ones, fewer launches and bytes than the
+        # reference block's.
+        assert info["fastbone_ops"] and all(op.startswith("fastbone::triton_") for op in info["fastbone_ops"])
+        assert info["launches_fused"] == len(info["fastbone_ops"]) < info["launches_torch"]
+        assert 0 < info["min_bytes"] < info["torch_bytes"] == sum(info["torch_bytes_by_step"].values())
+
+
 @pytest.mark.gpu
 def test_model_benchmark_gpu_smoke(tmp_path, monkeypatch):
     # torch.compile is skipped here (max-autotune takes minutes); its code path runs in the CPU test.

@@ -142,6 +142,11 @@ VERIFY_EXEMPT = {
     "inception_resnet_v2": "~140 s per image through Triton's interpreter at its 75x75 minimum; its blocks are "
                            "checked one by one against timm's on both backends in tests/test_inception.py, and "
                            "`fastbone verify inception_resnet_v2` runs it (at 75x75)",
+    **dict.fromkeys(("efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"),
+                    "randomize_batchnorm makes these 40-79-block networks chaotic in float32 (torchvision's own "
+                    "float32 run of v2_s is ~0.8 off its float64 run at 32x32, so verify cannot pass), and v2_s "
+                    "takes ~100 s through Triton's interpreter at 64x64; FusedMBConv is checked on both backends "
+                    "in tests/test_efficientnet_v2.py with well-conditioned BatchNorm statistics"),
 }
 
 

@@ -121,8 +121,11 @@ def fused_forward(model: nn.Module, x: torch.Tensor, backend: str):
     with torch.no_grad(), fastbone.backend(backend), StrictFusedGuard(entry) as guard:
         out = model(x)
     ops = guard.fastbone_ops
-    seen = {"conv": ops[f"{backend}_conv_bn_act"], "depthwise": ops[f"{backend}_depthwise_conv_bn_act"],
-            "se_gate": ops[f"{backend}_se_gate"], "pool": sum(n for op, n in ops.items() if "pool" in op)}
+    # The depthwise op whose epilogue also writes the SE pool's sums, and the gate that reads those.
+    seen = {"conv": ops[f"{backend}_conv_bn_act"],
+            "depthwise": ops[f"{backend}_depthwise_conv_bn_act"] + ops[f"{backend}_depthwise_conv_bn_act_se_sums"],
+            "se_gate": ops[f"{backend}_se_gate"] + ops[f"{backend}_se_gate_from_sums"],
+            "pool": sum(n for op, n in ops.items() if "pool" in op)}
     want = expected_launches(model)
     assert {k: v for k, v in seen.items() if v or k in want} == want, dict(ops)
     assert sum(ops.values()) == sum(want.values()), dict(ops)

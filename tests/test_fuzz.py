@@ -257,6 +257,8 @@ def gen_stem(rng, dtype) -> Case:
     stride, pad = rng.randint(1, 2), rng.randint(0, k // 2)
     pk = rng.randint(1, 3)
     ps, pp, ceil = rng.randint(1, 2), rng.randint(0, pk // 2), rng.random() < 0.3
+    if rng.random() < 0.3:  # the body's 2x2 / 2 pool (VGG, DarkNet): Triton pools it in the conv's epilogue
+        pk, ps, pp = 2, 2, 0
     n = rng.choice((0, 1, 2)) if rng.random() < 0.1 else rng.choice((1, 2))
     h, w = k + rng.randint(0, 12), k + rng.randint(0, 12)
     while (h + 2 * pad - k) // stride + 1 + 2 * pp < pk:  # the pool needs a large enough conv output

@@ -70,6 +70,54 @@ def test_feature_extractor_agrees_with_torchvisions_on_resnet50():
         assert rel_err(ours[key], theirs[key]) < 1e-5, key
 
 
+def _block_outputs(model, node_names) -> list[str]:
+    """Blocks (module paths up to three deep that prefix some node of the graph, containers left out: their
+    last node need not be their output where fastbone runs a fused call outside their scope), in graph
+    order: what create_feature_extractor accepts as "this block's output"."""
+    modules = dict(model.named_modules())
+    found = []
+    for node in node_names:
+        parts = node.split(".")
+        for i in range(1, min(len(parts), 4)):
+            prefix = ".".join(parts[:i])
+            module = modules.get(prefix)
+            if module is not None and not isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList)) \
+                    and prefix not in found:
+                found.append(prefix)
+    return found
+
+
+# One model per family whose blocks are modules of both graphs (VGG, SqueezeNet and DarkNet-19 fuse their
+# layers into calls of the network itself: their taps are the fused calls, checked above, and features_only).
+# (EfficientNetV2 shares B0's blocks and adds FusedMBConv; with verify's random statistics its 40+ residual
+# blocks amplify float32 rounding to 1e-2, tests/test_efficientnet_v2.py compares it with milder ones.)
+AGREEMENT_MODELS = ["mobilenet_v2", "mobilenetv1_100", "efficientnet_b0", "shufflenet_v2_x0_5",
+                    "shufflenet_v1_g3_x0_5", "googlenet", "inception_resnet_v2", "resnet18"]
+
+
+@pytest.mark.parametrize("name", AGREEMENT_MODELS)
+def test_feature_extractor_agrees_with_the_reference(name):
+    """The same return nodes (block outputs named as in the reference) give the same maps from fastbone's
+    model and from its reference with the same weights."""
+    from fastbone.registry import model_info
+
+    reference = model_info(name).reference_builder().eval()
+    randomize_batchnorm(reference, input_size=TRACEABLE_SIZES.get(name, 64))
+    model = fastbone.create_model(name).eval()
+    model.load_state_dict(reference.state_dict())
+    ours = set(_block_outputs(model, get_graph_node_names(model)[1]))
+    common = [p for p in _block_outputs(reference, get_graph_node_names(reference)[1]) if p in ours]
+    nodes = [common[i] for i in sorted({round(i) for i in torch.linspace(0, len(common) - 1, 4).tolist()})]
+    assert len(nodes) >= 2, common
+    x = _input(name)
+    with torch.no_grad():
+        got = create_feature_extractor(model, return_nodes=nodes)(x)
+        want = create_feature_extractor(reference.double(), return_nodes=nodes)(x.double())
+    for node in nodes:
+        assert got[node].shape == want[node].shape, node
+        assert rel_err(got[node], want[node]) < 1e-4, node
+
+
 def test_fx_leaf_passes_real_calls_through_and_records_traced_ones():
     calls = []
 

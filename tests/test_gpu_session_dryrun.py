@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import gpu_session  # noqa: E402
 
 STEPS = ["install", "build-cuda", "environment", "warm-triton", "gpu-tests-triton", "micro-triton", "build-wait",
-         "gpu-tests-cuda", "micro-cuda", "host-overhead", "models-b64", "models-b1", "compile"]
+         "gpu-tests-cuda", "micro-cuda", "host-overhead", "models-b64", "models-b1", "detection", "compile"]
 
 
 @pytest.mark.slow
@@ -65,7 +65,13 @@ def test_gpu_session_dry_run(tmp_path):
     assert set(session["micro"]) == {"micro-triton", "micro-cuda"}
     for name, rows in session["micro"].items():
         assert {r["op"] for r in rows} == {"conv_bn_act", "depthwise_conv_bn_act", "separable_conv_bn_act",
-                                           "fire_module", "conv_bn_act_maxpool"}, name
+                                           "fire_module", "conv_bn_act_maxpool", "mbconv", "shufflenet_v2_unit",
+                                           "shufflenet_v1_unit", "inception", "inception_resnet"}, name
+    # The detector step: both parts timed, the converted backbone computing the same features.
+    detection = session["detection"]["detection"]
+    assert all(detection[part]["speedup"] > 0 for part in ("backbone", "end_to_end"))
+    assert detection["backbone_rel_err"] < 1e-3
+    assert "Faster R-CNN" in (out / "summary.md").read_text()
     # The gpu-marked tests in two runs that together are all of them (but the bench smoke tests), each
     # collected and skipped on the CPU.
     tests = session["tests"]

@@ -3,6 +3,7 @@ the byte rules, the JSON schema, the command line and the plot. Everything runs 
 and fake tensors, except the launch cross-check, which runs a tiny real CPU forward (torch backend)."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -126,6 +127,7 @@ def real_cpu_calls(name: str, monkeypatch, size: int = 32) -> tuple[Counter, int
         if backend != "torch":
             continue
 
+        @functools.wraps(impl)  # keeps the impl's attributes (conv_bn_act_maxpool's `takes`)
         def counted(*args, __op=op, __impl=impl, **kwargs):
             calls[__op] += 1
             counter.depth += 1

@@ -163,6 +163,19 @@ def conv_cases():
                                                    **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg, INDEX64=False),
                                    floats=("eps", "slope"), divisible_by_16=NHWC_DIVISIBLE if c_in % 16 == 0 else (),
                                    **launch)))
+    # The max pool in the epilogue (VGG's and DarkNet's conv closing a stage: 2x2 / 2): both K loops.
+    for dtype in (torch.float32, torch.float16):
+        for m, c_out, c_in, k in ((32 * 56 * 56, 128, 128, 3), (32 * 112 * 112, 32, 3, 3)):
+            cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8))
+            launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            cases.append((f"pooled conv {dtype} M={m} Cout={c_out} Cin={c_in} k={k}", kc._conv_bn_act_kernel,
+                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
+                                             scale_ptr=torch.float32, **bn_pointers(dtype)),
+                               constexprs=dict(KH=k, KW=k, ACT=1, HAS_RES=False, HAS_IN_SCALE=False, POOL=2,
+                                               INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                                               **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg, INDEX64=False),
+                               floats=("eps", "slope"), divisible_by_16=NHWC_DIVISIBLE if c_in % 16 == 0 else (),
+                               **launch)))
     # The 64-bit index variant (tensors past 2^31 elements, N*OH*OW past 2^31): both K loops.
     for dtype in (torch.float32, torch.float16):
         for m, c_out, c_in, k in problems[:2]:
@@ -225,8 +238,10 @@ def depthwise_cases():
     cases = []
 
     def dw_case(name, dtype, c, k, act, cfg, launch):
+        cfg = dict(dict(POOL=False, TILE_W=1), **cfg)  # POOL: the squeeze-excitation partial sums' epilogue
         cases.append((name, kd._depthwise_kernel,
-                      dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype, **bn_pointers(dtype)),
+                      dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype, sums_ptr=torch.float32,
+                                         **bn_pointers(dtype)),
                            constexprs=dict(KH=k, KW=k, MULT=1, ACT=act, HAS_RES=True, sww=1, **nhwc, **BN_FLAGS, **cfg),
                            floats=("eps", "slope"),
                            divisible_by_16=divisible + ("C_OUT",) if c % 16 == 0 else divisible,
@@ -268,6 +283,20 @@ def depthwise_cases():
     for bp, bc, warps in kd.DEPTHWISE_GPU_TILES:
         dw_case(f"depthwise autotune tile float16 {bp}x{bc} w{warps}", torch.float16, 144, 3, relu6,
                 dict(BLOCK_P=bp, BLOCK_C=bc), dict(num_warps=warps))
+    # The pooled variant (EfficientNet's depthwise + SE partial sums, SiLU): its pixel tile for 3x3 and
+    # 5x5 kernels at every channel block the autotuner keeps, and the fixed config, in every dtype.
+    silu = ACTIVATIONS["silu"]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for k in (3, 5):
+            th, tw = kd.depthwise_pool_tile(56, 56, 240, k * k)
+            fixed = dict(kd.depthwise_pool_block_config(th * tw, 240, k * k))
+            configs = {(fixed["BLOCK_C"], fixed["num_warps"]), *(
+                (c.kwargs["BLOCK_C"], c.num_warps) for c in kd._prune_depthwise_pool(
+                    [triton.Config(dict(BLOCK_C=bc), num_warps=w) for bc, w in kd.DEPTHWISE_POOL_GPU_TILES],
+                    dict(C_OUT=240), KH=k, KW=k, BLOCK_P=th * tw))}
+            for bc, warps in sorted(configs):
+                dw_case(f"depthwise se-pool {dtype} k={k} {th}x{tw}x{bc} w{warps}", dtype, 240, k, silu,
+                        dict(BLOCK_P=th * tw, BLOCK_C=bc, POOL=True, TILE_W=tw), dict(num_warps=warps))
     for bm, bn, bk, warps, stages in kd.SEPARABLE_GPU_TILES:
         sep_case(f"separable autotune tile float16 {bm}x{bn}x{bk} w{warps} s{stages}", torch.float16, 960, 320, 3, 1,
                  relu6, 0, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), dict(num_warps=warps, num_stages=stages,
@@ -401,6 +430,14 @@ def hand_spec(fn, *, pointers: dict, constexprs: dict, floats=(), num_warps=4, n
     scalar. Stride arguments of 1 are given as constants, and `divisible_by_16` int arguments marked
     so, as Triton's launcher specialises ints equal to 1 and multiples of 16; pointers are 16-byte
     aligned (torch's allocations are)."""
+    import inspect
+
+    # A constexpr the case does not name takes its declared default (flags added later, e.g. the conv's
+    # RES_AFTER_ACT and POOL, keep their "off" meaning), as a launch that does not pass it would.
+    declared = inspect.signature(fn.fn).parameters
+    defaults = {name: p.default for name, p in declared.items() if p.default is not inspect.Parameter.empty
+                and ("constexpr" in str(p.annotation))}
+    constexprs = {**{k: v for k, v in defaults.items() if k not in pointers and k not in floats}, **constexprs}
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in pointers:

@@ -13,8 +13,22 @@
 //   - a shuffle that reads a lane that does not exist or has exited returns all-ones bits (NaN for
 //     floating point): the GPU returns an undefined value there.
 //   - atomics are plain read-modify-writes (one OS thread runs everything).
-// Not emulated: __CUDA_ARCH__ (undefined here; kernels branch on FASTBONE_EMU), tensor-core / PTX
-// intrinsics, partial shuffle masks, `extern __shared__` (use FB_DYNAMIC_SMEM from launch.h).
+//   - asynchronous copies (cp.async, used through kernels/mma.cuh): each thread queues its copies in
+//     its current group; commit closes the group; wait_group<N> performs every queued copy except
+//     those of the N most recently committed groups (copies not yet committed stay queued, as in
+//     PTX). So a kernel that reads a stage before its wait sees the old contents, as it would race
+//     on a GPU. A thread's copies still queued when it returns are performed then.
+//   - a warp gather (warp_all_gather): every lane posts a small value and receives all 32; it is
+//     a warp barrier like a shuffle. kernels/mma.cuh builds ldmatrix and mma.sync on it, following
+//     the PTX ISA fragment layouts.
+//   - warp scheduling: by default every warp whose lanes have all reached a warp barrier is released
+//     in each round, so warps advance together between block barriers. set_serial_warps(true) releases
+//     only the lowest-numbered ready warp per round: each warp runs ahead to its next __syncthreads
+//     before the next warp moves, which exposes a missing block barrier between warps (a warp reading
+//     shared memory that another warp has not written yet). Tests switch it on around a kernel.
+// Not emulated: __CUDA_ARCH__ (undefined here; kernels branch on FASTBONE_EMU), PTX other than the
+// mma.cuh wrappers (wgmma, TMA, ...), partial shuffle masks, `extern __shared__` (use
+// FB_DYNAMIC_SMEM from launch.h).
 #pragma once
 
 #ifndef FASTBONE_EMU
@@ -41,6 +55,7 @@
 #define __constant__
 #define __managed__
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define FB_EMU_HIDDEN __attribute__((visibility("hidden")))
 
 // ---------------------------------------------------------------- vector types and built-ins
@@ -80,7 +95,7 @@ constexpr int warpSize = 32;
 // ---------------------------------------------------------------- the fiber runtime's interface
 namespace fb_emu {
 
-enum class WarpOp : int { kIndex, kUp, kDown, kXor, kSync, kBallot, kAny, kAll };
+enum class WarpOp : int { kIndex, kUp, kDown, kXor, kSync, kBallot, kAny, kAll, kGather };
 
 using KernelBody = void (*)(void* payload);
 
@@ -94,6 +109,17 @@ FB_EMU_HIDDEN int block_barrier(int predicate, int* arrived = nullptr);
 // Warp barrier that exchanges 64-bit values between lanes (op and arg as in the __shfl_* family).
 FB_EMU_HIDDEN uint64_t warp_exchange(uint64_t value, WarpOp op, int arg, int width);
 FB_EMU_HIDDEN unsigned active_lanes();
+// Warp barrier: every lane posts `bytes` bytes at `mine` and receives all 32 lanes' posts, lane-major,
+// at `all` (32 * bytes). A lane that has returned (or does not exist) contributes all-ones bytes.
+// Every lane of one gather must post the same size.
+FB_EMU_HIDDEN void warp_all_gather(const void* mine, void* all, size_t bytes);
+// cp.async: queue a copy of `bytes` bytes from src to dst, of which the first src_bytes come from
+// src and the rest are zero (src_bytes 0: zero fill, src not read); commit; wait_group(n).
+FB_EMU_HIDDEN void cp_async(void* dst, const void* src, int bytes, int src_bytes);
+FB_EMU_HIDDEN void cp_async_commit();
+FB_EMU_HIDDEN void cp_async_wait(int n);
+// The warp release policy (see the header comment); returns the previous setting.
+FB_EMU_HIDDEN bool set_serial_warps(bool on);
 FB_EMU_HIDDEN void* dynamic_smem();
 [[noreturn]] FB_EMU_HIDDEN void fail(const std::string& message);
 

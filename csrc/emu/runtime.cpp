@@ -107,6 +107,14 @@ struct Fiber {
 #endif
 };
 
+// One queued cp.async of a thread: performed by the wait_group that covers its group.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;
+  long long group;  // the thread's open group when it was issued
+};
+
 struct ThreadState {
   ThreadStatus status;
   WarpOp op;
@@ -114,6 +122,14 @@ struct ThreadState {
   uint64_t value, result;
   int arrived;  // threads at the block barrier when it was released (__syncthreads_and)
   Fiber* fiber;
+  // warp_all_gather: what this lane posts and where it receives the warp's posts.
+  const void* gather_in;
+  void* gather_out;
+  size_t gather_bytes;
+  // cp.async: copies not yet performed, in issue order, and the group new copies join (commit
+  // closes it: groups < open_group are committed).
+  std::vector<AsyncCopy> async_copies;
+  long long open_group;
 };
 
 struct Scheduler {
@@ -145,6 +161,7 @@ Scheduler& sched() {
 }
 
 thread_local bool tls_in_launch = false;
+bool g_serial_warps = false;  // set_serial_warps
 
 void set_thread_registers(int t) {
   threadIdx.x = (unsigned)t % blockDim.x;
@@ -243,8 +260,22 @@ void suspend() {
 #endif
 }
 
+// Performs thread t's queued copies of groups below `limit`, in issue order.
+void perform_async_copies(ThreadState& ts, long long limit) {
+  size_t done = 0;
+  for (; done < ts.async_copies.size() && ts.async_copies[done].group < limit; ++done) {
+    const AsyncCopy& c = ts.async_copies[done];
+    unsigned char* dst = static_cast<unsigned char*>(c.dst);
+    if (c.src_bytes > 0) std::memcpy(dst, c.src, (size_t)c.src_bytes);
+    std::memset(dst + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
+  }
+  ts.async_copies.erase(ts.async_copies.begin(), ts.async_copies.begin() + (std::ptrdiff_t)done);
+}
+
 void thread_exited(int t) {
   Scheduler& s = sched();
+  // A GPU completes a returning thread's outstanding copies; so does the emulator (committed or not).
+  perform_async_copies(s.threads[t], INT64_MAX);
   s.threads[t].status = kDone;
   --s.live;
   --s.warp_live[t / 32];
@@ -313,7 +344,22 @@ void release_warp(int w) {
   }
   for (int l = 0; l < lanes; ++l) {
     ThreadState& ts = s.threads[base + l];
-    if (ts.status != kAtWarpBarrier) continue;
+    if (ts.status != kAtWarpBarrier || ts.op != WarpOp::kGather) continue;
+    // Copied now, while every posting lane is suspended at this barrier (its buffer is stable).
+    unsigned char* out = static_cast<unsigned char*>(ts.gather_out);
+    for (int src = 0; src < 32; ++src) {
+      const ThreadState* from = src < lanes ? &s.threads[base + src] : nullptr;
+      const bool posted = from != nullptr && from->status == kAtWarpBarrier && from->op == WarpOp::kGather;
+      if (posted && from->gather_bytes != ts.gather_bytes)
+        fail("warp_all_gather: lanes of one warp posted different sizes");
+      if (posted) std::memcpy(out + src * ts.gather_bytes, from->gather_in, ts.gather_bytes);
+      else std::memset(out + src * ts.gather_bytes, 0xff, ts.gather_bytes);
+    }
+    ts.result = 0;
+  }
+  for (int l = 0; l < lanes; ++l) {
+    ThreadState& ts = s.threads[base + l];
+    if (ts.status != kAtWarpBarrier || ts.op == WarpOp::kGather) continue;
     const int segment = l & ~(ts.width - 1);
     int src = l;
     switch (ts.op) {
@@ -346,7 +392,11 @@ bool run_block() {
   s.next_unstarted = 0;
   s.live = n;
   s.at_block_barrier = 0;
-  for (int t = 0; t < n; ++t) s.threads[t].status = kUnstarted;
+  for (int t = 0; t < n; ++t) {
+    s.threads[t].status = kUnstarted;
+    s.threads[t].async_copies.clear();
+    s.threads[t].open_group = 0;
+  }
   for (size_t w = 0; w < s.warp_live.size(); ++w) {
     s.warp_live[w] = std::min(32, n - (int)w * 32);
     s.warp_waiting[w] = 0;
@@ -372,6 +422,7 @@ bool run_block() {
         if (s.warp_waiting[w] > 0 && s.warp_waiting[w] == s.warp_live[w]) {
           release_warp((int)w);
           released = true;
+          if (g_serial_warps) break;  // this warp alone runs on, to its next block barrier if it can
         }
       }
     }
@@ -435,6 +486,47 @@ uint64_t warp_exchange(uint64_t value, WarpOp op, int arg, int width) {
   ++s.warp_waiting[t / 32];
   suspend();
   return ts.result;
+}
+
+void warp_all_gather(const void* mine, void* all, size_t bytes) {
+  require_in_kernel("a warp gather (ldmatrix / mma emulation)");
+  Scheduler& s = sched();
+  const int t = s.current_thread;
+  ThreadState& ts = s.threads[t];
+  ts.status = kAtWarpBarrier;
+  ts.op = WarpOp::kGather;
+  ts.gather_in = mine;
+  ts.gather_out = all;
+  ts.gather_bytes = bytes;
+  ts.width = 32;
+  ++s.warp_waiting[t / 32];
+  suspend();
+}
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  require_in_kernel("cp.async");
+  if (bytes <= 0 || src_bytes < 0 || src_bytes > bytes) fail("cp.async: bad sizes");
+  ThreadState& ts = sched().threads[sched().current_thread];
+  ts.async_copies.push_back(AsyncCopy{dst, src, bytes, src_bytes, ts.open_group});
+}
+
+void cp_async_commit() {
+  require_in_kernel("cp.async.commit_group");
+  ++sched().threads[sched().current_thread].open_group;
+}
+
+void cp_async_wait(int n) {
+  require_in_kernel("cp.async.wait_group");
+  if (n < 0) fail("cp.async.wait_group: negative group count");
+  ThreadState& ts = sched().threads[sched().current_thread];
+  perform_async_copies(ts, ts.open_group - n);  // all but the n most recently committed groups
+}
+
+bool set_serial_warps(bool on) {
+  std::lock_guard<std::mutex> lock(sched().mutex);  // not while a launch runs
+  const bool previous = g_serial_warps;
+  g_serial_warps = on;
+  return previous;
 }
 
 unsigned active_lanes() {

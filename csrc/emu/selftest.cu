@@ -8,6 +8,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../kernels/mma.cuh"
 #include "../launch.h"
 #include "selftest.h"
 
@@ -281,5 +282,122 @@ void convert(uintptr_t x, uintptr_t half_bits, uintptr_t bf16_bits, uintptr_t ha
 void trap(int threads, int trap_thread) { FB_LAUNCH(trap_kernel, dim3(2), dim3(threads), 0, 0, trap_thread); }
 void divergent_barrier() { FB_LAUNCH(divergent_barrier_kernel, dim3(1), dim3(32), 0, 0); }
 #endif
+
+}  // namespace fb_selftest
+
+// --- tensor-core primitives (kernels/mma.cuh): ldmatrix, mma.sync, cp.async ----------------------
+// The emulator implements them from the PTX ISA's fragment layouts; these kernels let
+// tests/test_cuda_mma.py check the layouts from outside (and, on an sm_80+ GPU, against the hardware).
+
+namespace fb_selftest {
+
+// One warp. A 32 x 8 b16 matrix (bits) goes to shared memory row by row; lane l passes the address of
+// row rows[l] to ldmatrix (x4: matrices i = 0..3 from lanes 8i..8i+7; x2: lanes 0..15 count).
+// out[l * COUNT + i] = lane l's register i.
+template <int COUNT>
+__global__ void ldmatrix_kernel(const unsigned short* __restrict__ src, const int* __restrict__ rows,
+                                unsigned* __restrict__ out) {
+  __shared__ __align__(16) unsigned short tile[32 * 8];
+  const int lane = threadIdx.x;
+  for (int e = 0; e < 8; ++e) tile[lane * 8 + e] = src[lane * 8 + e];
+  __syncthreads();
+  unsigned r[COUNT];
+  fb::ldmatrix<COUNT>(r, &tile[rows[lane] * 8]);
+  for (int i = 0; i < COUNT; ++i) out[lane * COUNT + i] = r[i];
+}
+
+// One warp: d (16 x 8, float32) = a (16 x 16) * b (16 x 8) + c, a and b as b16 bits of T, row-major.
+// FROM_SHARED = false: each lane builds its fragments by the PTX layout (threadID_in_group t, groupID g);
+// true: a goes to shared memory as [m][k], b as [n][k], and ldmatrix_x4 loads the fragments with the
+// conv kernel's lane-to-row mapping. d is stored back by the accumulator layout.
+template <typename T, bool FROM_SHARED>
+__global__ void mma_kernel(const unsigned short* __restrict__ a, const unsigned short* __restrict__ b,
+                           const float* __restrict__ c, float* __restrict__ d) {
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  auto pair = [](unsigned short lo, unsigned short hi) { return (unsigned)lo | ((unsigned)hi << 16); };
+  unsigned af[4], bf[2];
+  if (FROM_SHARED) {
+    __shared__ __align__(16) unsigned short as[16 * 16];  // [m][k]
+    __shared__ __align__(16) unsigned short bs[8 * 16];   // [n][k]
+    for (int e = lane; e < 256; e += 32) as[e] = a[e];
+    for (int e = lane; e < 128; e += 32) bs[(e % 8) * 16 + e / 8] = b[e];  // b[k][n] -> bs[n][k]
+    __syncthreads();
+    fb::ldmatrix_x4(af, &as[(lane % 16) * 16 + (lane / 16) * 8]);
+    // x2: matrices (n 0-7, k 0-7) and (n 0-7, k 8-15) from lanes 0-15 (the other lanes' addresses are
+    // ignored; they pass valid ones anyway).
+    fb::ldmatrix_x2(bf, &bs[(lane % 8) * 16 + ((lane / 8) % 2) * 8]);
+  } else {
+    af[0] = pair(a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]);
+    af[1] = pair(a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]);
+    af[2] = pair(a[g * 16 + 2 * t + 8], a[g * 16 + 2 * t + 9]);
+    af[3] = pair(a[(g + 8) * 16 + 2 * t + 8], a[(g + 8) * 16 + 2 * t + 9]);
+    bf[0] = pair(b[(2 * t) * 8 + g], b[(2 * t + 1) * 8 + g]);
+    bf[1] = pair(b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g]);
+  }
+  float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+  fb::mma_m16n8k16<T>(acc, af, bf);
+  d[g * 8 + 2 * t] = acc[0], d[g * 8 + 2 * t + 1] = acc[1];
+  d[(g + 8) * 8 + 2 * t] = acc[2], d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+}
+
+// One block of `threads`: each thread owns 16 bytes (4 floats) in two shared buffers, fills them with
+// old[t], then copies new1[t] -> buf1 (group 0) and new2[t] -> buf2 (group 1; zero fill for threads
+// t % 3 == 0), and records what it reads: out[0] buf1 before any wait, out[1] buf1 after wait_group 1,
+// out[2] buf2 after wait_group 1, out[3] buf2 after wait_group 0 (each threads x 4 floats). On a GPU
+// out[0] and out[2] race with the copies (undefined); the emulator performs copies at the wait.
+__global__ void cp_async_kernel(const float* __restrict__ old_values, const float* __restrict__ new1,
+                                const float* __restrict__ new2, float* __restrict__ out) {
+  FB_KERNEL_DYNAMIC_SMEM_FLOAT(smem);  // 2 x threads x 4 floats
+  const int t = threadIdx.x, n = blockDim.x;
+  float* buf1 = smem + t * 4;
+  float* buf2 = smem + (n + t) * 4;
+  for (int e = 0; e < 4; ++e) buf1[e] = buf2[e] = old_values[t * 4 + e];
+  fb::cp_async_16(buf1, new1 + t * 4, true);
+  fb::cp_async_commit();
+  fb::cp_async_16(buf2, new2 + t * 4, t % 3 != 0);
+  fb::cp_async_commit();
+  auto record = [&](int slot, const float* from) {
+    for (int e = 0; e < 4; ++e) out[(slot * n + t) * 4 + e] = from[e];
+  };
+  record(0, buf1);
+  fb::cp_async_wait<1>();
+  record(1, buf1);
+  record(2, buf2);
+  fb::cp_async_wait<0>();
+  record(3, buf2);
+}
+
+void ldmatrix(int count, uintptr_t src, uintptr_t rows, uintptr_t out, uintptr_t stream) {
+  const auto* s = ptr<const unsigned short>(src);
+  const auto* r = ptr<const int>(rows);
+  auto* o = ptr<unsigned>(out);
+  if (count == 4) FB_LAUNCH((ldmatrix_kernel<4>), dim3(1), dim3(32), 0, FB_STREAM(stream), s, r, o);
+  else if (count == 2) FB_LAUNCH((ldmatrix_kernel<2>), dim3(1), dim3(32), 0, FB_STREAM(stream), s, r, o);
+  else if (count == 1) FB_LAUNCH((ldmatrix_kernel<1>), dim3(1), dim3(32), 0, FB_STREAM(stream), s, r, o);
+  else throw std::invalid_argument("ldmatrix count must be 1, 2 or 4");
+}
+
+void mma(int dtype, bool from_shared, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d, uintptr_t stream) {
+  const auto* pa = ptr<const unsigned short>(a);
+  const auto* pb = ptr<const unsigned short>(b);
+  const auto* pc = ptr<const float>(c);
+  auto* pd = ptr<float>(d);
+  auto run = [&](auto tag, auto shared) {
+    using T = typename decltype(tag)::type;
+    FB_LAUNCH((mma_kernel<T, decltype(shared)::value>), dim3(1), dim3(32), 0, FB_STREAM(stream), pa, pb, pc, pd);
+  };
+  struct Half { using type = __half; };
+  struct Bf16 { using type = __nv_bfloat16; };
+  using Yes = std::integral_constant<bool, true>;
+  using No = std::integral_constant<bool, false>;
+  if (dtype == 1) from_shared ? run(Half{}, Yes{}) : run(Half{}, No{});
+  else if (dtype == 2) from_shared ? run(Bf16{}, Yes{}) : run(Bf16{}, No{});
+  else throw std::invalid_argument("mma dtype code must be 1 (float16) or 2 (bfloat16)");
+}
+
+void cp_async(uintptr_t old_values, uintptr_t new1, uintptr_t new2, uintptr_t out, int threads, uintptr_t stream) {
+  FB_LAUNCH(cp_async_kernel, dim3(1), dim3(threads), 2 * threads * 4 * sizeof(float), FB_STREAM(stream),
+            ptr<const float>(old_values), ptr<const float>(new1), ptr<const float>(new2), ptr<float>(out));
+}
 
 }  // namespace fb_selftest

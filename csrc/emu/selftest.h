@@ -19,6 +19,11 @@ void axpb(uintptr_t x, uintptr_t y, long long n, float a, float b, int block, ui
 void index(uintptr_t out, const unsigned grid[3], const unsigned block[3], uintptr_t stream);
 void convert(uintptr_t x, uintptr_t half_bits, uintptr_t bf16_bits, uintptr_t half_back, uintptr_t bf16_back,
              long long n, uintptr_t stream);
+// kernels/mma.cuh (tests/test_cuda_mma.py): ldmatrix of `count` matrices; mma.sync m16n8k16 (dtype 1
+// float16, 2 bfloat16; fragments built by hand or loaded with ldmatrix); cp.async groups.
+void ldmatrix(int count, uintptr_t src, uintptr_t rows, uintptr_t out, uintptr_t stream);
+void mma(int dtype, bool from_shared, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d, uintptr_t stream);
+void cp_async(uintptr_t old_values, uintptr_t new1, uintptr_t new2, uintptr_t out, int threads, uintptr_t stream);
 #ifdef FASTBONE_EMU
 void trap(int threads, int trap_thread);  // thread trap_thread of each block calls __trap()
 void divergent_barrier();                 // half a warp at __syncthreads, half at __syncwarp

@@ -35,7 +35,19 @@ void fb_register_selftests(pybind11::module_& parent) {
      py::arg("stream") = 0);
   m.def("convert", &st::convert, "float -> half / bfloat16 bits and back", py::arg("x"), py::arg("half_bits"),
         py::arg("bf16_bits"), py::arg("half_back"), py::arg("bf16_back"), py::arg("n"), py::arg("stream") = 0);
+  m.def("ldmatrix", &st::ldmatrix, "one warp's ldmatrix of count 8x8 b16 matrices from a 32x8 tile; lane l "
+        "passes row rows[l]; out: count words per lane", py::arg("count"), py::arg("src"), py::arg("rows"),
+        py::arg("out"), py::arg("stream") = 0);
+  m.def("mma", &st::mma, "d = a @ b + c with one mma.sync m16n8k16 (dtype 1 float16, 2 bfloat16; a, b as bits)",
+        py::arg("dtype"), py::arg("from_shared"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"),
+        py::arg("stream") = 0);
+  m.def("cp_async", &st::cp_async, "cp.async groups: what a thread reads before / between / after its waits",
+        py::arg("old_values"), py::arg("new1"), py::arg("new2"), py::arg("out"), py::arg("threads"),
+        py::arg("stream") = 0);
 #ifdef FASTBONE_EMU
+  m.def("set_serial_warps", &fb_emu::set_serial_warps,
+        "release one warp per scheduling round (each warp runs ahead to its next __syncthreads); returns the "
+        "previous setting", py::arg("on"));
   m.def("trap", &st::trap, py::arg("threads"), py::arg("trap_thread"));
   m.def("divergent_barrier", &st::divergent_barrier);
 #endif

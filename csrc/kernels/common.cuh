@@ -12,11 +12,15 @@
 #include <cuda_bf16.h>
 #endif
 
-// Loop unrolling hint; g++ (emulation build) does not know `#pragma unroll`.
+// Loop unrolling hints; g++ (emulation build) does not know `#pragma unroll`. FB_UNROLL_BY(n) with a
+// literal n: FB_UNROLL_BY(1) keeps a loop rolled (less code where unrolling buys nothing).
 #ifdef FASTBONE_EMU
 #define FB_UNROLL
+#define FB_UNROLL_BY(n)
 #else
 #define FB_UNROLL _Pragma("unroll")
+#define FB_PRAGMA_(text) _Pragma(#text)
+#define FB_UNROLL_BY(n) FB_PRAGMA_(unroll n)
 #endif
 
 // The launch's dynamic shared memory as `float* name`, in kernel headers: launch.h's FB_DYNAMIC_SMEM

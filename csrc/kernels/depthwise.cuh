@@ -7,7 +7,8 @@
 //    shared memory once, as float32, consecutive threads reading consecutive channels (contiguous
 //    in NHWC); then thread t computes output channel t % cb for the pixels t / cb, t / cb + 256 / cb,
 //    ... from that tile. KS = 3 / 5 / 7 keeps a square kernel's taps in registers; KS = 0 takes any
-//    KH x KW, its taps staged in shared memory.
+//    KH x KW, its taps staged in shared memory. POOL (a template flag) adds the squeeze-excitation
+//    pool's per-(image, tile, channel) partial sums of the stored output to the epilogue.
 //
 // 2. separable_conv_bn_act_kernel: the depthwise -> pointwise block in one launch,
 //      out = act_pw(bn_pw(W_pw . D) [+ residual]),  D[p, k] = act_dw(bn_dw(depthwise(x))[p, order[k]])
@@ -97,12 +98,19 @@ __host__ __device__ __forceinline__ int dw_region(int tile, int kernel, int stri
 
 // bias, bn_*: float32 per output channel or nullptr (ChannelAffine); res: nullptr for none.
 // w: (C_out, 1, KH, KW) by strides; an image's work items: tiles_h * tiles_w * ceil(C_out / cb).
-template <typename T, int ACT, int KS>
-__global__ void __launch_bounds__(kDwThreads)
+// POOL: the epilogue also writes the squeeze-excitation pool's partial sums, pool_sums (N, tiles_h *
+// tiles_w, C_out) float32 contiguous: entry (image, tile, channel) = the sum of the channel's stored
+// outputs (rounded to T, as a mean of the stored tensor adds them) over the tile. One block owns each
+// entry and adds in a fixed order (per thread over its pixels, then over the threads in shared
+// memory): deterministic, no atomics and no zero fill.
+// POOL's launch bounds ask for 2 blocks per SM (up to 128 registers a thread): with the plain bound
+// ptxas aimed at 64 / 80 registers and spilled 12-24 bytes (tests/test_cuda_spills.py).
+template <typename T, int ACT, int KS, bool POOL>
+__global__ void __launch_bounds__(kDwThreads, POOL ? kSepMinBlocks : 1)
 depthwise_conv_bn_act_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
                              const float* __restrict__ bn_weight, const float* __restrict__ bn_bias,
                              const float* __restrict__ bn_mean, const float* __restrict__ bn_var,
-                             const T* __restrict__ res, T* __restrict__ out,
+                             const T* __restrict__ res, T* __restrict__ out, float* __restrict__ pool_sums,
                              int H, int W, int C_out, int OH, int OW, int KH, int KW, int mult,
                              long long sxn, long long sxc, long long sxh, long long sxw,
                              long long swo, long long swh, long long sww,
@@ -112,6 +120,7 @@ depthwise_conv_bn_act_kernel(const T* __restrict__ x, const T* __restrict__ w, c
                              int dil_w, int tile_h, int tile_w, int cb, long long N, float eps, float slope) {
   static_assert(KS == 0 || KS == 3 || KS == 5 || KS == 7, "KS: 0 (any KH x KW) or a square 3 / 5 / 7");
   constexpr int KQ = KS > 0 ? KS : 1;  // the register taps' side (unused when KS == 0)
+  __shared__ float pool_s[POOL ? kDwThreads : 1];  // POOL: the threads' partial sums, [slot][lane]
   FB_DW_DYNAMIC_SMEM(smem);
   const int RH = dw_region(tile_h, KH, stride_h, dil_h), RW = dw_region(tile_w, KW, stride_w, dil_w);
   float* const x_s = smem;                // [RH * RW][cb]: the input region, channel fastest
@@ -152,6 +161,7 @@ depthwise_conv_bn_act_kernel(const T* __restrict__ x, const T* __restrict__ w, c
       for (int t = 0; t < KQ * KQ; ++t) w_r[t] = to_float(w[oc * swo + (t / KQ) * swh + (t % KQ) * sww]);
     }
     __syncthreads();
+    float pool_part = 0.0f;  // POOL: this thread's pixels' sum of channel oc
     if (c_ok) {
       const ChannelAffine::Coeffs coeffs = affine.at(oc);
       const float* const xc = x_s + (oc / mult - ic0);
@@ -174,10 +184,21 @@ depthwise_conv_bn_act_kernel(const T* __restrict__ x, const T* __restrict__ w, c
         }
         float v = coeffs.apply(acc);
         if (res != nullptr) v += to_float(res[nb * srn + oh * srh + ow * srw + oc * src]);
-        out[nb * son + oh * soh + ow * sow + (long long)(out_c_offset + oc) * soc] = from_float<T>(activate<ACT>(v, slope));
+        const T stored = from_float<T>(activate<ACT>(v, slope));
+        out[nb * son + oh * soh + ow * sow + (long long)(out_c_offset + oc) * soc] = stored;
+        if (POOL) pool_part += to_float(stored);
       }
     }
-    __syncthreads();  // the next item overwrites the shared tiles
+    if (POOL) {
+      pool_s[threadIdx.x] = pool_part;  // threadIdx.x = slot * cb + lane
+      __syncthreads();
+      if ((int)threadIdx.x < cb && c0 + (int)threadIdx.x < C_out) {
+        float total = 0.0f;
+        for (int s = 0; s < slots; ++s) total += pool_s[s * cb + threadIdx.x];
+        pool_sums[(nb * (tiles_h * tiles_w) + rest) * C_out + c0 + threadIdx.x] = total;  // rest: the tile
+      }
+    }
+    __syncthreads();  // the next item overwrites the shared tiles (and pool_s)
   }
 }
 

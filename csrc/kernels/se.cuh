@@ -28,9 +28,12 @@ __device__ __forceinline__ float se_gate_fn(int gate, float v) {
   return 1.0f / (1.0f + expf(-v));
 }
 
-template <typename T>
+// TX: x's element type, T: the weights'. se_gate runs <T, T>; the gate from the depthwise kernel's
+// pool sums runs <float, T> with x = the (N, tiles, C) float32 sums read as an image of tiles x 1
+// pixels (HW = tiles, W = 1) and inv_hw = 1 / (the activation's H * W).
+template <typename TX, typename T>
 __global__ void __launch_bounds__(kSeThreads)
-se_gate_kernel(float* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w1, const T* __restrict__ b1,
+se_gate_kernel(float* __restrict__ out, const TX* __restrict__ x, const T* __restrict__ w1, const T* __restrict__ b1,
                const T* __restrict__ w2, const T* __restrict__ b2, int C, int HW,
                int W, int S, long long sxn, long long sxc, long long sxh, long long sxw, float inv_hw, int act,
                float slope, int gate) {
@@ -40,7 +43,7 @@ se_gate_kernel(float* __restrict__ out, const T* __restrict__ x, const T* __rest
   FB_KERNEL_DYNAMIC_SMEM_FLOAT(hidden);
   const long long n = blockIdx.x;
   const int lane = threadIdx.x % kSeLanes, row = threadIdx.x / kSeLanes;
-  const T* img = x + n * sxn;
+  const TX* img = x + n * sxn;
   for (int s = threadIdx.x; s < S; s += kSeThreads) hidden[s] = 0.0f;  // each thread its own entries
 
   for (int c0 = 0; c0 < C; c0 += kSeLanes) {

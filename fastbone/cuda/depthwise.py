@@ -6,6 +6,8 @@ backward, the vector-Jacobian product of fastbone.ops.depthwise's torch referenc
       Tensor? bn_mean, Tensor? bn_var, float eps, int[] stride, int[] padding, int[] dilation, int act,
       float slope, Tensor? residual) -> Tensor
   fastbone::cuda_depthwise_conv_bn_act_into(..., Tensor? residual, Tensor(a!) out, int out_channel_offset) -> ()
+  fastbone::cuda_depthwise_conv_bn_act_se_sums(..., Tensor? residual, Tensor(a!) out, int out_channel_offset,
+      Tensor(a!) sums, int tile_h, int tile_w) -> ()   (+ the SE pool's partial sums; no backward)
   fastbone::cuda_separable_conv_bn_act(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor? dw_bn_weight,
       Tensor? dw_bn_bias, Tensor? dw_bn_mean, Tensor? dw_bn_var, float dw_eps, int[] stride, int[] padding,
       int[] dilation, int dw_act, float dw_slope, Tensor pw_weight, Tensor? pw_bias, Tensor? pw_bn_weight,
@@ -33,8 +35,9 @@ from fastbone.ops._autograd import register_reference_autograd
 from fastbone.ops._checks import check_kernel_dtype
 from fastbone.ops._registry import register_impl
 from fastbone.ops.conv import conv_output_size, new_activation
+from fastbone.ops import depthwise as dw_ops
 from fastbone.ops.depthwise import reference_depthwise_conv_bn_act, reference_separable_conv_bn_act
-from .depthwise_launch import depthwise_supported, separable_supported
+from .depthwise_launch import depthwise_supported, pool_tile, separable_supported
 from .ops import (DTYPE_CODES, _check_act, _check_tensors, _conv_params, _cuda_conv_bn_act, _device_guard, _ptr,
                   _runtime, _shape_strides, _stream)
 
@@ -78,7 +81,7 @@ def _res_strides(residual: Optional[Tensor]) -> list[int]:
 # --- depthwise conv + BN + act ------------------------------------------------------------------
 
 def _launch_depthwise(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, act, slope,
-                      residual, out, out_channel_offset) -> None:
+                      residual, out, out_channel_offset, sums=None) -> None:
     _check_input(x, weight, "")
     _check_result(x, (x.shape[0], weight.shape[0], *_output_hw(x, weight, stride, padding, dilation)), residual, out,
                   out_channel_offset)
@@ -89,7 +92,7 @@ def _launch_depthwise(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps,
             x.data_ptr(), *_shape_strides(x), weight.data_ptr(), *_shape_strides(weight), *map(_ptr, vectors),
             float(eps), _ptr(residual), _res_strides(residual), out.data_ptr(), *_shape_strides(out),
             int(out_channel_offset), [*stride, *padding, *dilation], DTYPE_CODES[x.dtype], int(act), float(slope), 0,
-            _stream(x))
+            _stream(x), _ptr(sums))
 
 
 @direct_custom_op("fastbone::cuda_depthwise_conv_bn_act", mutates_args=())
@@ -122,6 +125,34 @@ def cuda_depthwise_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Te
 @cuda_depthwise_conv_bn_act_into.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, act, slope, residual, out,
       out_channel_offset):
+    return None
+
+
+@direct_custom_op("fastbone::cuda_depthwise_conv_bn_act_se_sums", mutates_args=("out", "sums"))
+def cuda_depthwise_conv_bn_act_se_sums(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                       bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                                       bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
+                                       stride: list[int], padding: list[int], dilation: list[int], act: int,
+                                       slope: float, residual: Optional[Tensor], out: Tensor, out_channel_offset: int,
+                                       sums: Tensor, tile_h: int, tile_w: int) -> None:
+    """The depthwise op into out's channel slice, its epilogue also writing the squeeze-excitation pool's
+    partial sums (fastbone.ops.depthwise.reference_pool_sums) over the launch plan's tiles, which
+    (tile_h, tile_w) must name (depthwise_launch.pool_tile)."""
+    _check_input(x, weight, "")
+    oh, ow = _output_hw(x, weight, stride, padding, dilation)
+    plan_tile = pool_tile(weight.shape[0], oh, ow, weight.shape[2], weight.shape[3],
+                          _conv_list(stride, padding, dilation))
+    if (tile_h, tile_w) != plan_tile:
+        raise ValueError(f"the CUDA kernel's pool tiles are its launch plan's {plan_tile[0]}x{plan_tile[1]} for this "
+                         f"problem, got {tile_h}x{tile_w}")
+    dw_ops.check_pool_sums(sums, x, weight.shape[0], oh, ow, tile_h, tile_w)
+    _launch_depthwise(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, act, slope,
+                      residual, out, out_channel_offset, sums)
+
+
+@cuda_depthwise_conv_bn_act_se_sums.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, act, slope, residual, out,
+      out_channel_offset, sums, tile_h, tile_w):
     return None
 
 
@@ -243,6 +274,26 @@ def _cuda_depthwise_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn
         return call_op("cuda_depthwise_conv_bn_act", *args)
     call_op("cuda_depthwise_conv_bn_act_into", *args, out, int(out_channel_offset))
     return out
+
+
+@register_impl("depthwise_conv_bn_act_se_sums", "cuda")
+def _cuda_depthwise_conv_bn_act_se_sums(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                        dilation, act_code, slope, residual, out, out_channel_offset):
+    check_kernel_dtype(x, "cuda")
+    n, c_out = x.shape[0], weight.shape[0]
+    oh, ow = _output_hw(x, weight, stride, padding, dilation)
+    tile_h, tile_w = pool_tile(c_out, oh, ow, weight.shape[2], weight.shape[3], _conv_list(stride, padding, dilation))
+    if tile_h == 0:
+        # A huge dilated kernel (the generic conv runs it): the sums from its output, one tile per image.
+        y = _cuda_depthwise_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                        dilation, act_code, slope, residual, None, 0)
+        return dw_ops._write_slice(y, out, out_channel_offset), dw_ops.reference_pool_sums(y, oh, ow).float()
+    result = out if out is not None else _new_output(x, c_out, weight, stride, padding, dilation)
+    sums = dw_ops.new_pool_sums(n, -(-oh // tile_h) * -(-ow // tile_w), c_out, x.device)
+    call_op("cuda_depthwise_conv_bn_act_se_sums", x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps),
+            list(stride), list(padding), list(dilation), int(act_code), float(slope), residual, result,
+            int(out_channel_offset if out is not None else 0), sums, tile_h, tile_w)
+    return result, sums
 
 
 @register_impl("separable_conv_bn_act", "cuda")

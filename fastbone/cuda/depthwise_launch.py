@@ -91,6 +91,13 @@ def separable_launch_plan(c_out_g: int, oh: int, ow: int, kh: int, kw: int, conv
     return [0, 0, 0, 0] if tile is None else [*tile, bn, nbytes(*tile)]
 
 
+def pool_tile(c_out: int, oh: int, ow: int, kh: int, kw: int, conv) -> tuple[int, int]:
+    """(tile_h, tile_w) of the depthwise kernel's squeeze-excitation partial sums: the launch plan's
+    tile (the sums are (N, ceil(OH / tile_h) * ceil(OW / tile_w), C_out)); (0, 0) where unsupported."""
+    th, tw, _, _ = depthwise_launch_plan(c_out, oh, ow, kh, kw, conv)
+    return th, tw
+
+
 def depthwise_supported(c_out: int, oh: int, ow: int, kh: int, kw: int, conv) -> bool:
     return depthwise_launch_plan(c_out, oh, ow, kh, kw, conv)[0] > 0
 
@@ -103,8 +110,8 @@ def separable_supported(c_out_g: int, oh: int, ow: int, kh: int, kw: int, conv) 
 # --- NVRTC: the instantiations and their parameter lists -------------------------------------
 
 def _names() -> list[str]:
-    dw = [f"fb::depthwise_conv_bn_act_kernel<{t}, {a}, {ks}>" for t in _CUDA_TYPE_NAMES
-          for a in range(NUM_ACTIVATIONS) for ks in (*_REGISTER_TAPS, 0)]
+    dw = [f"fb::depthwise_conv_bn_act_kernel<{t}, {a}, {ks}, {pool}>" for t in _CUDA_TYPE_NAMES
+          for a in range(NUM_ACTIVATIONS) for ks in (*_REGISTER_TAPS, 0) for pool in ("false", "true")]
     sep = [f"fb::separable_conv_bn_act_kernel<{t}, {a}, {bn}>" for t in _CUDA_TYPE_NAMES
            for a in range(NUM_ACTIVATIONS) for bn in _C["sep_col_tiles"]]
     tc = [f"fb::separable_conv_bn_act_tc_kernel<{t}, {a}, {bn}>" for t in _CUDA_TYPE_NAMES[1:]
@@ -116,7 +123,7 @@ NVRTC_KERNELS = {"depthwise.cuh": _names()}
 # One letter per parameter: p pointer, i int, q long long, f float (as fastbone/cuda/ops.py).
 _SEP_SIGNATURE = "p" * 16 + "i" * 10 + "q" * 17 + "i" * 10 + "q" + "ffff"
 SIGNATURES = {
-    "fb::depthwise_conv_bn_act_kernel": "p" * 9 + "i" * 8 + "q" * 15 + "i" * 10 + "q" + "ff",
+    "fb::depthwise_conv_bn_act_kernel": "p" * 10 + "i" * 8 + "q" * 15 + "i" * 10 + "q" + "ff",
     "fb::separable_conv_bn_act_kernel": _SEP_SIGNATURE,
     "fb::separable_conv_bn_act_tc_kernel": _SEP_SIGNATURE,
 }
@@ -151,7 +158,7 @@ class DepthwiseNvrtcMixin:
 
     def depthwise_conv_bn_act(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight, bn_bias, bn_mean,
                               bn_var, eps, residual, res_strides, out, out_shape, out_strides, out_c_offset, conv,
-                              dtype, act, slope, max_blocks, stream):
+                              dtype, act, slope, max_blocks, stream, pool_sums=0):
         _check_bn(bn_mean, bn_var)
         n, c_in = x_shape[0], x_shape[1]
         c_out, _, kh, kw = w_shape
@@ -165,11 +172,12 @@ class DepthwiseNvrtcMixin:
         per_image = _cdiv(oh, th) * _cdiv(ow, tw) * _cdiv(c_out, cb)
         _check_per_image(per_image, "depthwise")
         items = n * per_image
-        args = (x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, out, x_shape[2], x_shape[3], c_out, oh, ow,
-                kh, kw, c_out // c_in, *x_strides, w_strides[0], w_strides[2], w_strides[3], *res_strides,
-                *out_strides, out_c_offset, *conv, th, tw, cb, n, eps, slope)
+        args = (x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, residual, out, pool_sums, x_shape[2], x_shape[3],
+                c_out, oh, ow, kh, kw, c_out // c_in, *x_strides, w_strides[0], w_strides[2], w_strides[3],
+                *res_strides, *out_strides, out_c_offset, *conv, th, tw, cb, n, eps, slope)
+        pool = "true" if pool_sums else "false"
         self._launch("depthwise.cuh", "fb::depthwise_conv_bn_act_kernel",
-                     f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {depthwise_ks(kh, kw)}", (_grid(items, max_blocks),),
+                     f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {depthwise_ks(kh, kw)}, {pool}", (_grid(items, max_blocks),),
                      _C["dw_threads"], args, stream, smem)
 
     def separable_conv_bn_act(self, x, x_shape, x_strides, dw_w, dw_w_shape, dw_w_strides, dw_bias, dw_bn_weight,

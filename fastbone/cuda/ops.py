@@ -3,8 +3,10 @@
 Registered operators (torch.library.custom_op, each with a fake impl; all but the mutating
 `_into` op with a backward, the vector-Jacobian product of the op layer's torch reference):
   fastbone::cuda_conv_bn_act(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, eps, stride, padding,
-                             dilation, groups, act, slope, residual?) -> Tensor
-  fastbone::cuda_conv_bn_act_into(..., residual?, out!, out_channel_offset) -> ()   writes a channel slice of `out`
+                             dilation, groups, act, slope, residual?, input_scale?=None,
+                             residual_after_act=False) -> Tensor
+  fastbone::cuda_conv_bn_act_into(..., residual?, out!, out_channel_offset, input_scale?=None,
+                                  residual_after_act=False) -> ()   writes a channel slice of `out`
   fastbone::cuda_conv_bn_act_maxpool(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, eps, stride,
                                      padding, dilation, groups, act, slope, pool_kernel, pool_stride,
                                      pool_padding, ceil_mode) -> Tensor
@@ -28,6 +30,7 @@ launch geometry) over kernels compiled at run time. The op layer's "cuda" implem
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import numpy as np
@@ -60,25 +63,53 @@ LAUNCH_CONSTANTS = {
     "stem_threads": 256, "stem_co_tile": 16, "stem_max_taps": 256, "stem_max_region": 324, "stem_max_tile": 8,
     "pool_threads": 256, "pool_max_blocks": 4096, "gap_channels": 32,
     "max_grid_yz": 65535, "max_conv_launch_pixels": 2**31 - 1 - 256,
+    # the tensor-core variant (float16 / bfloat16): BM, BN, BK, threads, pipeline stages, dynamic shared bytes
+    "conv_mma_large_tile": (128, 128, 32, 256, 4, 4 * (128 + 128) * 40 * 2),
+    "conv_mma_small_tile": (64, 64, 32, 128, 4, 4 * (64 + 64) * 40 * 2),
+    "conv_mma_large_min_cout": 128, "conv_mma_large_min_blocks": 264,
+    "conv_mma_min_cc": 80,  # ... on devices of compute capability 8.0 and newer
     **_dw.LAUNCH_CONSTANTS,
 }
-CONV_TC_TILE = (64, 64, 128)  # the tensor-core variant (GPU builds only): BM, BN, threads
-CONV_TC_MIN_CC = 80           # ... on devices of compute capability 8.0 and newer
 _C = LAUNCH_CONSTANTS
+CONV_MMA_ENV = "FASTBONE_CUDA_CONV_MMA"
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def conv_mma_mode(emulator: bool = False) -> tuple[bool, int]:
+    """csrc/ops.cu's conv_mma_mode: (whether the tensor-core variant may run, forced tile or 0) from
+    FASTBONE_CUDA_CONV_MMA: unset / "auto" (GPUs of compute capability >= 8.0, not the emulator), "1"
+    (the emulator too), "64" / "128" (as "1", that tile forced), "0" (never)."""
+    value = os.environ.get(CONV_MMA_ENV, "").strip()
+    if value in ("", "auto"):
+        return not emulator, 0
+    if value in ("0", "1", "64", "128"):
+        return value != "0", int(value) if value in ("64", "128") else 0
+    raise ValueError(f"{CONV_MMA_ENV}={value}: expected auto, 0, 1, 64 or 128")
+
+
+def conv_mma_tile(m: int, c_out_g: int, groups: int, forced_tile: int = 0) -> str:
+    """csrc/ops.cu's conv_mma_large: "large" (128x128) where C_out per group fills it and its grid still
+    has conv_mma_large_min_blocks blocks, else "small" (64x64)."""
+    if forced_tile:
+        return "large" if forced_tile == _C["conv_mma_large_tile"][0] else "small"
+    bm, bn = _C["conv_mma_large_tile"][:2]
+    big = c_out_g >= _C["conv_mma_large_min_cout"] and \
+        _cdiv(m, bm) * _cdiv(c_out_g, bn) * groups >= _C["conv_mma_large_min_blocks"]
+    return "large" if big else "small"
+
+
 def conv_variant(c_out_g: int, dtype_code: int, compute_capability: int | None) -> str:
     """Which conv kernel csrc/ops.cu launches: "narrow" for few output channels per group,
-    "tc" (tensor cores) for float16 / bfloat16 on a GPU of compute capability >= 8.0 (None: the
-    emulator), else "wide"."""
+    "mma" (tensor cores) for float16 / bfloat16 on a GPU of compute capability >= 8.0 (None: the
+    emulator, which runs it only under FASTBONE_CUDA_CONV_MMA=1 / 64 / 128), else "wide"."""
     if c_out_g <= _C["conv_narrow_max_cout"]:
         return "narrow"
-    tensor_cores = compute_capability is not None and compute_capability >= CONV_TC_MIN_CC
-    return "tc" if tensor_cores and dtype_code != DTYPE_CODES[torch.float32] else "wide"
+    allowed, _ = conv_mma_mode(emulator=compute_capability is None)
+    device_ok = compute_capability is None or compute_capability >= _C["conv_mma_min_cc"]
+    return "mma" if allowed and device_ok and dtype_code != DTYPE_CODES[torch.float32] else "wide"
 
 
 def _stem_region(tile: int, pool_k: int, pool_s: int) -> int:
@@ -152,8 +183,9 @@ def _conv_names() -> list[str]:
     plain = [f"fb::conv_bn_act_kernel<{t}, {a}, {', '.join(map(str, tile))}>"
              for t in _CUDA_TYPE_NAMES for a in range(NUM_ACTIVATIONS)
              for tile in (_C["conv_wide_tile"], _C["conv_narrow_tile"])]
-    tensor_core = [f"fb::conv_bn_act_tc_kernel<{t}, {a}>"
-                   for t in _CUDA_TYPE_NAMES[1:] for a in range(NUM_ACTIVATIONS)]
+    tensor_core = [f"fb::conv_bn_act_mma_kernel<{t}, {a}, {tile[0]}, {tile[1]}>"
+                   for t in _CUDA_TYPE_NAMES[1:] for a in range(NUM_ACTIVATIONS)
+                   for tile in (_C["conv_mma_large_tile"], _C["conv_mma_small_tile"])]
     return plain + tensor_core
 
 
@@ -170,12 +202,12 @@ NVRTC_KERNELS = {
 }
 
 # Kernel parameter lists, one letter per parameter: p pointer, i int, q long long, f float.
-# conv: x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, res, out, in_scale, ..., eps, slope, ssn (FB_CONV_PARAMS
-# in conv.cuh)
-_CONV_SIGNATURE = "p" * 10 + "i" * 9 + "q" * 16 + "i" * 7 + "ff" + "q"
+# conv: x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, res, out, in_scale, ..., eps, slope, ssn,
+# residual_after_act (FB_CONV_PARAMS in conv.cuh)
+_CONV_SIGNATURE = "p" * 10 + "i" * 9 + "q" * 16 + "i" * 7 + "ff" + "q" + "i"
 _SIGNATURES = {
     "fb::conv_bn_act_kernel": _CONV_SIGNATURE,
-    "fb::conv_bn_act_tc_kernel": _CONV_SIGNATURE,
+    "fb::conv_bn_act_mma_kernel": _CONV_SIGNATURE,
     "fb::conv_bn_act_maxpool_kernel": "p" * 8 + "i" * 11 + "q" * 12 + "i" * 14 + "ff",
     "fb::window_pool2d_kernel": "ppqiiiii" + "q" * 8 + "i" * 7,
     "fb::adaptive_avg_pool2d_kernel": "ppqiiiii" + "q" * 8,
@@ -198,8 +230,7 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMix
     Same names, arguments and launch geometry as the pybind11 module."""
 
     build = "nvrtc"
-    launch_constants = {**LAUNCH_CONSTANTS, "conv_tc_tile": CONV_TC_TILE, "conv_tc_min_cc": CONV_TC_MIN_CC,
-                        **_dw.GPU_LAUNCH_CONSTANTS}
+    launch_constants = {**LAUNCH_CONSTANTS, **_dw.GPU_LAUNCH_CONSTANTS}
 
     def __init__(self, device: torch.device | int | None = None):
         from .nvrtc import get_function  # the NVRTC module loads only when this runtime is built
@@ -223,12 +254,14 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMix
         packed = tuple(_ARG_TYPES[s](a) for s, a in zip(sig, args))
         with cupy.cuda.Device(self._device):
             kernel = self._get_function(file, f"{name}<{template_args}>", self._device)
+            if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
+                kernel.max_dynamic_shared_size_bytes = smem  # csrc/ops.cu's cudaFuncSetAttribute opt-in
             with cupy.cuda.ExternalStream(stream, self._device):
                 kernel(tuple(grid), (block,), packed, shared_mem=smem)
 
     def conv_bn_act(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var,
                     eps, residual, res_strides, out, out_shape, out_strides, out_c_offset, conv, groups, dtype, act,
-                    slope, stream, in_scale=0, in_scale_stride=0):
+                    slope, stream, in_scale=0, in_scale_stride=0, residual_after_act=0):
         _check_bn_pointers(bn_mean, bn_var)
         n, c_out, oh, ow = x_shape[0], w_shape[0], out_shape[2], out_shape[3]
         c_out_g = c_out // groups
@@ -238,9 +271,11 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMix
                         (w_shape[1] * w_shape[2] * w_shape[3] + 64, "C_in/groups * KH * KW")):
             _check_int_range(v, what)
         variant = conv_variant(c_out_g, dtype, self._compute_capability)
-        if variant == "tc":
-            bm, bn, threads = CONV_TC_TILE
-            name, template_args = "fb::conv_bn_act_tc_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}"
+        smem = 0
+        if variant == "mma":
+            tile = conv_mma_tile(n * oh * ow, c_out_g, groups, conv_mma_mode()[1])
+            bm, bn, _bk, threads, _stages, smem = _C[f"conv_mma_{tile}_tile"]
+            name, template_args = "fb::conv_bn_act_mma_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {bm}, {bn}"
         else:
             bm, bn, bk, tm, tn = tile = _C[f"conv_{variant}_tile"]
             threads = (bm // tm) * (bn // tn)
@@ -263,8 +298,9 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMix
                     at(in_scale, n0 * in_scale_stride + g0 * w_shape[1], 4), m, x_shape[2],
                     x_shape[3], w_shape[1], ohn, ow, cn, w_shape[2], w_shape[3], *x_strides, *w_strides,
                     *res_strides, *out_strides, out_c_offset + oc0, conv[0], conv[1], conv[2] - oh0 * conv[0],
-                    *conv[3:], eps, slope, in_scale_stride)
-            self._launch("conv.cuh", name, template_args, (_cdiv(m, bm), _cdiv(cn, bn), gn), threads, args, stream)
+                    *conv[3:], eps, slope, in_scale_stride, int(residual_after_act != 0))
+            self._launch("conv.cuh", name, template_args, (_cdiv(m, bm), _cdiv(cn, bn), gn), threads, args, stream,
+                         smem)
 
     def stem_supported(self, c_in_g, kh, kw, pool):
         return stem_supported(c_in_g, kh, kw, pool)
@@ -403,7 +439,7 @@ def _check_act(act: int) -> None:
 
 
 def _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
-                 slope, residual, out, out_channel_offset, input_scale=None):
+                 slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
     _check_tensors(x, residual=residual, out=out)
     _check_input_scale(x, input_scale)
     weight, vectors = _conv_params(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var)
@@ -414,7 +450,7 @@ def _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stri
             float(eps), _ptr(residual), [0] * 4 if residual is None else list(residual.stride()),
             out.data_ptr(), *_shape_strides(out), int(out_channel_offset),
             [*stride, *padding, *dilation], int(groups), DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x),
-            *((_ptr(input_scale), input_scale.stride(0)) if input_scale is not None else ()))
+            _ptr(input_scale), 0 if input_scale is None else input_scale.stride(0), int(bool(residual_after_act)))
 
 
 def _check_input_scale(x: Tensor, input_scale: Optional[Tensor]) -> None:
@@ -433,16 +469,17 @@ def _check_input_scale(x: Tensor, input_scale: Optional[Tensor]) -> None:
 def cuda_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                      bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                      stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int, slope: float,
-                     residual: Optional[Tensor], input_scale: Optional[Tensor] = None) -> Tensor:
+                     residual: Optional[Tensor], input_scale: Optional[Tensor] = None,
+                     residual_after_act: bool = False) -> Tensor:
     out = conv_output(x, weight, stride, padding, dilation)
     _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
-                 slope, residual, out, 0, input_scale)
+                 slope, residual, out, 0, input_scale, residual_after_act)
     return out
 
 
 @cuda_conv_bn_act.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act, slope,
-      residual, input_scale=None):
+      residual, input_scale=None, residual_after_act=False):
     return conv_output(x, weight, stride, padding, dilation)
 
 
@@ -451,14 +488,14 @@ def cuda_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_
                           bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                           stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int,
                           slope: float, residual: Optional[Tensor], out: Tensor, out_channel_offset: int,
-                          input_scale: Optional[Tensor] = None) -> None:
+                          input_scale: Optional[Tensor] = None, residual_after_act: bool = False) -> None:
     _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
-                 slope, residual, out, out_channel_offset, input_scale)
+                 slope, residual, out, out_channel_offset, input_scale, residual_after_act)
 
 
 @cuda_conv_bn_act_into.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act, slope,
-      residual, out, out_channel_offset, input_scale=None):
+      residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
     return None
 
 
@@ -595,13 +632,14 @@ register_reference_autograd(cuda_adaptive_avg_pool2d, reference_adaptive_avg_poo
 
 @register_impl("conv_bn_act", "cuda")
 def _cuda_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                      act_code, slope, residual, out, out_channel_offset, input_scale=None):
+                      act_code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
     check_kernel_dtype(x, "cuda")
     args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), list(stride), list(padding),
             list(dilation), int(groups), int(act_code), float(slope), residual)
+    order = bool(residual_after_act)
     if out is None:
-        return call_op("cuda_conv_bn_act", *args, input_scale)
-    call_op("cuda_conv_bn_act_into", *args, out, int(out_channel_offset), input_scale)
+        return call_op("cuda_conv_bn_act", *args, input_scale, order)
+    call_op("cuda_conv_bn_act_into", *args, out, int(out_channel_offset), input_scale, order)
     return out
 
 

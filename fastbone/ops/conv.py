@@ -11,23 +11,32 @@ Public entry points (each picks the backend from `fastbone.backend` and the inpu
   conv_bias_act(x, weight, bias, ...)         raw tensors, no BatchNorm
   conv_bn_act_tensors(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, ...)
                                               raw tensors, BatchNorm from raw tensors too
-  conv_bn_act_maxpool(x, conv, bn, act, ...)  the network stem (conv + BN + act + max pool)
+  conv_bn_act_maxpool(x, conv, bn, act, ...)  conv + BN + act + max pool (stems; VGG / DarkNet stage ends)
 
 Backend implementations are registered per op name with these signatures (arguments
 validated; `weight` as the module holds it; bias and the bn_* tensors may be None, BN is
 present iff bn_mean is given):
   "conv_bn_act":         fn(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
                             dilation, groups, act_code, slope, residual, out, out_channel_offset,
-                            input_scale=None) -> Tensor   (input_scale passed only when given)
+                            input_scale=None, residual_after_act=False) -> Tensor
+                         (input_scale passed only when given, residual_after_act only when True)
   "conv_bn_act_maxpool": fn(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
                             dilation, groups, act_code, slope, pool_kernel, pool_stride, pool_padding,
-                            ceil_mode, pool_out_hw) -> Tensor   (optional: else conv then pool)
+                            ceil_mode, pool_out_hw) -> Tensor   (optional: else conv then pool; an impl's
+                            `takes(weight, pool_kernel, pool_stride, pool_padding)`, if it has one, says which
+                            pools it fuses)
 
 Registered operators (torch.library, each with a fake impl and a backward):
   fastbone::triton_conv_bn_act(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, eps, stride,
-                               padding, dilation, groups, act, slope, residual?, input_scale?=None) -> Tensor
-  fastbone::triton_conv_bn_act_into(..., residual?, out!, out_channel_offset, input_scale?=None) -> ()
+                               padding, dilation, groups, act, slope, residual?, input_scale?=None,
+                               residual_after_act=False) -> Tensor
+  fastbone::triton_conv_bn_act_into(..., residual?, out!, out_channel_offset, input_scale?=None,
+                                    residual_after_act=False) -> ()
+  fastbone::triton_conv_bn_act_maxpool(x, weight, ..., act, slope, pool_kernel, pool_stride, pool_padding,
+                                       ceil_mode) -> Tensor   (the pool in the conv's epilogue)
 input_scale: float32 (N, C_in), multiplied into the input per (image, channel) as the kernel loads it.
+residual_after_act: act(bn(conv(x))) + residual instead of act(bn(conv(x)) + residual) (torchvision's
+FusedMBConv without expansion adds its input after the SiLU).
 """
 from __future__ import annotations
 
@@ -49,8 +58,7 @@ from ._registry import find_impl, get_impl, register_impl
 from .activation import ACTIVATIONS, DEFAULT_LEAKY_SLOPE, activation_code, apply_activation
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+conv_output_size = triton_conv.conv_output_size  # torch's rule; the kernels' launcher needs it too
 
 
 def new_activation(n: int, c: int, h: int, w: int, like: Tensor) -> Tensor:
@@ -129,9 +137,9 @@ def reference_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_
                           bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                           stride, padding, dilation, groups: int, act: int, slope: float,
                           residual: Optional[Tensor], input_scale: Optional[Tensor] = None,
-                          inplace: bool = False) -> Tensor:
+                          residual_after_act: bool = False, inplace: bool = False) -> Tensor:
     """act(batch_norm(conv2d(x, weight, bias)) + residual) with torch's own ops, differentiable;
-    the sequence torchvision runs in eval mode. inplace=True (only where autograd records
+    the sequence torchvision runs in eval mode (residual_after_act: act(batch_norm(conv2d(...))) + residual). inplace=True (only where autograd records
     nothing) adds the residual and applies the activation in place, as torchvision's blocks do.
     input_scale (N, C_in): x * input_scale[:, :, None, None] first (the SE gate), computed in float32
     and rounded to x's dtype, as the kernels scale the input tiles they load."""
@@ -142,9 +150,12 @@ def reference_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_
                  groups)
     if bn_mean is not None:
         y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, eps)
-    if residual is not None:
+    if residual is not None and not residual_after_act:
         y = y.add_(residual) if inplace else y + residual
-    return apply_activation(y, _ACT_NAMES[act], slope, inplace=inplace)
+    y = apply_activation(y, _ACT_NAMES[act], slope, inplace=inplace)
+    if residual is not None and residual_after_act:
+        y = y.add_(residual) if inplace else y + residual
+    return y
 
 
 def reference_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
@@ -157,10 +168,10 @@ def reference_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, 
 
 @register_impl("conv_bn_act", "torch")
 def _torch_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                       act_code, slope, residual, out, out_channel_offset, input_scale=None):
+                       act_code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
     inplace = not wants_grad(x, weight, bias, bn_weight, bn_bias, residual, input_scale)
     y = reference_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
-                              groups, act_code, slope, residual, input_scale, inplace)
+                              groups, act_code, slope, residual, input_scale, residual_after_act, inplace)
     if out is None:
         return y  # in the input's layout, as torch's own ops keep it
     out[:, out_channel_offset:out_channel_offset + y.shape[1]].copy_(y)
@@ -187,10 +198,12 @@ def conv_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
 def triton_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                        bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                        stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int,
-                       slope: float, residual: Optional[Tensor], input_scale: Optional[Tensor] = None) -> Tensor:
+                       slope: float, residual: Optional[Tensor], input_scale: Optional[Tensor] = None,
+                       residual_after_act: bool = False) -> Tensor:
     out = conv_output(x, weight, stride, padding, dilation)
     triton_conv.conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
-                                 dilation, groups, act, slope, residual, out, 0, _input_precision(x), input_scale)
+                                 dilation, groups, act, slope, residual, out, 0, _input_precision(x), input_scale,
+                                 residual_after_act)
     return out
 
 
@@ -199,13 +212,48 @@ def triton_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], b
                             bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
                             eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                             act: int, slope: float, residual: Optional[Tensor], out: Tensor,
-                            out_channel_offset: int, input_scale: Optional[Tensor] = None) -> None:
+                            out_channel_offset: int, input_scale: Optional[Tensor] = None,
+                            residual_after_act: bool = False) -> None:
     triton_conv.conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
                                  dilation, groups, act, slope, residual, out, out_channel_offset, _input_precision(x),
-                                 input_scale)
+                                 input_scale, residual_after_act)
 
 
 register_reference_autograd(triton_conv_bn_act, reference_conv_bn_act)
+
+
+def fused_pool_window(pool_kernel, pool_stride, pool_padding) -> int | None:
+    """The window side the Triton conv's epilogue pools with (square, stride = window, no padding, a power
+    of two: VGG's and DarkNet's 2x2 / 2), or None for a pool it leaves to the pool kernel (the stems' 3x3 / 2)."""
+    k = pool_kernel[0]
+    if k < 2 or k & (k - 1) or list(pool_kernel) != [k, k] or list(pool_stride) != [k, k] or any(pool_padding):
+        return None
+    return k
+
+
+@kernel_op("fastbone::triton_conv_bn_act_maxpool", mutates_args=())
+def triton_conv_bn_act_maxpool(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                               bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
+                               eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                               act: int, slope: float, pool_kernel: list[int], pool_stride: list[int],
+                               pool_padding: list[int], ceil_mode: bool) -> Tensor:
+    """max_pool2d(act(bn(conv(x)))) in one launch, for the windows `fused_pool_window` accepts."""
+    from .pool import pool_output_size  # pool imports nothing from here
+
+    window = fused_pool_window(pool_kernel, pool_stride, pool_padding)
+    if window is None:
+        raise ValueError(f"triton_conv_bn_act_maxpool fuses square, unpadded power-of-two pools with stride = "
+                         f"window; got kernel {pool_kernel}, stride {pool_stride}, padding {pool_padding}")
+    conv_hw = (conv_output_size(size, k, st, pad, dil) for size, k, st, pad, dil
+               in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+    ph, pw = (pool_output_size(size, window, window, 0, ceil_mode) for size in conv_hw)
+    out = new_activation(x.shape[0], weight.shape[0], ph, pw, x)
+    triton_conv.conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                 dilation, groups, act, slope, None, out, 0, _input_precision(x), None, False, window)
+    return out
+
+
+register_reference_autograd(triton_conv_bn_act_maxpool, reference_conv_bn_act_maxpool)
 
 
 def _channel_vector(t: Tensor | None, x: Tensor) -> Tensor | None:
@@ -220,7 +268,7 @@ def _channel_vector(t: Tensor | None, x: Tensor) -> Tensor | None:
 
 @register_impl("conv_bn_act", "triton")
 def _triton_impl(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                 act_code, slope, residual, out, out_channel_offset, input_scale=None):
+                 act_code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
     check_kernel_dtype(x, "triton")
     if x.device.type == "cpu" and not triton_conv.INTERPRETED:
         raise RuntimeError("the triton backend got CPU tensors but Triton's interpreter is off "
@@ -228,22 +276,59 @@ def _triton_impl(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stri
     vectors = [_channel_vector(t, x) for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
     args = (x, weight.to(x.dtype), *vectors, float(eps), list(stride), list(padding), list(dilation), groups,
             act_code, float(slope), residual)
+    order = bool(residual_after_act)
     if out is None:
-        return call_op("triton_conv_bn_act", *args, input_scale)
-    call_op("triton_conv_bn_act_into", *args, out, out_channel_offset, input_scale)
+        return call_op("triton_conv_bn_act", *args, input_scale, order)
+    call_op("triton_conv_bn_act_into", *args, out, out_channel_offset, input_scale, order)
     return out
+
+
+def _takes_epilogue_pool(weight, pool_kernel, pool_stride, pool_padding) -> bool:
+    return fused_pool_window(pool_kernel, pool_stride, pool_padding) is not None
+
+
+@register_impl("conv_bn_act_maxpool", "triton")
+def _triton_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
+                                groups, act_code, slope, pool_kernel, pool_stride, pool_padding, ceil_mode,
+                                pool_out_hw):
+    check_kernel_dtype(x, "triton")
+    vectors = [_channel_vector(t, x) for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
+    return call_op("triton_conv_bn_act_maxpool", x, weight.to(x.dtype), *vectors, float(eps), list(stride),
+                   list(padding), list(dilation), groups, act_code, float(slope), list(pool_kernel),
+                   list(pool_stride), list(pool_padding), bool(ceil_mode))
+
+
+# An implementation of "conv_bn_act_maxpool" may carry `takes(weight, pool_kernel, pool_stride, pool_padding)`:
+# where it is False the op layer runs the conv then the pool instead (Triton: overlapping windows). The torch
+# backend mirrors Triton's choice, so its calls are the launches fastbone.profile counts for the GPU.
+_triton_conv_bn_act_maxpool.takes = _takes_epilogue_pool
+
+
+@register_impl("conv_bn_act_maxpool", "torch")
+def _torch_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
+                               groups, act_code, slope, pool_kernel, pool_stride, pool_padding, ceil_mode,
+                               pool_out_hw):
+    return reference_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                         dilation, groups, act_code, slope, pool_kernel, pool_stride, pool_padding,
+                                         ceil_mode)
+
+
+_torch_conv_bn_act_maxpool.takes = _takes_epilogue_pool
 
 
 # --- public entry points ------------------------------------------------------------------
 
 def _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                     code, slope, residual, out, out_channel_offset, input_scale=None):
+                     code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
     """Validate, pick the backend, run. A gradient-recording call into a channel slice runs the
     out-of-place op (which has a backward) and copies: mutating ops have no autograd formula."""
     bn_tensors = (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("bn_mean", bn_mean), ("bn_var", bn_var))
     _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, out, out_channel_offset,
                      bn_tensors)
     _check_input_scale(x, input_scale)
+    if not isinstance(residual_after_act, bool):
+        raise TypeError(f"residual_after_act must be a bool (True: act(bn(conv(x))) + residual), got "
+                        f"{type(residual_after_act).__name__}")
     _, impl = get_impl("conv_bn_act", x.device)
     if x.shape[1] == 0:
         # No input channels: torch's conv2d answers an (N, 0, OH, OW) tensor (not the bias), and
@@ -252,6 +337,8 @@ def _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
     args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), stride, padding, dilation, groups,
             code, slope, residual)
     scale_kw = {} if input_scale is None else {"input_scale": input_scale}  # backends without it: never asked
+    if residual_after_act and residual is not None:  # without a residual the order is moot
+        scale_kw["residual_after_act"] = True
     if out is not None and impl is not _torch_conv_bn_act and \
             wants_grad(x, weight, bias, bn_weight, bn_bias, residual, out, input_scale):
         y = impl(*args, None, 0, **scale_kw)
@@ -384,9 +471,11 @@ def batchnorm_tensors(bn: nn.Module | None, c_out: int):
 @fx_leaf
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str = "relu", *,
                 slope: float = DEFAULT_LEAKY_SLOPE, residual: Tensor | None = None,
-                out: Tensor | None = None, out_channel_offset: int = 0, input_scale: Tensor | None = None) -> Tensor:
+                out: Tensor | None = None, out_channel_offset: int = 0, input_scale: Tensor | None = None,
+                residual_after_act: bool = False) -> Tensor:
     """act(bn(conv(x)) + residual) with inference semantics (BN uses its running statistics),
     BatchNorm applied in the kernel's epilogue from `bn`'s own tensors. See `conv_bias_act` for `out`.
+    residual_after_act=True: act(bn(conv(x))) + residual (torchvision's FusedMBConv without expansion).
     input_scale: a float32 (N, C_in) tensor (e.g. `se_gate`'s output): the conv reads
     x * input_scale[:, :, None, None], scaled per (image, input channel) as the kernel loads its input."""
     if not isinstance(conv, nn.Conv2d):
@@ -395,7 +484,7 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, ac
     bn_args = batchnorm_tensors(bn, conv.out_channels)
     return _run_conv_bn_act(x, conv.weight, conv.bias, *bn_args, tuple(conv.stride), _conv_padding(conv),
                             tuple(conv.dilation), conv.groups, activation_code(act), slope, residual, out,
-                            out_channel_offset, input_scale)
+                            out_channel_offset, input_scale, residual_after_act)
 
 
 @quiet_under_jit_trace
@@ -422,8 +511,9 @@ def _check_stem_args(x, conv, bn_args, stride, padding, dilation, pk, ps, pp, ce
 def conv_bn_act_maxpool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str = "relu", *,
                         slope: float = DEFAULT_LEAKY_SLOPE, pool_kernel=3, pool_stride=2, pool_padding=1,
                         ceil_mode: bool = False) -> Tensor:
-    """The network stem, max_pool(act(bn(conv(x)))), in one launch where the backend has a
-    fused stem kernel ("conv_bn_act_maxpool"); elsewhere the conv and the pool run in turn.
+    """max_pool(act(bn(conv(x)))): a network stem, or a body conv closing a stage (VGG, DarkNet-19), in one
+    launch where the backend fuses it ("conv_bn_act_maxpool": CUDA's stem kernel for small convs, Triton's
+    conv epilogue for square power-of-two windows with stride = window); elsewhere the conv, then the pool.
     Every backend gets the same checks first (the conv's, then the pool's on the conv output)."""
     from .pool import max_pool2d  # pool imports nothing from here
 
@@ -436,7 +526,7 @@ def conv_bn_act_maxpool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = 
     pk, ps, pp = pair(pool_kernel, "pool_kernel"), pair(pool_stride, "pool_stride"), pair(pool_padding, "pool_padding")
     pool_hw = _check_stem_args(x, conv, bn_args, stride, padding, dilation, pk, ps, pp, ceil_mode)
     fused = find_impl("conv_bn_act_maxpool", resolve_backend(x.device))
-    if fused is None:
+    if fused is None or not getattr(fused, "takes", lambda *args: True)(conv.weight, pk, ps, pp):
         return max_pool2d(conv_bn_act(x, conv, bn, act, slope=slope), pk, ps, pp, ceil_mode)
     return fused(x, conv.weight, conv.bias, *bn_args, stride, padding, dilation, conv.groups, code,
                  float(slope), pk, ps, pp, bool(ceil_mode), pool_hw)

@@ -5,8 +5,10 @@ BatchNorm is applied in the kernels' epilogues from the modules' own tensors, in
 
 Public entry points (each picks the backend from `fastbone.backend` and the input's device):
   depthwise_conv_bn_act(x, conv, bn=None, act="relu", *, slope=DEFAULT_LEAKY_SLOPE, residual=None, out=None,
-                        out_channel_offset=0) -> Tensor
+                        out_channel_offset=0, se_pool=False) -> Tensor, or (Tensor, pool_sums) with se_pool
       act(bn(conv(x)) + residual); `conv` must be depthwise: groups == in_channels, out_channels = m * in_channels.
+      se_pool=True: the epilogue also writes the squeeze-excitation pool's partial sums, (N, T, C_out)
+      float32 over T pixel tiles per image (fastbone.ops.se.se_gate_from_sums reads them).
   separable_conv_bn_act(x, dw_conv, dw_bn, dw_act, pw_conv, pw_bn, pw_act, *, dw_slope=DEFAULT_LEAKY_SLOPE,
                         pw_slope=DEFAULT_LEAKY_SLOPE, residual=None, out=None, out_channel_offset=0,
                         channel_order=None) -> Tensor
@@ -23,6 +25,7 @@ hold them; bias / bn_* may be None, BatchNorm present iff bn_mean is given; out 
 channels_last tensor, else write the slice and return out):
   "depthwise_conv_bn_act": fn(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
                               dilation, act_code, slope, residual, out, out_channel_offset) -> Tensor
+  "depthwise_conv_bn_act_se_sums": the same arguments -> (Tensor, pool_sums): the backend picks the tiles
   "separable_conv_bn_act": fn(x, dw_weight, dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean, dw_bn_var, dw_eps,
                               stride, padding, dilation, dw_act, dw_slope, pw_weight, pw_bias, pw_bn_weight,
                               pw_bn_bias, pw_bn_mean, pw_bn_var, pw_eps, pw_groups, pw_act, pw_slope,
@@ -43,6 +46,9 @@ reference's VJP as backward; the CUDA backend mirrors them as fastbone::cuda_*):
       Tensor? bn_bias, Tensor? bn_mean, Tensor? bn_var, float eps, int[] stride, int[] padding, int[] dilation,
       int act, float slope, Tensor? residual) -> Tensor
   fastbone::triton_depthwise_conv_bn_act_into(..., Tensor? residual, Tensor(a!) out, int out_channel_offset) -> ()
+  fastbone::triton_depthwise_conv_bn_act_se_sums(..., Tensor? residual, Tensor(a!) out, int out_channel_offset,
+      Tensor(a!) sums, int tile_h, int tile_w) -> ()   (+ the SE pool's partial sums, reference_pool_sums;
+      no backward: a gradient-recording call runs the out-of-place op and sums with torch)
   fastbone::triton_separable_conv_bn_act(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor? dw_bn_weight,
       Tensor? dw_bn_bias, Tensor? dw_bn_mean, Tensor? dw_bn_var, float dw_eps, int[] stride, int[] padding,
       int[] dilation, int dw_act, float dw_slope, Tensor pw_weight, Tensor? pw_bias, Tensor? pw_bn_weight,
@@ -57,6 +63,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastbone._fx import fx_leaf
@@ -72,7 +79,7 @@ from .conv import (_channel_vector, _conv_padding, _input_precision, batchnorm_t
                    new_activation, reference_conv_bn_act)
 
 __all__ = ["depthwise_conv_bn_act", "separable_conv_bn_act", "reference_depthwise_conv_bn_act",
-           "reference_separable_conv_bn_act"]
+           "reference_pool_sums", "reference_separable_conv_bn_act"]
 
 
 # --- validation -----------------------------------------------------------------------------
@@ -240,6 +247,36 @@ def _write_slice(y: Tensor, out: Tensor | None, out_channel_offset: int) -> Tens
     return out
 
 
+def reference_pool_sums(y: Tensor, tile_h: int, tile_w: int) -> Tensor:
+    """The squeeze-excitation pool's partial sums of y (N, C, OH, OW) over tile_h x tile_w tiles of each
+    image (row-major; the last row / column of tiles may be partial), as the pooled depthwise kernels
+    write them: (N, tiles, C), in float32 (float64 for a float64 y), of y's values as stored (a float16
+    y is summed as its float16 values). Differentiable."""
+    n, c, oh, ow = y.shape
+    th, tw = -(-oh // tile_h), -(-ow // tile_w)
+    v = F.pad(y.to(torch.promote_types(y.dtype, torch.float32)), (0, tw * tile_w - ow, 0, th * tile_h - oh))
+    v = v.reshape(n, c, th, tile_h, tw, tile_w).sum((3, 5))
+    return v.reshape(n, c, th * tw).transpose(1, 2)
+
+
+def new_pool_sums(n: int, tiles: int, c: int, device) -> Tensor:
+    """The uninitialised (N, tiles, C) float32 partial sums a pooled depthwise kernel writes (every
+    entry: no zero fill needed)."""
+    return torch.empty((n, tiles, c), dtype=torch.float32, device=device)
+
+
+def check_pool_sums(sums: Tensor, x: Tensor, c_out: int, oh: int, ow: int, tile_h: int, tile_w: int) -> None:
+    """What the pooled kernels index by (the op layer allocates it; the ops may be called directly)."""
+    if tile_h < 1 or tile_w < 1:
+        raise ValueError(f"tile_h and tile_w must be >= 1, got {tile_h}, {tile_w}")
+    expect = (x.shape[0], -(-oh // tile_h) * -(-ow // tile_w), c_out)
+    if not isinstance(sums, Tensor) or tuple(sums.shape) != expect or sums.dtype != torch.float32 \
+            or not sums.is_contiguous() or sums.device != x.device:
+        raise ValueError(f"sums must be a contiguous float32 tensor of shape {expect} (N, tiles of {tile_h}x{tile_w} "
+                         f"over {oh}x{ow}, C_out) on {x.device}, got "
+                         f"{(sums.dtype, tuple(sums.shape), str(sums.device)) if isinstance(sums, Tensor) else sums}")
+
+
 @register_impl("depthwise_conv_bn_act", "torch")
 def _torch_depthwise_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
                                  act_code, slope, residual, out, out_channel_offset):
@@ -247,6 +284,15 @@ def _torch_depthwise_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, b
     y = reference_depthwise_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
                                         dilation, act_code, slope, residual, inplace)
     return _write_slice(y, out, out_channel_offset)  # without out: the input's layout, as torch keeps it
+
+
+@register_impl("depthwise_conv_bn_act_se_sums", "torch")
+def _torch_depthwise_conv_bn_act_se_sums(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                         dilation, act_code, slope, residual, out, out_channel_offset):
+    inplace = not wants_grad(x, weight, bias, bn_weight, bn_bias, residual)
+    y = reference_depthwise_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                        dilation, act_code, slope, residual, inplace)
+    return _write_slice(y, out, out_channel_offset), reference_pool_sums(y, y.shape[2], y.shape[3])  # one tile
 
 
 @register_impl("separable_conv_bn_act", "torch")
@@ -326,6 +372,23 @@ def triton_separable_conv_bn_act_into(x: Tensor, dw_weight: Tensor, dw_bias: Opt
                                          _input_precision(x))
 
 
+@kernel_op("fastbone::triton_depthwise_conv_bn_act_se_sums", mutates_args=("out", "sums"))
+def triton_depthwise_conv_bn_act_se_sums(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                         bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                                         bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
+                                         stride: list[int], padding: list[int], dilation: list[int], act: int,
+                                         slope: float, residual: Optional[Tensor], out: Tensor,
+                                         out_channel_offset: int, sums: Tensor, tile_h: int, tile_w: int) -> None:
+    """The depthwise op into out's channel slice, its epilogue also writing the squeeze-excitation
+    pool's partial sums (see reference_pool_sums) over tile_h x tile_w tiles (powers of two)."""
+    if tile_h & (tile_h - 1) or tile_w & (tile_w - 1):
+        raise ValueError(f"the Triton kernel's pool tiles are powers of two, got {tile_h}x{tile_w}")
+    check_pool_sums(sums, x, weight.shape[0], out.shape[2], out.shape[3], tile_h, tile_w)
+    triton_dw.depthwise_conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                         dilation, act, slope, residual, out, out_channel_offset, sums,
+                                         (tile_h, tile_w))
+
+
 register_reference_autograd(triton_depthwise_conv_bn_act, reference_depthwise_conv_bn_act)
 register_reference_autograd(triton_separable_conv_bn_act, reference_separable_conv_bn_act)
 
@@ -348,6 +411,22 @@ def _triton_depthwise_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, 
         return call_op("triton_depthwise_conv_bn_act", *args)
     call_op("triton_depthwise_conv_bn_act_into", *args, out, int(out_channel_offset))
     return out
+
+
+@register_impl("depthwise_conv_bn_act_se_sums", "triton")
+def _triton_depthwise_conv_bn_act_se_sums(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
+                                          dilation, act_code, slope, residual, out, out_channel_offset):
+    _check_triton_input(x)
+    n, c_out = x.shape[0], weight.shape[0]
+    oh, ow = _output_hw(x, weight, stride, padding, dilation)
+    tile_h, tile_w = triton_dw.depthwise_pool_tile(oh, ow, c_out, weight.shape[2] * weight.shape[3])
+    result = out if out is not None else new_activation(n, c_out, oh, ow, x)
+    sums = new_pool_sums(n, triton_dw.pool_tiles(oh, ow, tile_h, tile_w), c_out, x.device)
+    vectors = [_channel_vector(t, x) for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
+    call_op("triton_depthwise_conv_bn_act_se_sums", x, weight.to(x.dtype), *vectors, float(eps), list(stride),
+            list(padding), list(dilation), int(act_code), float(slope), residual, result,
+            int(out_channel_offset if out is not None else 0), sums, tile_h, tile_w)
+    return result, sums
 
 
 @register_impl("separable_conv_bn_act", "triton")
@@ -388,23 +467,48 @@ def _depthwise_conv(conv, name: str) -> nn.Conv2d:
     return conv
 
 
+def _run_se_sums(x, args: tuple, grad_tensors: tuple, out, out_channel_offset) -> tuple[Tensor, Tensor]:
+    """The pooled depthwise op: (result, partial sums). A gradient-recording call on a kernel backend runs
+    the out-of-place op (which has a backward) and sums its output with torch (one tile per image):
+    the pooled ops mutate their outputs and have no autograd formula."""
+    _, impl = get_impl("depthwise_conv_bn_act_se_sums", x.device)
+    if impl is not _torch_depthwise_conv_bn_act_se_sums and wants_grad(*grad_tensors, out):
+        _, plain = get_impl("depthwise_conv_bn_act", x.device)
+        y = plain(*args, None, 0)
+        return _write_slice(y, out, out_channel_offset), reference_pool_sums(y, y.shape[2], y.shape[3])
+    return impl(*args, out, out_channel_offset)
+
+
 @fx_leaf
 def depthwise_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str | None = "relu", *,
                           slope: float = DEFAULT_LEAKY_SLOPE, residual: Tensor | None = None,
-                          out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
+                          out: Tensor | None = None, out_channel_offset: int = 0, se_pool: bool = False):
     """act(bn(conv(x)) + residual) for a depthwise `conv` (groups == in_channels, out_channels a
     multiple of it), BN with its running statistics, applied in the kernel's epilogue. With
-    `out`, writes out[:, out_channel_offset : out_channel_offset + C_out] and returns `out`."""
+    `out`, writes out[:, out_channel_offset : out_channel_offset + C_out] and returns `out`.
+
+    se_pool=True returns (result, pool_sums): the same launch's epilogue also sums its output per
+    (image, pixel tile, channel) for a squeeze-excitation gate (fastbone.ops.se.se_gate_from_sums with
+    hw = OH * OW), so the gate never reads the activation again. pool_sums is (N, T, C_out) float32
+    (float64 for a float64 input on the torch backend): T tiles of each image, as many as the backend's
+    kernel uses (1 on the torch backend); summing it over T gives the per-channel sum of the stored
+    output (of its float16 / bfloat16 values for such an output: what torch's mean of it adds up).
+    Deterministic: every tile's sum is written by one program in a fixed order (no atomics)."""
     _depthwise_conv(conv, "conv")
     check_activation_tensor(x)
+    if not isinstance(se_pool, bool):
+        raise TypeError(f"se_pool must be a bool, got {type(se_pool).__name__}")
     bn_args = batchnorm_tensors(bn, conv.out_channels)
     stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
     code = activation_code(act)
     _check_depthwise_args(x, conv.weight, conv.bias, *bn_args[:4], stride, padding, dilation, residual, out,
                           out_channel_offset)
     args = (x, conv.weight, conv.bias, *bn_args, stride, padding, dilation, code, float(slope), residual)
-    return _run("depthwise_conv_bn_act", _torch_depthwise_conv_bn_act, x, args,
-                (x, conv.weight, conv.bias, bn_args[0], bn_args[1], residual), out, out_channel_offset)
+    grad_tensors = (x, conv.weight, conv.bias, bn_args[0], bn_args[1], residual)
+    if se_pool:
+        return _run_se_sums(x, args, grad_tensors, out, out_channel_offset)
+    return _run("depthwise_conv_bn_act", _torch_depthwise_conv_bn_act, x, args, grad_tensors, out,
+                out_channel_offset)
 
 
 def _pointwise_conv(conv, dw_conv) -> nn.Conv2d:
