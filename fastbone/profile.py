@@ -118,12 +118,18 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# Operators that write into given tensors, by name suffix: their out-of-place twin (the name without the
+# suffix) takes the same arguments before `out` and computes what they write into `out`.
+_TWIN_SUFFIXES = ("_into", "_se_sums")  # the latter also writes the squeeze-excitation pool's partial sums
+
+
 def _twin(func):
-    """The out-of-place operator of a fastbone `..._into` operator (same arguments before `out`)."""
+    """The out-of-place operator of a fastbone `..._into` (or `..._se_sums`) operator."""
     base = _base_name(func)
-    if func.namespace != "fastbone" or not base.endswith("_into"):
+    suffix = next((sfx for sfx in _TWIN_SUFFIXES if base.endswith(sfx)), None)
+    if func.namespace != "fastbone" or suffix is None:
         return None
-    packet = getattr(torch.ops.fastbone, base[: -len("_into")], None)
+    packet = getattr(torch.ops.fastbone, base[: -len(suffix)], None)
     return None if packet is None else packet.default
 
 
@@ -201,7 +207,7 @@ class _Recorder(TorchDispatchMode):
                 is_write = a.alias_info is not None and a.alias_info.is_write
                 write_only = is_write and (a.name.startswith("out") or _base_name(func) in _WRITE_ONLY_SELF)
                 if is_write:
-                    writes += self._written_bytes(func, bound, t)
+                    writes += self._written_bytes(func, bound, t, a.name)
                     mutated.append(t)
                 if not write_only:
                     inputs.append((a, t))
@@ -231,9 +237,11 @@ class _Recorder(TorchDispatchMode):
                 self.producer[id(t)] = self.producer[id(source)]
             self.keep.append(t)
 
-    def _written_bytes(self, func, bound, t: Tensor) -> int:
+    def _written_bytes(self, func, bound, t: Tensor, name: str) -> int:
+        """Bytes written into `t`: all of it, but for the `out` of an operator with a twin only the slice the
+        twin's result fills (a channel slice of a larger tensor)."""
         twin = _twin(func)
-        if twin is None:
+        if twin is None or name != "out":
             return _nbytes(t)
         values = dict((a.name, v) for a, v in bound)
         result = twin(*(values[a.name] for a in twin._schema.arguments))

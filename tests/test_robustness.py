@@ -440,7 +440,7 @@ def test_nvrtc_runtime_split_launches_compute_the_conv(monkeypatch):
     runtime = cuda_ops.NvrtcRuntime.__new__(cuda_ops.NvrtcRuntime)
     runtime._compute_capability = None  # the plain kernels, as the emulator runs them
     launches = []
-    runtime._launch = lambda file, name, targs, grid, block, args, stream: launches.append(
+    runtime._launch = lambda file, name, targs, grid, block, args, stream, smem=0: launches.append(
         (name, targs, tuple(grid), block, args))
     monkeypatch.setattr(cuda_ops, "_runtime", lambda x: runtime)
     for i, shape in enumerate(SPLIT_CONVS):
