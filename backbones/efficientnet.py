@@ -53,6 +53,15 @@ def _norm_in_train_mode(block: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in block.modules())
 
 
+def _reference_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's MBConv / FusedMBConv forward, op for op (train mode: stochastic depth, BN updates)."""
+    result = block.block(x)
+    if block.use_res_connect:
+        result = block.stochastic_depth(result)
+        result += x
+    return result
+
+
 @fx_leaf
 def se_project(x: Tensor, se: SqueezeExcitation, conv: nn.Conv2d, norm: nn.Module | None,
                residual: Tensor | None, pool_sums: Tensor | None = None) -> Tensor:
@@ -103,12 +112,8 @@ class MBConv(nn.Module):
         self.out_channels = cnf.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training or _norm_in_train_mode(self):  # torchvision's forward, op for op
-            result = self.block(x)
-            if self.use_res_connect:
-                result = self.stochastic_depth(result)
-                result += x
-            return result
+        if self.training or _norm_in_train_mode(self):
+            return _reference_forward(self, x)
         layers = list(self.block)
         # torchvision_misc.*: torch.fx's tracers autowrap torchvision.ops' callables (classes too) in our globals.
         if len(layers) not in (3, 4) or not isinstance(layers[-2], torchvision_misc.SqueezeExcitation):
@@ -154,12 +159,8 @@ class FusedMBConv(nn.Module):
         self.out_channels = cnf.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training or _norm_in_train_mode(self):  # torchvision's forward, op for op
-            result = self.block(x)
-            if self.use_res_connect:
-                result = self.stochastic_depth(result)
-                result += x
-            return result
+        if self.training or _norm_in_train_mode(self):
+            return _reference_forward(self, x)
         layers = list(self.block)
         residual = x if self.use_res_connect else None
         if len(layers) == 1:

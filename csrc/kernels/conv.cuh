@@ -137,17 +137,27 @@ struct ConvTileLoader {
     load_b(p, k0, put_b);
   }
 
+  // This thread's reduction column k0 + k_col decoded: (input channel c, tap kh, kw); ok false past K.
+  struct KTap {
+    bool ok;
+    int c, kh, kw;
+  };
+  __device__ __forceinline__ KTap k_tap(const ConvProblem<T>& p, int k0) const {
+    const int k = k0 + k_col;
+    const bool ok = k < p.C_in_g * p.KH * p.KW;
+    const int c = ok ? k % p.C_in_g : 0;
+    const int tap = ok ? k / p.C_in_g : 0;
+    return KTap{ok, c, tap / p.KW, tap % p.KW};
+  }
+
   // The A tile alone (the tensor-core variant stages B with asynchronous copies where it can).
   template <typename PutA>
   __device__ __forceinline__ void load_a(const ConvProblem<T>& p, int k0, PutA put_a) const {
     const T zero = from_float<T>(0.0f);
-    const int K = p.C_in_g * p.KH * p.KW;
-    const int k = k0 + k_col;
-    const bool k_ok = k < K;
-    const int c = k_ok ? k % p.C_in_g : 0;
-    const int tap = k_ok ? k / p.C_in_g : 0;
-    const int kw = tap % p.KW, kh = tap / p.KW;
-    const int dh = kh * p.dil_h, dw = kw * p.dil_w;
+    const KTap t = k_tap(p, k0);
+    const bool k_ok = t.ok;
+    const int c = t.c;
+    const int dh = t.kh * p.dil_h, dw = t.kw * p.dil_w;
     const long long x_koff = c * p.sxc;
     FB_UNROLL
     for (int i = 0; i < kAPasses; ++i) {
@@ -165,13 +175,9 @@ struct ConvTileLoader {
   template <typename PutB>
   __device__ __forceinline__ void load_b(const ConvProblem<T>& p, int k0, PutB put_b) const {
     const T zero = from_float<T>(0.0f);
-    const int K = p.C_in_g * p.KH * p.KW;
-    const int k = k0 + k_col;
-    const bool k_ok = k < K;
-    const int c = k_ok ? k % p.C_in_g : 0;
-    const int tap = k_ok ? k / p.C_in_g : 0;
-    const int kw = tap % p.KW, kh = tap / p.KW;
-    const long long w_koff = c * p.swc + kh * p.swh + kw * p.sww;
+    const KTap t = k_tap(p, k0);
+    const bool k_ok = t.ok;
+    const long long w_koff = t.c * p.swc + t.kh * p.swh + t.kw * p.sww;
     FB_UNROLL
     for (int i = 0; i < kBPasses; ++i)
       put_b(k_col, row0 + i * kRowsPerPass, (k_ok && b_ok[i]) ? p.w[b_base[i] + w_koff] : zero);
