@@ -147,23 +147,28 @@ class DarkNet19(ClassifierMixin, FeaturesMixin, nn.Module):
         own output (the map before the pool) is wanted or it is the last stage run."""
         feats: list[Tensor] = []
         pooled = False  # the current stage's pool already ran inside the previous stage's last conv
+        # torch.fx node names: each unit's output is `stages.i.j.act` and each pool's `stages.i.0`, as in the
+        # reference's graph (DarkNet19Reference has the same module paths).
         for i in range(last + 1):
             units = list(self.stages[i])
+            first_unit = 0
             if units and isinstance(units[0], nn.MaxPool2d):
                 if not pooled:
-                    x = max_pool(x, units[0], fused=fused)
-                units = units[1:]
+                    x = max_pool(x, units[0], fused=fused, fx_name=f"stages.{i}.0")
+                units, first_unit = units[1:], 1
             pooled = False
             for j, unit in enumerate(units):
+                path = f"stages.{i}.{first_unit + j}.act"
                 next_pool = None
                 if fused and j == len(units) - 1 and i < last and i not in keep:
                     first = self.stages[i + 1][0]
                     next_pool = first if isinstance(first, nn.MaxPool2d) else None
                 if next_pool is not None:
-                    x = conv_norm_act_max_pool(x, unit.conv, unit.bn, unit.act, next_pool, fused=True)
+                    x = conv_norm_act_max_pool(x, unit.conv, unit.bn, unit.act, next_pool, fused=True,
+                                               fx_names=(path, f"stages.{i + 1}.0"))
                     pooled = True
                 else:
-                    x = conv_norm_act(x, unit.conv, unit.bn, unit.act, fused=fused)
+                    x = conv_norm_act(x, unit.conv, unit.bn, unit.act, fused=fused, fx_name=path)
             if i in keep:
                 feats.append(x)
         return x, feats
@@ -228,7 +233,8 @@ class DarkNet19(ClassifierMixin, FeaturesMixin, nn.Module):
         if self.drop_rate > 0.0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         if fused:
-            x = ops.conv_bias_act(x, head.weight, head.bias, stride=head.stride, padding=head.padding)
+            x = ops.conv_bias_act(x, head.weight, head.bias, stride=head.stride, padding=head.padding,
+                                  fx_name="classifier")
         else:
             x = head(x)
         return self._pool(x, fused)

@@ -8,10 +8,10 @@ Eval-mode launches per block, with today's ops (train mode runs the reference's 
 for op, with its torch.cat):
 
   GoogLeNet
-    Inception         7: branch1's 1x1, the two reduce 1x1s, the two 3x3s (torchvision's "5x5" is a
-                         3x3), the 3x3/1 max pool, the pool branch's 1x1.  `_reduce_1x1s` and
-                         `_pool_branch` are where the horizontal 1x1 fusion (3 -> 1) and the
-                         pool-in-the-loader conv (2 -> 1) go in: 4 launches then.
+    Inception         4: the three 1x1s that read the block input in one launch (branch1 into its slice,
+                         the two reduces into buffers: `ops.conv_bn_act_multi`), the two 3x3s
+                         (torchvision's "5x5" is a 3x3), the pool branch's 1x1 with the 3x3/1 max pool
+                         computed in its loader (`ops.conv_bn_act(..., input_pool=("max", 3))`).
     stem              conv1 + maxpool1 and conv3 + maxpool2 each through ops.conv_bn_act_maxpool (one
                          launch where the backend has a fused stem kernel and the shapes fit it, else
                          two), conv2 one; maxpool3 / maxpool4 one each; the global pool one.
@@ -20,14 +20,15 @@ for op, with its torch.cat):
                          (applied before conv1's zero padding; folding it into conv1's weights would be
                          wrong at the padded border).  It belongs in conv1's loader later.
   Inception-ResNet-v2
-    Mixed_5b          8: three 1x1s on the input, 5x5, 3x3, 3x3, the 3x3/1 avg pool
-                         (count_include_pad=False), its 1x1.
-    Block35           7: three 1x1s, 3x3, 3x3, 3x3 into one 128-channel buffer, then the up-projection.
-    Block17           5: two 1x1s, 1x7, 7x1, the up-projection.
-    Block8            5: two 1x1s, 1x3, 3x1, the up-projection.
+    Mixed_5b          5: the three 1x1s on the input (one launch), 5x5, 3x3, 3x3, the pool branch's 1x1
+                         with the 3x3/1 avg pool (count_include_pad=False) in its loader.
+    Block35           5: the three 1x1s (one launch), 3x3, 3x3, 3x3 into one 128-channel buffer, then the
+                         up-projection.
+    Block17           4: the two 1x1s (one launch), 1x7, 7x1, the up-projection.
+    Block8            4: the two 1x1s (one launch), 1x3, 3x1, the up-projection.
     Mixed_6a          5: 3x3/2, 1x1, 3x3, 3x3/2, the 3x3/2 max pool (writing its slice itself:
                          `ops.max_pool2d(..., out=, out_channel_offset=)`).
-    Mixed_7a          8: three 1x1s, 3x3/2, 3x3/2, 3x3, 3x3/2, the max pool into its slice.
+    Mixed_7a          6: the three 1x1s (one launch), 3x3/2, 3x3/2, 3x3, 3x3/2, the max pool into its slice.
     stem              conv2d_1a, conv2d_2a, conv2d_2b + maxpool_3a, conv2d_3b, conv2d_4a + maxpool_5a
                          (as GoogLeNet's stem); conv2d_7b one; the global pool one.
   The up-projection of a residual block is one launch: out = act(scale * (conv(x) + bias) + residual),
@@ -56,7 +57,7 @@ from fastbone.ops.pool import pool_output_size
 from fastbone.registry import register_converter, register_model
 from .layers import (BatchNormAct2d, ClassifierMixin, FeatureSpec, FeaturesMixin, SelectAdaptivePool2d,
                      _check_pool_type, _norm_and_act, activation_name, conv_norm_act, conv_norm_act_max_pool,
-                     enter_network, head_pool, max_pool)
+                     enter_network, head_pool, input_pool_spec, max_pool, pool_launch)
 
 __all__ = ["BasicConv2d", "Inception", "InceptionAux", "GoogLeNet", "GoogLeNetOutputs", "googlenet",
            "ConvNormAct", "Mixed_5b", "Block35", "Mixed_6a", "Block17", "Mixed_7a", "Block8", "InceptionResnetV2",
@@ -85,18 +86,40 @@ def _concat_output(x: Tensor, channels: int, shrink: nn.Conv2d | None = None) ->
 
 
 @fx_leaf
-def _conv_unit_into(x: Tensor, unit: nn.Module, out: Tensor, offset: int) -> Tensor:
+def _conv_unit_into(x: Tensor, unit: nn.Module, out: Tensor, offset: int, pool: nn.Module | None = None) -> Tensor:
     """A conv unit (BasicConv2d / ConvNormAct: `conv`, `bn`, its activation) on the fused path,
     written to out[:, offset : offset + C]; returns `out`. A BatchNorm left in train mode normalises
-    with batch statistics, as in torch: that unit runs its torch modules and its result is copied in."""
+    with batch statistics, as in torch: that unit runs its torch modules and its result is copied in.
+    pool: the pool in front of the unit (an Inception pool branch), computed in the conv's loader where
+    the op takes it (`input_pool_spec`: same-size 3x3 / 5x5 / 7x7 max or average pools), else its own launch."""
     conv, norm, act = unit.conv, unit.bn, unit.fused_act
+    spec = None if pool is None else input_pool_spec(pool)
+    if pool is not None and (spec is None or norm.training):
+        x, spec = pool_launch(x, pool), None
     if norm.training:
         y = conv_norm_act(x, conv, norm, act, fused=False)
         out.narrow(1, offset, y.shape[1]).copy_(y)
         return out
     norm, act = _norm_and_act(norm, act)
     name, slope = activation_name(act)
-    return ops.conv_bn_act(x, conv, norm, name, slope=slope, out=out, out_channel_offset=offset)
+    return ops.conv_bn_act(x, conv, norm, name, slope=slope, out=out, out_channel_offset=offset, input_pool=spec)
+
+
+@fx_leaf
+def _conv_units_into(x: Tensor, units: Sequence[nn.Module], dests: Sequence[tuple[Tensor, int] | None]) -> tuple:
+    """Conv units that read the same x (an Inception block's 1x1s), in one ops.conv_bn_act_multi launch.
+    dests[i]: (out, offset) writes unit i into out[:, offset : offset + C] and gives `out`; None gives a new
+    tensor. Returns one entry per unit. Units with a BatchNorm in train mode, or with different activations,
+    run one by one."""
+    norms_acts = [_norm_and_act(u.bn, u.fused_act) for u in units]
+    acts = {activation_name(act) for _, act in norms_acts}
+    if len(acts) != 1 or any(u.bn.training for u in units):
+        return tuple(u(x) if d is None else _conv_unit_into(x, u, *d) for u, d in zip(units, dests))
+    name, slope = acts.pop()
+    outs = [None if d is None else d[0].narrow(1, d[1], u.conv.out_channels) for u, d in zip(units, dests)]
+    results = ops.conv_bn_act_multi(x, [u.conv for u in units], [norm for norm, _ in norms_acts], name, slope=slope,
+                                    outs=outs)
+    return tuple(r if d is None else d[0] for r, d in zip(results, dests))
 
 
 def _widths_offsets(widths: Sequence[int]) -> list[int]:
@@ -196,15 +219,13 @@ class Inception(nn.Module):
         return self._pool_branch(x, out, offsets[3])
 
     def _reduce_1x1s(self, x: Tensor, out: Tensor, offset1: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The three 1x1 convs that read x: branch1 into its slice of `out`, the two reduces into buffers
-        (three launches now; one once horizontal 1x1 fusion lands). Returns (out, reduce 3x3, reduce "5x5")."""
-        out = _conv_unit_into(x, self.branch1, out, offset1)
-        return out, self.branch2[0](x), self.branch3[0](x)
+        """The three 1x1 convs that read x in one launch: branch1 into its slice of `out`, the two reduces into
+        new buffers. Returns (out, reduce 3x3, reduce "5x5")."""
+        return _conv_units_into(x, (self.branch1, self.branch2[0], self.branch3[0]), ((out, offset1), None, None))
 
     def _pool_branch(self, x: Tensor, out: Tensor, offset: int) -> Tensor:
-        """max pool 3x3/1 -> 1x1 into its slice of `out`, returned (two launches now; one with the pool in
-        the conv's loader)."""
-        return _conv_unit_into(max_pool(x, self.branch4[0], fused=True), self.branch4[1], out, offset)
+        """max pool 3x3/1 -> 1x1 into its slice of `out`, returned: one launch, the pool in the conv's loader."""
+        return _conv_unit_into(x, self.branch4[1], out, offset, pool=self.branch4[0])
 
 
 class InceptionAux(nn.Module):
@@ -498,14 +519,11 @@ class Mixed_5b(nn.Module):
         widths = [u.out_channels for u in ends]
         offsets = _widths_offsets(widths)
         out = _concat_output(x, sum(widths))
-        out = _conv_unit_into(x, self.branch0, out, offsets[0])  # the three 1x1s on x: one launch once fused
-        mid1, mid2 = self.branch1[0](x), self.branch2[0](x)
+        out, mid1, mid2 = _conv_units_into(x, (self.branch0, self.branch1[0], self.branch2[0]),
+                                           ((out, offsets[0]), None, None))
         out = _conv_unit_into(mid1, self.branch1[1], out, offsets[1])
         out = _conv_unit_into(self.branch2[1](mid2), self.branch2[2], out, offsets[2])
-        pool = self.branch3[0]
-        pooled = ops.avg_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode,
-                                pool.count_include_pad)
-        return _conv_unit_into(pooled, self.branch3[1], out, offsets[3])
+        return _conv_unit_into(x, self.branch3[1], out, offsets[3], pool=self.branch3[0])
 
 
 def _max_pool_into(x: Tensor, pool: nn.MaxPool2d, out: Tensor, offset: int) -> Tensor:
@@ -567,7 +585,7 @@ class Mixed_7a(nn.Module):
                   self.branch0[0].in_channels]
         offsets = _widths_offsets(widths)
         out = _concat_output(x, sum(widths), self.branch0[-1].conv)
-        mids = [self.branch0[0](x), self.branch1[0](x), self.branch2[0](x)]  # the 1x1s on x: one launch once fused
+        mids = _conv_units_into(x, (self.branch0[0], self.branch1[0], self.branch2[0]), (None, None, None))
         out = _conv_unit_into(mids[0], self.branch0[1], out, offsets[0])
         out = _conv_unit_into(mids[1], self.branch1[1], out, offsets[1])
         out = _conv_unit_into(self.branch2[1](mids[2]), self.branch2[2], out, offsets[2])
@@ -638,8 +656,8 @@ class Block35(_ScaledResidual, nn.Module):
             branches = torch.cat((self.branch0(x), self.branch1(x), self.branch2(x)), 1)
             return self._reference_up_projection(branches, x, self.act)
         buf, offsets = self._branch_buffer(x, (self.branch0, self.branch1[-1], self.branch2[-1]))
-        buf = _conv_unit_into(x, self.branch0, buf, offsets[0])  # the three 1x1s on x: one launch once fused
-        mid1, mid2 = self.branch1[0](x), self.branch2[0](x)
+        buf, mid1, mid2 = _conv_units_into(x, (self.branch0, self.branch1[0], self.branch2[0]),
+                                           ((buf, offsets[0]), None, None))
         buf = _conv_unit_into(mid1, self.branch1[1], buf, offsets[1])
         buf = _conv_unit_into(self.branch2[1](mid2), self.branch2[2], buf, offsets[2])
         return self._up_projection(buf, x, self.act)
@@ -673,8 +691,7 @@ def _two_branch_forward(block, x: Tensor, act) -> Tensor:
         branches = torch.cat((block.branch0(x), block.branch1(x)), 1)
         return block._reference_up_projection(branches, x, act)
     buf, offsets = block._branch_buffer(x, (block.branch0, block.branch1[-1]))
-    buf = _conv_unit_into(x, block.branch0, buf, offsets[0])  # the two 1x1s on x: one launch once fused
-    mid = block.branch1[0](x)
+    buf, mid = _conv_units_into(x, (block.branch0, block.branch1[0]), ((buf, offsets[0]), None))
     buf = _conv_unit_into(block.branch1[1](mid), block.branch1[2], buf, offsets[1])
     return block._up_projection(buf, x, act)
 

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from fastbone._fx import fx_leaf, is_traced
 from fastbone import ops
@@ -178,13 +179,24 @@ def max_pool(x: Tensor, pool: nn.MaxPool2d, *, fused: bool) -> Tensor:
     return ops.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode)
 
 
-@fx_leaf
 def conv_norm_act_max_pool(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Module | str | None,
-                           pool: nn.MaxPool2d, *, fused: bool) -> Tensor:
+                           pool: nn.MaxPool2d, *, fused: bool, fx_names: tuple[str, str] | None = None) -> Tensor:
     """pool(act(norm(conv(x)))): the stems' conv + pool (ResNet, GoogLeNet, ShuffleNet, SqueezeNet) and the
     body's conv + 2x2 / 2 pool (VGG, DarkNet-19). fused=True: one ops.conv_bn_act_maxpool (one launch where
     the backend fuses that pool); a BatchNorm with batch statistics or a pool outside what the op takes
-    (dilation, return_indices) runs as conv_norm_act then max_pool, as conv_norm_act's own rules say."""
+    (dilation, return_indices) runs as conv_norm_act then max_pool, as conv_norm_act's own rules say.
+    fx_names: the reference's module paths of the activation's and the pool's outputs. Under torch.fx tracing
+    the two then run as two leaf calls with those names: the map between them is a tap users ask the
+    reference for (VGG's relu3_3 = features.15 for perceptual losses, DarkNet's stage outputs)."""
+    if fx_names is not None and is_traced(x):
+        y = conv_norm_act(x, conv, norm, act, fused=fused, fx_name=fx_names[0])
+        return pool(y) if not fused else max_pool(y, pool, fused=True, fx_name=fx_names[1])
+    return _conv_norm_act_max_pool(x, conv, norm, act, pool, fused=fused)
+
+
+@fx_leaf
+def _conv_norm_act_max_pool(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Module | str | None,
+                            pool: nn.MaxPool2d, *, fused: bool) -> Tensor:
     if not fused:
         return pool(conv_norm_act(x, conv, norm, act, fused=False))
     batch_statistics = norm is not None and norm.training and isinstance(norm, nn.modules.batchnorm._BatchNorm)
@@ -194,6 +206,35 @@ def conv_norm_act_max_pool(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, a
     name, slope = activation_name(act)
     return ops.conv_bn_act_maxpool(x, conv, norm, name, slope=slope, pool_kernel=pool.kernel_size,
                                    pool_stride=pool.stride, pool_padding=pool.padding, ceil_mode=pool.ceil_mode)
+
+
+def input_pool_spec(pool: nn.Module) -> tuple[str, int] | None:
+    """The `input_pool` argument of ops.conv_bn_act for a pool that keeps the map's size and can run in the
+    following conv's loader: a square k x k max pool (k = 3, 5, 7) with stride 1 and padding k // 2 (ceil_mode
+    changes nothing at stride 1), or such an average pool with count_include_pad=False; None for others."""
+    if isinstance(pool, nn.MaxPool2d):
+        if pool.dilation not in (1, (1, 1)) or pool.return_indices:
+            return None
+        mode = "max"
+    elif isinstance(pool, nn.AvgPool2d):
+        if pool.count_include_pad or pool.divisor_override is not None:
+            return None
+        mode = "avg"
+    else:
+        return None
+    k, st, p = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)
+    if k[0] != k[1] or k[0] not in (3, 5, 7) or st != (1, 1) or p != (k[0] // 2, k[0] // 2):
+        return None
+    return mode, k[0]
+
+
+def pool_launch(x: Tensor, pool: nn.Module) -> Tensor:
+    """An nn.MaxPool2d / nn.AvgPool2d as its own fastbone launch (eval path)."""
+    if isinstance(pool, nn.MaxPool2d):
+        return max_pool(x, pool, fused=True)
+    if isinstance(pool, nn.AvgPool2d) and pool.divisor_override is None:
+        return ops.avg_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.count_include_pad)
+    return pool(x)
 
 
 @fx_leaf

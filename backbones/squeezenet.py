@@ -47,13 +47,16 @@ class Fire(nn.Module):
         return torch.cat([self.expand1x1_activation(self.expand1x1(x)),
                           self.expand3x3_activation(self.expand3x3(x))], 1)
 
-    def forward_fused(self, x: Tensor) -> Tensor:
-        """Two launches: the squeeze conv + ReLU, then both expand convs in one (ops.fire_expand)."""
-        s = conv_norm_act(x, self.squeeze, None, self.squeeze_activation, fused=True)
+    def forward_fused(self, x: Tensor, path: str | None = None) -> Tensor:
+        """Two launches: the squeeze conv + ReLU, then both expand convs in one (ops.fire_expand). path: the
+        module's path, for torch.fx node names as torchvision's (`{path}.squeeze_activation`, `{path}.cat`)."""
+        s = conv_norm_act(x, self.squeeze, None, self.squeeze_activation, fused=True,
+                          fx_name=None if path is None else f"{path}.squeeze_activation")
         act1, slope1 = activation_name(self.expand1x1_activation)
         act3, slope3 = activation_name(self.expand3x3_activation)
         if (act1, slope1) == (act3, slope3):
-            return ops.fire_expand(s, self.expand1x1, self.expand3x3, act=act1, slope=slope1)
+            return ops.fire_expand(s, self.expand1x1, self.expand3x3, act=act1, slope=slope1,
+                                   fx_name=None if path is None else f"{path}.cat")
         # Different activations per half (not torchvision's Fire): each conv into its slice of one output.
         n, _, h, w = s.shape
         out = torch.empty((n, self.out_channels, h, w), dtype=s.dtype, device=s.device,
@@ -126,19 +129,21 @@ class SqueezeNet(ClassifierMixin, FeaturesMixin, nn.Module):
         self._stage_ends.append((self.features[-1].out_channels, reduction, len(self.features) - 1))
         self._init_classifier_api(global_pool, dropout)
 
-    def _run(self, m: nn.Module, x: Tensor, fused: bool) -> Tensor:
+    def _run(self, i: int, x: Tensor, fused: bool) -> Tensor:
+        """features[i]; on the fused path its leaf calls carry torchvision's node names (torch.fx)."""
+        m = self.features[i]
         if not fused:
             return m(x)
         if isinstance(m, Fire):
-            return m.forward_fused(x)
+            return m.forward_fused(x, f"features.{i}")
         if isinstance(m, nn.MaxPool2d):
-            return max_pool(x, m, fused=True)
+            return max_pool(x, m, fused=True, fx_name=f"features.{i}")
         raise TypeError(f"SqueezeNet features past the stem hold Fire modules and MaxPool2d, got {type(m).__name__}")
 
     def _stem(self, x: Tensor, fused: bool) -> Tensor:
         """conv + ReLU + max pool: one op (the stem kernel where the backend has one)."""
         conv, relu, pool = self.features[0], self.features[1], self.features[2]
-        return conv_norm_act_max_pool(x, conv, None, relu, pool, fused=fused)
+        return conv_norm_act_max_pool(x, conv, None, relu, pool, fused=fused, fx_names=("features.1", "features.2"))
 
     # --- features_only: the map before each max pool (the stem's ReLU first), then the last Fire's ---
 
@@ -157,11 +162,11 @@ class SqueezeNet(ClassifierMixin, FeaturesMixin, nn.Module):
             feats.append(y)
             if len(wanted) == 1:
                 return feats
-            x = self._run(self.features[2], y, fused)
+            x = self._run(2, y, fused)
         else:
             x = self._stem(x, fused)
         for i in range(3, len(self.features)):
-            x = self._run(self.features[i], x, fused)
+            x = self._run(i, x, fused)
             if i in wanted:
                 feats.append(x)
                 if i == wanted[-1]:
@@ -205,8 +210,8 @@ class SqueezeNet(ClassifierMixin, FeaturesMixin, nn.Module):
         """`features`' output (the last Fire's, 512 channels), unpooled."""
         x, fused = enter_network(self, x)
         x = self._stem(x, fused)
-        for m in list(self.features)[3:]:
-            x = self._run(m, x, fused)
+        for i in range(3, len(self.features)):
+            x = self._run(i, x, fused)
         return x
 
     def _pre_logits(self, x: Tensor, fused: bool) -> Tensor:
@@ -220,11 +225,11 @@ class SqueezeNet(ClassifierMixin, FeaturesMixin, nn.Module):
         dropout, conv, relu, pool = self.classifier
         x = dropout(x)  # the identity in eval
         if isinstance(conv, nn.Conv2d):
-            x = conv_norm_act(x, conv, None, relu, fused=fused)
+            x = conv_norm_act(x, conv, None, relu, fused=fused, fx_name="classifier.2")
         elif not fused:
             x = relu(x)
         # (num_classes=0 on the fused path: the features come out of a ReLU, so the ReLU is the identity.)
-        return torch.flatten(head_pool(x, pool, fused=fused), 1)
+        return torch.flatten(head_pool(x, pool, fused=fused, fx_name="classifier.3"), 1)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.feature_indices is not None:

@@ -126,9 +126,14 @@ class VGG(ClassifierMixin, FeaturesMixin, nn.Module):
         f = self.features
         return f[u.conv], None if u.norm is None else f[u.norm], None if u.act is None else f[u.act]
 
+    @staticmethod
+    def _unit_path(u: ConvUnit) -> str:
+        """torchvision's node name of the unit's output: its last module (the ReLU, else the BatchNorm / conv)."""
+        return f"features.{max(i for i in (u.conv, u.norm, u.act) if i is not None)}"
+
     def _run_units(self, x: Tensor, units: list[ConvUnit], fused: bool) -> Tensor:
         for u in units:
-            x = conv_norm_act(x, *self._unit_modules(u), fused=fused)
+            x = conv_norm_act(x, *self._unit_modules(u), fused=fused, fx_name=self._unit_path(u))
         return x
 
     def _run_stage(self, x: Tensor, units: list[ConvUnit], pool: int | None, fused: bool) -> Tensor:
@@ -136,9 +141,10 @@ class VGG(ClassifierMixin, FeaturesMixin, nn.Module):
         epilogue (conv_norm_act_max_pool), so its unpooled output is never stored."""
         if pool is None or not units:
             x = self._run_units(x, units, fused)
-            return x if pool is None else max_pool(x, self.features[pool], fused=fused)
+            return x if pool is None else max_pool(x, self.features[pool], fused=fused, fx_name=f"features.{pool}")
         x = self._run_units(x, units[:-1], fused)
-        return conv_norm_act_max_pool(x, *self._unit_modules(units[-1]), self.features[pool], fused=fused)
+        return conv_norm_act_max_pool(x, *self._unit_modules(units[-1]), self.features[pool], fused=fused,
+                                      fx_names=(self._unit_path(units[-1]), f"features.{pool}"))
 
     def _features(self, x: Tensor, fused: bool) -> Tensor:
         for units, pool in self._stages:
@@ -192,8 +198,8 @@ class VGG(ClassifierMixin, FeaturesMixin, nn.Module):
         return self._features(x, fused)
 
     def _pre_logits(self, x: Tensor, fused: bool) -> Tensor:
-        if fused:
-            return hidden_layers(x, self.avgpool, self.classifier)
+        if fused:  # classifier[:6]'s output: torchvision's node classifier.5 (the last Dropout)
+            return hidden_layers(x, self.avgpool, self.classifier, fx_name="classifier.5")
         x = head_pool(x, self.avgpool, fused=fused)
         # flatten of the logical (N, C, H, W) shape is torchvision's NCHW order whatever the memory layout.
         x = torch.flatten(x, 1)

@@ -52,6 +52,7 @@ def jobs_for(models, extra, batches, dtype, size) -> tuple[list, int]:
         for kernel, args, kwargs, _ in launches:
             pointers = triton_launches.as_pointers(args)
             for fn, kw in triton_launches.expand_autotuned(kernel, args, kwargs):
+                kw = dict(zip(kw, triton_launches.as_pointers(kw.values())))  # tensors passed by keyword too
                 key = triton_launches.approximate_specialization(fn, pointers, kw)
                 if key not in seen:
                     seen.add(key)

@@ -9,6 +9,7 @@
 // (tests compare them through depthwise_launch_plan / separable_launch_plan).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -77,7 +78,37 @@ unsigned grid_blocks(int64_t items, int64_t max_blocks) {
   return (unsigned)std::min(items, cap);
 }
 
+// FASTBONE_CUDA_SEPARABLE_MMA: whether float16 / bfloat16 separable convs may run the tensor-core
+// variant (separable_conv_bn_act_tc_kernel; column tiles of 64 / 128 only). Read on every call, so tests
+// can switch it with monkeypatch.setenv.
+//   unset, "" or "auto": on GPUs of compute capability >= kSepTcMinCC, never in the emulator
+//   "1": also in the emulator (CPU tests of the kernel: its B pipeline, fragments, epilogue)
+//   "0": never (the plain variant everywhere, e.g. to compare the two on a GPU)
+bool separable_mma_allowed(bool emulator) {
+  const char* env = std::getenv("FASTBONE_CUDA_SEPARABLE_MMA");
+  const std::string v = env == nullptr ? "" : env;
+  if (v.empty() || v == "auto") return !emulator;  // a GPU subject to its compute capability
+  if (v == "0") return false;
+  if (v == "1") return true;
+  throw std::invalid_argument("FASTBONE_CUDA_SEPARABLE_MMA=" + v + ": expected auto, 0 or 1");
+}
+
+// Whether the launcher asks the plan for the tensor-core variant; compute_capability 0: the emulator.
+bool separable_tensor_cores(int64_t dtype, int64_t compute_capability) {
+  const bool emulator = compute_capability == 0;
+  if (dtype == fb::kFloat32 || !separable_mma_allowed(emulator)) return false;
+  return emulator || compute_capability >= fb::kSepTcMinCC;
+}
+
+// The separable kernel's column tile (output channels per block) for C_out per group.
+int64_t separable_col_tile(int64_t c_out_g) { return c_out_g <= 16 ? 16 : (c_out_g <= 64 ? 64 : 128); }
+
 }  // namespace
+
+std::string separable_variant(int64_t c_out_g, int64_t dtype, int64_t compute_capability) {
+  const bool tc = separable_tensor_cores(dtype, compute_capability) && separable_col_tile(c_out_g) >= 64;
+  return tc ? "mma" : "plain";
+}
 
 // {tile_h, tile_w, channel block, dynamic shared memory bytes}; all 0 when the input region of a
 // single output pixel does not fit (a huge dilated kernel): run the generic conv instead.
@@ -104,7 +135,7 @@ std::vector<int64_t> depthwise_launch_plan(int64_t c_out, int64_t oh, int64_t ow
 std::vector<int64_t> separable_launch_plan(int64_t c_out_g, int64_t oh, int64_t ow, int64_t kh, int64_t kw,
                                            const Dims& conv, bool tensor_cores) {
   dw_check_conv(conv);
-  const int64_t bn = c_out_g <= 16 ? 16 : (c_out_g <= 64 ? 64 : 128);
+  const int64_t bn = separable_col_tile(c_out_g);
   const bool tc = tensor_cores && bn >= 64;
   auto bytes = [&](int64_t th, int64_t tw) {
     int64_t b = (region(th, kh, conv[0], conv[4]) * region(tw, kw, conv[1], conv[5]) + kh * kw + 2) * fb::kSepBK *
@@ -223,10 +254,7 @@ void separable_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strid
   if (n == 0 || c_out == 0 || oh == 0 || ow == 0) return;
   for (int64_t v : {x_shape[2], x_shape[3], c_dw, c_out, oh, ow, kh, kw, out_shape[1]}) dw_check_int(v, "a size");
   const int64_t c_out_g = c_out / pw_groups;
-  bool tensor_cores = false;
-#ifndef FASTBONE_EMU
-  tensor_cores = dtype != fb::kFloat32 && current_compute_capability() >= fb::kSepTcMinCC;
-#endif
+  const bool tensor_cores = separable_tensor_cores(dtype, current_compute_capability());
   const std::vector<int64_t> plan = separable_launch_plan(c_out_g, oh, ow, kh, kw, conv, tensor_cores);
   if (plan[0] == 0)
     throw std::invalid_argument("separable_conv_bn_act: a " + std::to_string(kh) + "x" + std::to_string(kw) +
@@ -257,15 +285,13 @@ void separable_conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strid
       (int)tw, (long long)n, (float)dw_eps, (float)dw_slope, (float)pw_eps, (float)pw_slope
       auto launch = [&](auto bn_c) {
         constexpr int BN = decltype(bn_c)::value;
-#ifndef FASTBONE_EMU
         if constexpr (!std::is_same<T, float>::value && BN >= 64) {
-          if (tensor_cores) {  // float16 / bfloat16 on sm_80+: the pointwise GEMM on tensor cores
+          if (tensor_cores) {  // float16 / bfloat16 on sm_80+ (or forced): the pointwise GEMM on tensor cores
             FB_LAUNCH((fb::separable_conv_bn_act_tc_kernel<T, ACT, BN>), grid, dim3(fb::kDwThreads),
                       (size_t)plan[3], FB_STREAM(stream), SEP_ARGS);
             return;
           }
         }
-#endif
         FB_LAUNCH((fb::separable_conv_bn_act_kernel<T, ACT, BN>), grid, dim3(fb::kDwThreads), (size_t)plan[3],
                   FB_STREAM(stream), SEP_ARGS);
       };
@@ -287,10 +313,8 @@ std::vector<LaunchConstant> depthwise_launch_constants() {
       {"dw_channel_blocks", {fb::kDwMinChannelBlock, 32, fb::kDwMaxChannelBlock}, true},
       {"sep_tile", {fb::kSepBM, fb::kSepBK, fb::kSepTM}, true},
       {"sep_col_tiles", {16, 64, 128}, true},
-#ifndef FASTBONE_EMU
       {"sep_tc_min_cc", {fb::kSepTcMinCC}, false},
       {"sep_tc_scratch_bytes", {fb::kSepTcScratchBytes}, false},
-#endif
   };
 }
 

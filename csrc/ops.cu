@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -194,35 +195,132 @@ std::vector<std::vector<int64_t>> conv_launch_plan(int64_t n, int64_t oh, int64_
   return plan;
 }
 
-// conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; residual == 0 for none.
-void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
-                 const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight, uintptr_t bn_bias, uintptr_t bn_mean,
-                 uintptr_t bn_var, double eps, uintptr_t residual, const Dims& res_strides, uintptr_t out,
-                 const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset, const Dims& conv,
-                 int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream, uintptr_t in_scale,
-                 int64_t in_scale_stride, int64_t residual_after_act) {
-  check_dims(x_shape, "x_shape"), check_dims(x_strides, "x_strides"), check_dims(w_shape, "w_shape");
-  check_dims(w_strides, "w_strides"), check_dims(res_strides, "res_strides"), check_dims(out_shape, "out_shape");
-  check_dims(out_strides, "out_strides"), check_params(conv, 6, "conv"), check_bn(bn_mean, bn_var);
-  if (groups < 1) throw std::invalid_argument("groups must be >= 1, got " + std::to_string(groups));
-  const int64_t n = x_shape[0], c_out = w_shape[0], oh = out_shape[2], ow = out_shape[3];
-  const int64_t c_out_g = c_out / groups;
-  if (n * oh * ow == 0 || c_out == 0) return;
-  // Sizes the kernels hold in ints (one launch's pixel count is split to fit, below).
-  check_int_range(x_shape[2], "H"), check_int_range(x_shape[3], "W"), check_int_range(oh, "OH");
-  check_int_range(out_c_offset + c_out, "out_c_offset + C_out");
-  check_int_range(w_shape[1] * w_shape[2] * w_shape[3] + 64, "C_in/groups * KH * KW");
-  const ConvVariant variant = choose_conv_variant(n * oh * ow, c_out_g, groups, dtype, current_compute_capability());
-  const int64_t sxn = x_strides[0], sxc = x_strides[1], sxh = x_strides[2], sxw = x_strides[3];
-  const int64_t swo = w_strides[0], srn = res_strides[0], src = res_strides[1], srh = res_strides[2];
-  const int64_t son = out_strides[0], soh = out_strides[2];
-  dispatch_dtype(dtype, [&](auto tag) {
+// --- the conv launches (plain and horizontally fused) -----------------------------------------
+
+// One conv of a launcher call: its weight, epilogue tensors (0 = absent) and destination. conv_bn_act
+// has one; conv_bn_act_multi one per fused conv (segment).
+struct ConvSegmentArgs {
+  uintptr_t w;
+  Dims w_strides;
+  uintptr_t bias, bn_weight, bn_bias, bn_mean, bn_var;
+  double eps;
+  uintptr_t out;
+  Dims out_strides;
+  int64_t c_out_g;  // output channels per group
+};
+
+// What all segments of a call share. residual / in_scale / input pool / channel maps: conv_bn_act only (0 in
+// the multi).
+struct ConvCommonArgs {
+  uintptr_t x;
+  Dims x_shape, x_strides;
+  int64_t c_in_g, kh, kw, oh, ow;
+  const Dims* conv;
+  uintptr_t residual;
+  Dims res_strides;
+  int64_t out_c_offset;
+  int64_t dtype, act;
+  double slope;
+  uintptr_t stream, in_scale;
+  int64_t in_scale_stride, residual_after_act, input_pool_mode, input_pool_kernel;
+  uintptr_t in_channel_map, out_channel_map;  // int64 (C_in,) / (C_out,), 0: identity
+};
+
+// A segment's share of one launch: output channels [c0, c0 + c) of each launched group of segment `seg`.
+struct ConvPiece {
+  int64_t seg, c0, c;
+};
+
+// One launch: images [n0, n0 + n) (rows [oh0, oh0 + oh)), groups [g0, g0 + g) and up to kConvMaxSegments
+// pieces, whose channel tiles lie one after the other along gridDim.y (conv_segment_problem).
+struct ConvLaunch {
+  int64_t n0, n, oh0, oh, g0, g;
+  std::vector<ConvPiece> pieces;
+};
+
+// The horizontally fused launches' segment packing: each segment's channels in pieces of at most
+// max_grid_yz tiles, packed in order into launches of at most kConvMaxSegments pieces and max_grid_yz
+// tiles (gridDim.y) each.
+std::vector<std::vector<ConvPiece>> conv_multi_packs(const Dims& c_outs, int64_t block_n) {
+  const int64_t max_yz = launch_limits().max_grid_yz, max_c = max_yz * block_n;
+  std::vector<std::vector<ConvPiece>> packs;
+  int64_t tiles = 0;
+  for (int64_t s = 0; s < (int64_t)c_outs.size(); ++s)
+    for (int64_t c0 = 0; c0 < c_outs[s]; c0 += max_c) {
+      const ConvPiece piece{s, c0, std::min(max_c, c_outs[s] - c0)};
+      const int64_t piece_tiles = fb::ceil_div(piece.c, block_n);
+      if (packs.empty() || (int64_t)packs.back().size() == fb::kConvMaxSegments || tiles + piece_tiles > max_yz) {
+        packs.emplace_back();
+        tiles = 0;
+      }
+      packs.back().push_back(piece);
+      tiles += piece_tiles;
+    }
+  return packs;
+}
+
+std::vector<std::vector<int64_t>> conv_multi_launch_plan(const Dims& c_outs, int64_t block_n) {
+  std::vector<std::vector<int64_t>> plan;
+  for (const auto& pack : conv_multi_packs(c_outs, block_n)) {
+    plan.emplace_back();
+    for (const ConvPiece& p : pack) plan.back().insert(plan.back().end(), {p.seg, p.c0, p.c});
+  }
+  return plan;
+}
+
+// The kernels' parameters of segments 1 and 2 (FB_CONV_SEGMENT_PARAMS); all zero where unused.
+template <typename T>
+struct KernelSegment {
+  const T* w = nullptr;
+  const float *bias = nullptr, *bn_weight = nullptr, *bn_bias = nullptr, *bn_mean = nullptr, *bn_var = nullptr;
+  T* out = nullptr;
+  int c_out = 0;
+  float eps = 0.0f;
+  long long swo = 0, swc = 0, swh = 0, sww = 0, son = 0, soc = 0, soh = 0, sow = 0;
+};
+#define FB_KERNEL_SEGMENT_ARGS(s)                                                                              \
+  s.w, s.bias, s.bn_weight, s.bn_bias, s.bn_mean, s.bn_var, s.out, s.c_out, s.eps, s.swo, s.swc, s.swh, s.sww, \
+      s.son, s.soc, s.soh, s.sow
+
+// Runs the launches `plan(block_n)` gives for the chosen variant's tile. Each launch's pointers are
+// advanced to its first image / row, group and channel; a row band starting at output row oh0 sees
+// rows 0.. and padding pad_h - oh0 * stride_h, so its input rows (oh * stride - pad) are the image's own.
+// The kernel's C_out_g of a piece is its channel count c: both its bound on a group's channels and its
+// stride between groups (oc = g * C_out_g + n from the piece's first channel). Channels are split only
+// one group per launch, so where a launch spans several groups c is the whole C_out / groups.
+// Channel maps (kernels/conv.cuh: ConvProblem) are advanced to the launch's first input channel / output
+// channel instead: their entries count from channel 0 of x and of the slice, so x, in_scale (indexed by the
+// channel read) and out_c_offset stay unshifted by the launch's groups / channels where a map is given.
+void run_conv(const ConvCommonArgs& a, const std::vector<ConvSegmentArgs>& segs, ConvVariant variant,
+              const std::function<std::vector<ConvLaunch>(int64_t block_n)>& plan) {
+  const Dims& conv = *a.conv;
+  const int64_t sxn = a.x_strides[0], sxc = a.x_strides[1];
+  const bool in_mapped = a.in_channel_map != 0, out_mapped = a.out_channel_map != 0;
+  const int64_t srn = a.res_strides[0], src = a.res_strides[1], srh = a.res_strides[2];
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dispatch_act(act, [&](auto act_c) {
+    dispatch_act(a.act, [&](auto act_c) {
       constexpr int ACT = decltype(act_c)::value;
-      // One launch per chunk: pointers advanced to its first image / row, group and channel.
-      // A row band starts at output row oh0: the kernel sees rows 0.. and padding
-      // pad_h - oh0 * stride_h, so its input rows (oh * stride - pad) are the image's own.
+      // A piece's weight and vectors from its first output channel oc0 (group offset included), its
+      // destination from image n0, row oh0 (and channel oc0 where channel_in_pointer).
+      auto segment_at = [&](const ConvPiece& piece, int64_t g0, int64_t n0, int64_t oh0, bool channel_in_pointer) {
+        const ConvSegmentArgs& s = segs[piece.seg];
+        const int64_t oc0 = g0 * s.c_out_g + piece.c0;
+        KernelSegment<T> k;
+        k.w = in_ptr<T>(s.w) + oc0 * s.w_strides[0];
+        k.bias = offset_or_null(in_ptr<float>(s.bias), oc0);
+        k.bn_weight = offset_or_null(in_ptr<float>(s.bn_weight), oc0);
+        k.bn_bias = offset_or_null(in_ptr<float>(s.bn_bias), oc0);
+        k.bn_mean = offset_or_null(in_ptr<float>(s.bn_mean), oc0);
+        k.bn_var = offset_or_null(in_ptr<float>(s.bn_var), oc0);
+        k.out = out_ptr<T>(s.out) + n0 * s.out_strides[0] + oh0 * s.out_strides[2] +
+                (channel_in_pointer ? oc0 * s.out_strides[1] : 0);
+        k.c_out = (int)piece.c;
+        k.eps = (float)s.eps;
+        k.swo = s.w_strides[0], k.swc = s.w_strides[1], k.swh = s.w_strides[2], k.sww = s.w_strides[3];
+        k.son = s.out_strides[0], k.soc = s.out_strides[1], k.soh = s.out_strides[2], k.sow = s.out_strides[3];
+        return k;
+      };
       auto run = [&](auto conv_kernel, int64_t bm, int64_t block_n, int threads, int smem = 0) {
 #ifndef FASTBONE_EMU
         if (smem > 48 * 1024) {  // past the default limit the kernel must opt in (sm_80+: up to 163 KiB)
@@ -233,33 +331,39 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
                                      std::to_string(smem) + " bytes of shared memory: " + cudaGetErrorString(err));
         }
 #endif
-        for (const ConvChunk& ch : conv_chunks(n, oh, ow, groups, c_out_g, block_n)) {
-          const int64_t oc0 = ch.g0 * c_out_g + ch.c0;  // first output channel of the chunk
-          const int64_t m = ch.n * ch.oh * ow;
-          const dim3 grid((unsigned)fb::ceil_div(m, bm), (unsigned)fb::ceil_div(ch.c, block_n), (unsigned)ch.g);
-          FB_LAUNCH(conv_kernel, grid, dim3(threads), smem, FB_STREAM(stream),
-                    in_ptr<T>(x) + ch.n0 * sxn + ch.g0 * w_shape[1] * sxc, in_ptr<T>(w) + oc0 * swo,
-                    offset_or_null(in_ptr<float>(bias), oc0), offset_or_null(in_ptr<float>(bn_weight), oc0),
-                    offset_or_null(in_ptr<float>(bn_bias), oc0), offset_or_null(in_ptr<float>(bn_mean), oc0),
-                    offset_or_null(in_ptr<float>(bn_var), oc0),
-                    offset_or_null(in_ptr<T>(residual), ch.n0 * srn + ch.oh0 * srh + oc0 * src),
-                    out_ptr<T>(out) + ch.n0 * son + ch.oh0 * soh,
-                    offset_or_null(in_ptr<float>(in_scale), ch.n0 * in_scale_stride + ch.g0 * w_shape[1]),
-                    (int)m, (int)x_shape[2], (int)x_shape[3],
-                    (int)w_shape[1], (int)ch.oh, (int)ow, (int)ch.c, (int)w_shape[2], (int)w_shape[3],
-                    (long long)sxn, (long long)sxc, (long long)sxh, (long long)sxw, (long long)swo,
-                    (long long)w_strides[1], (long long)w_strides[2], (long long)w_strides[3], (long long)srn,
-                    (long long)src, (long long)srh, (long long)res_strides[3], (long long)son,
-                    (long long)out_strides[1], (long long)soh, (long long)out_strides[3],
-                    (int)(out_c_offset + oc0), (int)conv[0], (int)conv[1], (int)(conv[2] - ch.oh0 * conv[0]),
-                    (int)conv[3], (int)conv[4], (int)conv[5], (float)eps, (float)slope, (long long)in_scale_stride,
-                    (int)(residual_after_act != 0));
+        for (const ConvLaunch& l : plan(block_n)) {
+          const ConvPiece& first = l.pieces[0];
+          const int64_t oc0 = l.g0 * segs[first.seg].c_out_g + first.c0;  // the first piece's first channel
+          const int64_t m = l.n * l.oh * a.ow;
+          int64_t tiles = 0;
+          for (const ConvPiece& p : l.pieces) tiles += fb::ceil_div(p.c, block_n);
+          // Segment 0 travels in the kernel's own parameters (out_c_offset + oc0 from the destination's
+          // pointer); pieces 1, 2 in the segment parameters, their channel offsets in their pointers.
+          const KernelSegment<T> s0 = segment_at(first, l.g0, l.n0, l.oh0, false);
+          KernelSegment<T> s1, s2;
+          if (l.pieces.size() > 1) s1 = segment_at(l.pieces[1], l.g0, l.n0, l.oh0, true);
+          if (l.pieces.size() > 2) s2 = segment_at(l.pieces[2], l.g0, l.n0, l.oh0, true);
+          const dim3 grid((unsigned)fb::ceil_div(m, bm), (unsigned)tiles, (unsigned)l.g);
+          const int64_t ic0 = l.g0 * a.c_in_g;  // the launch's first input channel
+          FB_LAUNCH(conv_kernel, grid, dim3(threads), smem, FB_STREAM(a.stream),
+                    in_ptr<T>(a.x) + l.n0 * sxn + (in_mapped ? 0 : ic0 * sxc), s0.w, s0.bias, s0.bn_weight,
+                    s0.bn_bias, s0.bn_mean, s0.bn_var,
+                    offset_or_null(in_ptr<T>(a.residual), l.n0 * srn + l.oh0 * srh + oc0 * src),
+                    s0.out,
+                    offset_or_null(in_ptr<float>(a.in_scale), l.n0 * a.in_scale_stride + (in_mapped ? 0 : ic0)),
+                    (int)m, (int)a.x_shape[2], (int)a.x_shape[3], (int)a.c_in_g, (int)l.oh, (int)a.ow, s0.c_out,
+                    (int)a.kh, (int)a.kw, (long long)sxn, (long long)sxc, (long long)a.x_strides[2],
+                    (long long)a.x_strides[3], s0.swo, s0.swc, s0.swh, s0.sww, (long long)srn, (long long)src,
+                    (long long)srh, (long long)a.res_strides[3], s0.son, s0.soc, s0.soh, s0.sow,
+                    (int)(a.out_c_offset + (out_mapped ? 0 : oc0)), (int)conv[0], (int)conv[1],
+                    (int)(conv[2] - l.oh0 * conv[0]), (int)conv[3], (int)conv[4], (int)conv[5], s0.eps,
+                    (float)a.slope, (long long)a.in_scale_stride, (int)(a.residual_after_act != 0),
+                    (int)a.input_pool_mode, (int)a.input_pool_kernel,
+                    offset_or_null(in_ptr<long long>(a.in_channel_map), ic0),
+                    offset_or_null(in_ptr<long long>(a.out_channel_map), oc0), (int)l.pieces.size(),
+                    FB_KERNEL_SEGMENT_ARGS(s1), FB_KERNEL_SEGMENT_ARGS(s2));
         }
       };
-      // The kernel's C_out_g is the chunk's channel count ch.c: both its bound on a group's
-      // channels and its stride between groups (oc = g * C_out_g + n from the chunk's first
-      // channel). Channels are split only one group per launch, so where a launch spans several
-      // groups ch.c is the whole C_out / groups and the stride is right.
       auto launch = [&](auto tile) {
         using Tile = decltype(tile);
         run(fb::conv_bn_act_kernel<T, ACT, Tile::BM, Tile::BN, Tile::BK, Tile::TM, Tile::TN>, Tile::BM, Tile::BN,
@@ -276,6 +380,122 @@ void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintpt
       }
       if (variant == ConvVariant::kNarrow) launch(fb::ConvNarrow{}); else launch(fb::ConvWide{});
     });
+  });
+}
+
+// The input pool's encoding (kernels/conv.cuh: ConvProblem::input_pool_mode): mode 0 (none, kernel 1),
+// 1 (max) or 2 (average) with an odd kernel 3..7.
+void check_input_pool(int64_t mode, int64_t kernel, uintptr_t in_scale) {
+  if (mode == fb::kConvInputPoolNone) {
+    if (kernel != 1)
+      throw std::invalid_argument("input_pool_kernel = " + std::to_string(kernel) +
+                                  " without an input pool (input_pool_mode 0); pass 1");
+    return;
+  }
+  if (mode != fb::kConvInputPoolMax && mode != fb::kConvInputPoolAvg)
+    throw std::invalid_argument("input_pool_mode = " + std::to_string(mode) +
+                                "; accepted: 0 (none), 1 (max pool), 2 (average pool, count_include_pad=False)");
+  if (kernel < 3 || kernel > 7 || kernel % 2 == 0)
+    throw std::invalid_argument("input_pool_kernel = " + std::to_string(kernel) +
+                                "; the input pool takes an odd kernel 3, 5 or 7 (stride 1, padding kernel / 2)");
+  if (in_scale != 0)
+    throw std::invalid_argument("the input pool cannot be combined with in_scale (the SE gate); run the pool "
+                                "or the scale as its own op");
+}
+
+// conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; residual == 0 for none. in_channel_map /
+// out_channel_map: int64 permutations of x's C_in / the conv's C_out channels, 0 for none (the op layer
+// checks them; the kernels index by them unchecked).
+void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
+                 const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight, uintptr_t bn_bias, uintptr_t bn_mean,
+                 uintptr_t bn_var, double eps, uintptr_t residual, const Dims& res_strides, uintptr_t out,
+                 const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset, const Dims& conv,
+                 int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream, uintptr_t in_scale,
+                 int64_t in_scale_stride, int64_t residual_after_act, int64_t input_pool_mode,
+                 int64_t input_pool_kernel, uintptr_t in_channel_map, uintptr_t out_channel_map) {
+  check_dims(x_shape, "x_shape"), check_dims(x_strides, "x_strides"), check_dims(w_shape, "w_shape");
+  check_dims(w_strides, "w_strides"), check_dims(res_strides, "res_strides"), check_dims(out_shape, "out_shape");
+  check_dims(out_strides, "out_strides"), check_params(conv, 6, "conv"), check_bn(bn_mean, bn_var);
+  check_input_pool(input_pool_mode, input_pool_kernel, in_scale);
+  if (groups < 1) throw std::invalid_argument("groups must be >= 1, got " + std::to_string(groups));
+  const int64_t n = x_shape[0], c_out = w_shape[0], oh = out_shape[2], ow = out_shape[3];
+  const int64_t c_out_g = c_out / groups;
+  if (n * oh * ow == 0 || c_out == 0) return;
+  // Sizes the kernels hold in ints (one launch's pixel count is split to fit, below).
+  check_int_range(x_shape[2], "H"), check_int_range(x_shape[3], "W"), check_int_range(oh, "OH");
+  check_int_range(out_c_offset + c_out, "out_c_offset + C_out");
+  check_int_range(w_shape[1] * w_shape[2] * w_shape[3] + 64, "C_in/groups * KH * KW");
+  const ConvVariant variant = choose_conv_variant(n * oh * ow, c_out_g, groups, dtype, current_compute_capability());
+  const ConvCommonArgs common{x, x_shape, x_strides, w_shape[1], w_shape[2], w_shape[3], oh, ow, &conv,
+                              residual, res_strides, out_c_offset, dtype, act, slope, stream, in_scale,
+                              in_scale_stride, residual_after_act, input_pool_mode, input_pool_kernel,
+                              in_channel_map, out_channel_map};
+  const std::vector<ConvSegmentArgs> segs{
+      {w, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, out, out_strides, c_out_g}};
+  run_conv(common, segs, variant, [&](int64_t block_n) {
+    std::vector<ConvLaunch> launches;
+    for (const ConvChunk& ch : conv_chunks(n, oh, ow, groups, c_out_g, block_n))
+      launches.push_back({ch.n0, ch.n, ch.oh0, ch.oh, ch.g0, ch.g, {{0, ch.c0, ch.c}}});
+    return launches;
+  });
+}
+
+void conv_bn_act_multi(uintptr_t x, const Dims& x_shape, const Dims& x_strides, const Pointers& ws,
+                       const std::vector<Dims>& w_shapes, const std::vector<Dims>& w_strides, const Pointers& biases,
+                       const Pointers& bn_weights, const Pointers& bn_biases, const Pointers& bn_means,
+                       const Pointers& bn_vars, const std::vector<double>& eps, const Pointers& outs,
+                       const std::vector<Dims>& out_shapes,
+                       const std::vector<Dims>& out_strides, const Dims& conv, int64_t dtype, int64_t act,
+                       double slope, uintptr_t stream) {
+  check_dims(x_shape, "x_shape"), check_dims(x_strides, "x_strides"), check_params(conv, 6, "conv");
+  const size_t count = ws.size();
+  if (count == 0) throw std::invalid_argument("conv_bn_act_multi: no convs given (ws is empty)");
+  for (size_t size : {w_shapes.size(), w_strides.size(), biases.size(), bn_weights.size(), bn_biases.size(),
+                      bn_means.size(), bn_vars.size(), eps.size(), outs.size(), out_shapes.size(),
+                      out_strides.size()})
+    if (size != count)
+      throw std::invalid_argument("conv_bn_act_multi: every per-conv list needs one entry per conv (" +
+                                  std::to_string(count) + " weights), got a list of " + std::to_string(size));
+  std::vector<ConvSegmentArgs> segs;
+  Dims c_outs;
+  int64_t max_c_out = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const std::string which = "conv " + std::to_string(i) + ": ";
+    check_dims(w_shapes[i], "w_shapes[i]"), check_dims(w_strides[i], "w_strides[i]");
+    check_dims(out_shapes[i], "out_shapes[i]"), check_dims(out_strides[i], "out_strides[i]");
+    check_bn(bn_means[i], bn_vars[i]);
+    const Dims& ws0 = w_shapes[0];
+    if (w_shapes[i][1] != x_shape[1] || w_shapes[i][2] != ws0[2] || w_shapes[i][3] != ws0[3])
+      throw std::invalid_argument(which + "the fused convs read all of x (groups 1) with one kernel size: weight (C_out, " +
+                                  std::to_string(x_shape[1]) + ", " + std::to_string(ws0[2]) + ", " +
+                                  std::to_string(ws0[3]) + ") expected");
+    if (out_shapes[i][0] != x_shape[0] || out_shapes[i][1] != w_shapes[i][0] || out_shapes[i][2] != out_shapes[0][2] ||
+        out_shapes[i][3] != out_shapes[0][3])
+      throw std::invalid_argument(which + "its destination must be (N, C_out, OH, OW) = (" + std::to_string(x_shape[0]) +
+                                  ", " + std::to_string(w_shapes[i][0]) + ", " + std::to_string(out_shapes[0][2]) +
+                                  ", " + std::to_string(out_shapes[0][3]) + ")");
+    check_int_range(w_shapes[i][0], "C_out");
+    segs.push_back({ws[i], w_strides[i], biases[i], bn_weights[i], bn_biases[i], bn_means[i], bn_vars[i], eps[i],
+                    outs[i], out_strides[i], w_shapes[i][0]});
+    c_outs.push_back(w_shapes[i][0]);
+    max_c_out = std::max(max_c_out, w_shapes[i][0]);
+  }
+  const int64_t n = x_shape[0], oh = out_shapes[0][2], ow = out_shapes[0][3];
+  if (n * oh * ow == 0 || max_c_out == 0) return;
+  check_int_range(x_shape[2], "H"), check_int_range(x_shape[3], "W"), check_int_range(oh, "OH");
+  check_int_range(x_shape[1] * w_shapes[0][2] * w_shapes[0][3] + 64, "C_in * KH * KW");
+  // One kernel serves all segments: the variant of the widest conv (narrow only where every conv is narrow).
+  const ConvVariant variant = choose_conv_variant(n * oh * ow, max_c_out, 1, dtype, current_compute_capability());
+  const ConvCommonArgs common{x, x_shape, x_strides, x_shape[1], w_shapes[0][2], w_shapes[0][3], oh, ow, &conv,
+                              0, Dims{0, 0, 0, 0}, 0, dtype, act, slope, stream, 0, 0, 0, fb::kConvInputPoolNone, 1,
+                              0, 0};
+  run_conv(common, segs, variant, [&](int64_t block_n) {
+    std::vector<ConvLaunch> launches;
+    // Image / row spans as a one-channel conv would split them; channels by conv_multi_packs.
+    for (const ConvChunk& span : conv_chunks(n, oh, ow, 1, 1, block_n))
+      for (auto& pack : conv_multi_packs(c_outs, block_n))
+        launches.push_back({span.n0, span.n, span.oh0, span.oh, 0, 1, std::move(pack)});
+    return launches;
   });
 }
 
@@ -446,6 +666,7 @@ std::vector<LaunchConstant> launch_constants() {
       {"conv_mma_large_min_cout", {fb::kConvMmaLargeMinCout}, false},
       {"conv_mma_large_min_blocks", {fb::kConvMmaLargeMinBlocks}, false},
       {"conv_mma_min_cc", {fb::kConvMmaMinCC}, false},
+      {"conv_max_segments", {fb::kConvMaxSegments}, false},
       {"stem_threads", {fb::kStemThreads}, false},
       {"stem_co_tile", {fb::kStemCoTile}, false},
       {"stem_max_taps", {fb::kStemMaxTaps}, false},

@@ -10,6 +10,7 @@
 namespace fb_ops {
 
 using Dims = std::vector<int64_t>;
+using Pointers = std::vector<uintptr_t>;  // per-conv lists of pointers (0 = absent)
 
 // bias, bn_weight, bn_bias, bn_mean, bn_var: the conv epilogue's per-output-channel tensors (float32, contiguous; 0 = absent): the conv bias and
 // the BatchNorm weight (gamma), bias (beta), running mean and running variance. BatchNorm applies
@@ -20,12 +21,39 @@ using Dims = std::vector<int64_t>;
 // in_scale: 0, or float32 (N, C_in) with row stride in_scale_stride (unit channel stride): the
 // input is multiplied by it per (image, input channel) as it is loaded (the SE gate).
 // residual_after_act: nonzero for act(bn(conv2d(x, w) + bias)) + residual.
+// input_pool_mode 1 / 2 with input_pool_kernel k (odd, 3..7): the conv reads max_pool2d / avg_pool2d(x, k,
+// stride 1, padding k / 2, count_include_pad=False) instead of x, pooled in the kernel's loader (never
+// stored); mode 0 (kernel 1): no pool. Not with in_scale.
+// in_channel_map: 0, or int64 (C_in,): the conv's input channel c reads x[:, in_channel_map[c]] (in_scale
+// and the input pool follow the channel read). out_channel_map: 0, or int64 (C_out,): the result's channel
+// oc goes to out[:, off + out_channel_map[oc]] (residual, bias and BatchNorm indexed by oc). Permutations
+// (the op layer checks them): channel shuffles without a copy.
 void conv_bn_act(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
                  const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight, uintptr_t bn_bias, uintptr_t bn_mean,
                  uintptr_t bn_var, double eps, uintptr_t residual, const Dims& res_strides, uintptr_t out,
                  const Dims& out_shape, const Dims& out_strides, int64_t out_c_offset, const Dims& conv,
                  int64_t groups, int64_t dtype, int64_t act, double slope, uintptr_t stream, uintptr_t in_scale = 0,
-                 int64_t in_scale_stride = 0, int64_t residual_after_act = 0);
+                 int64_t in_scale_stride = 0, int64_t residual_after_act = 0, int64_t input_pool_mode = 0,
+                 int64_t input_pool_kernel = 1, uintptr_t in_channel_map = 0, uintptr_t out_channel_map = 0);
+
+// Horizontal fusion: outs[i] = act(bn_i(conv2d(x, w_i) + bias_i)) for every i, the convs sharing x (groups
+// 1), the kernel size, conv = {stride, padding, dilation} and the activation; per conv its own weight
+// (shape / strides), epilogue tensors (0 = absent, independently per conv) and eps, and destination (any
+// strides: typically a channel slice of a larger tensor, passed as the slice's pointer). Up to
+// kConvMaxSegments convs per launch (one conv kernel, its block's channel tile picks the conv), more in
+// further launches (conv_multi_launch_plan).
+void conv_bn_act_multi(uintptr_t x, const Dims& x_shape, const Dims& x_strides, const Pointers& ws,
+                       const std::vector<Dims>& w_shapes, const std::vector<Dims>& w_strides, const Pointers& biases,
+                       const Pointers& bn_weights, const Pointers& bn_biases, const Pointers& bn_means,
+                       const Pointers& bn_vars, const std::vector<double>& eps, const Pointers& outs,
+                       const std::vector<Dims>& out_shapes,
+                       const std::vector<Dims>& out_strides, const Dims& conv, int64_t dtype, int64_t act,
+                       double slope, uintptr_t stream);
+
+// conv_bn_act_multi's launches over channels (each image / row span of conv_launch_plan runs all of them):
+// per launch the flat [conv, c0, c, ...] of its up to kConvMaxSegments pieces (channels [c0, c0 + c) of
+// conv i), each conv split into pieces of at most max_grid_yz channel tiles of block_n.
+std::vector<std::vector<int64_t>> conv_multi_launch_plan(const Dims& c_outs, int64_t block_n);
 
 // max_pool(act(bn(conv2d(x, w) + bias))) in one launch. pool = {kh, kw, sh, sw, ph, pw};
 // conv_out_hw = the conv's output size; out_shape = the pooled output.
@@ -109,6 +137,10 @@ std::vector<int64_t> depthwise_launch_plan(int64_t c_out, int64_t oh, int64_t ow
                                            const Dims& conv);
 std::vector<int64_t> separable_launch_plan(int64_t c_out_g, int64_t oh, int64_t ow, int64_t kh, int64_t kw,
                                            const Dims& conv, bool tensor_cores);
+// "mma" (separable_conv_bn_act_tc_kernel) or "plain": the kernel separable_conv_bn_act runs for C_out per
+// group c_out_g and dtype on a device of compute_capability (0: the emulator), under the current
+// FASTBONE_CUDA_SEPARABLE_MMA (mirrored by fastbone/cuda/depthwise_launch.py's separable_variant).
+std::string separable_variant(int64_t c_out_g, int64_t dtype, int64_t compute_capability);
 std::vector<LaunchConstant> depthwise_launch_constants();  // merged into launch_constants()
 
 // --- the Fire module's expand stage (csrc/fire_ops.cu, kernels/fire.cuh) ---------------------

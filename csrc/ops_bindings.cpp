@@ -15,7 +15,18 @@ void fb_register_ops(py::module_& m) {
         py::arg("bn_var"), py::arg("eps"), py::arg("residual"), py::arg("res_strides"), py::arg("out"),
         py::arg("out_shape"), py::arg("out_strides"), py::arg("out_c_offset"), py::arg("conv"), py::arg("groups"),
         py::arg("dtype"), py::arg("act"), py::arg("slope"), py::arg("stream"), py::arg("in_scale") = 0,
-        py::arg("in_scale_stride") = 0, py::arg("residual_after_act") = 0);
+        py::arg("in_scale_stride") = 0, py::arg("residual_after_act") = 0, py::arg("input_pool_mode") = 0,
+        py::arg("input_pool_kernel") = 1, py::arg("in_channel_map") = 0, py::arg("out_channel_map") = 0);
+  m.def("conv_bn_act_multi", &fb_ops::conv_bn_act_multi,
+        "outs[i] = act(bn_i(conv2d(x, ws[i]) + biases[i])) for every i in launches of up to 3 convs; per-conv "
+        "lists (0 for an absent bias / bn_*), shared x, conv = {stride, padding, dilation}, groups 1",
+        py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("ws"), py::arg("w_shapes"),
+        py::arg("w_strides"), py::arg("biases"), py::arg("bn_weights"), py::arg("bn_biases"), py::arg("bn_means"),
+        py::arg("bn_vars"), py::arg("eps"), py::arg("outs"), py::arg("out_shapes"), py::arg("out_strides"),
+        py::arg("conv"), py::arg("dtype"), py::arg("act"), py::arg("slope"), py::arg("stream"));
+  m.def("conv_multi_launch_plan", &fb_ops::conv_multi_launch_plan,
+        "conv_bn_act_multi's launches over channels: [conv, c0, c, ...] of each launch's pieces",
+        py::arg("c_outs"), py::arg("block_n"));
   m.def("conv_bn_act_maxpool", &fb_ops::conv_bn_act_maxpool,
         "max_pool(act(bn(conv2d(x, w) + bias))) in one launch; 0 for an absent bias / bn_*",
         py::arg("x"), py::arg("x_shape"), py::arg("x_strides"), py::arg("w"), py::arg("w_shape"),
@@ -70,6 +81,10 @@ void fb_register_ops(py::module_& m) {
         "[tile_h, tile_w, column tile, smem bytes] of the fused separable kernel (all 0: does not fit)",
         py::arg("c_out_g"), py::arg("oh"), py::arg("ow"), py::arg("kh"), py::arg("kw"), py::arg("conv"),
         py::arg("tensor_cores"));
+  m.def("separable_variant", &fb_ops::separable_variant,
+        "the kernel separable_conv_bn_act runs: plain or mma (compute_capability 0: the emulator; "
+        "FASTBONE_CUDA_SEPARABLE_MMA applies)",
+        py::arg("c_out_g"), py::arg("dtype"), py::arg("compute_capability"));
   m.def("fire_expand", &fb_ops::fire_expand,
         "act(conv1x1(x, w1) + b1) and act(conv3x3(x, w3, padding 1) + b3) into out[:, off:off+E1+E3] from one "
         "read of x; 0 for an absent bias",

@@ -12,8 +12,8 @@ own Python implementation directly when that is provably the same thing:
     functionalize) or any torch dispatch mode (FakeTensor, make_fx / non-strict export, user modes);
   - every tensor argument is a plain torch.Tensor or nn.Parameter (no subclass);
   - no tensor argument needs a gradient (autograd must record the op).
-A mutated argument (`out` of the `_into` operators) gets its autograd version counter bumped, as
-the dispatcher's ADInplaceOrView would. FASTBONE_DIRECT_CALLS=0 turns the shortcut off.
+A mutated argument (`out` of the `_into` operators, each tensor of a mutated list) gets its autograd
+version counter bumped, as the dispatcher's ADInplaceOrView would. FASTBONE_DIRECT_CALLS=0 turns the shortcut off.
 """
 from __future__ import annotations
 
@@ -54,10 +54,19 @@ def direct_call_allowed(args) -> bool:
             or torch._C._is_tracing()):
         return False
     grad = torch.is_grad_enabled()
-    for a in args:
-        if isinstance(a, Tensor) and (type(a) not in _PLAIN_TENSOR_TYPES or (grad and a.requires_grad)):
+    for a in _flat_tensors(args):
+        if type(a) not in _PLAIN_TENSOR_TYPES or (grad and a.requires_grad):
             return False
     return True
+
+
+def _flat_tensors(args):
+    """The tensors among the arguments, list arguments (Tensor[] in the schema) opened."""
+    for a in args:
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, Tensor))
 
 
 def call(name: str, *args):
@@ -67,6 +76,7 @@ def call(name: str, *args):
         fn, mutated = impl
         result = fn(*args)
         for i in mutated:
-            torch.autograd.graph.increment_version(args[i])
+            for t in _flat_tensors((args[i],)):  # one tensor, or a list of them (`outs`)
+                torch.autograd.graph.increment_version(t)
         return result
     return getattr(torch.ops.fastbone, name)(*args)

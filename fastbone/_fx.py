@@ -16,14 +16,35 @@ import torch.fx
 
 
 def fx_leaf(fn):
-    """Make `fn` a leaf of torch.fx symbolic tracing."""
+    """Make `fn` a leaf of torch.fx symbolic tracing. A caller may pass `fx_name=` (not forwarded to `fn`):
+    the reference module path whose output the call computes, the name its node gets (`name_node`)."""
     @functools.wraps(fn)
-    def leaf(*args, **kwargs):
+    def leaf(*args, fx_name: str | None = None, **kwargs):
         for a in (*args, *kwargs.values()):
             if isinstance(a, torch.fx.Proxy):
-                return a.tracer.create_proxy("call_function", leaf, args, kwargs)
+                proxy = a.tracer.create_proxy("call_function", leaf, args, kwargs)
+                if fx_name is not None:
+                    name_node(a.tracer, proxy.node, fx_name)
+                return proxy
         return fn(*args, **kwargs)
     return leaf
+
+
+def name_node(tracer: torch.fx.Tracer, node: torch.fx.Node, path: str) -> None:
+    """Give a leaf call's node the module path of the reference layer whose output it computes (VGG's fused
+    conv + ReLU is `features.15`, the ReLU's path), so that torchvision's create_feature_extractor finds the
+    reference's node names in fastbone's graph. Its NodePathTracer names nodes in `node_to_qualname`
+    (unique names: a repeat gets `_1`, `_2`, as torchvision's own); any tracer gets `node.meta["fx_name"]`."""
+    node.meta["fx_name"] = path
+    names = getattr(tracer, "node_to_qualname", None)
+    if names is None:
+        return
+    taken = {name for other, name in names.items() if other is not node}
+    name, repeat = path, 0
+    while name in taken:
+        repeat += 1
+        name = f"{path}_{repeat}"
+    names[node] = name
 
 
 def is_traced(x) -> bool:

@@ -12,8 +12,10 @@ primitives from the PTX ISA's fragment layouts; `gpu`-marked twins run the same 
   element gather), partial tiles in M, C_out and K, K shorter than the pipeline, stride / padding /
   dilation, groups, residual, channel-slice output, in_scale, both tiles;
 - which kernel the launcher picks, against fastbone/cuda/ops.py's mirror (the NVRTC runtime's choice);
-- the SASS of the tensor-core kernel for sm_80 and sm_90 (nvcc + cuobjdump, no GPU): asynchronous
-  copies (LDGSTS), ldmatrix (LDSM), tensor-core MMAs (HMMA) and no local memory (LDL / STL).
+- the SASS of the tensor-core kernels for sm_80 and sm_90 (nvcc + cuobjdump, no GPU): the conv's and the
+  separable conv's (csrc/kernels/depthwise.cuh: separable_conv_bn_act_tc_kernel, tested on the emulator in
+  tests/test_cuda_separable_mma.py): asynchronous copies (LDGSTS), ldmatrix (LDSM), tensor-core MMAs (HMMA)
+  and no local memory (LDL / STL).
 """
 from __future__ import annotations
 
@@ -332,14 +334,19 @@ def _find_tool(name: str) -> str | None:
     return next((str(c) for c in candidates if c.is_file()), None)
 
 
-# One translation unit instantiating the kernel for both tiles and dtypes (one activation: the mainloop
-# does not depend on it), compiled as setup.py compiles ops.cu.
+# One translation unit instantiating the tensor-core kernels for both tiles and dtypes (one activation: the
+# mainloops do not depend on it), compiled as setup.py compiles ops.cu / depthwise_ops.cu.
 _SASS_SOURCE = """
 #include "kernels/conv.cuh"
+#include "kernels/depthwise.cuh"
 template __global__ void fb::conv_bn_act_mma_kernel<__half, 1, 64, 64>(FB_CONV_PARAMS(__half));
 template __global__ void fb::conv_bn_act_mma_kernel<__nv_bfloat16, 3, 64, 64>(FB_CONV_PARAMS(__nv_bfloat16));
 template __global__ void fb::conv_bn_act_mma_kernel<__half, 1, 128, 128>(FB_CONV_PARAMS(__half));
 template __global__ void fb::conv_bn_act_mma_kernel<__nv_bfloat16, 3, 128, 128>(FB_CONV_PARAMS(__nv_bfloat16));
+template __global__ void fb::separable_conv_bn_act_tc_kernel<__half, 1, 64>(FB_SEP_PARAMS(__half));
+template __global__ void fb::separable_conv_bn_act_tc_kernel<__nv_bfloat16, 3, 64>(FB_SEP_PARAMS(__nv_bfloat16));
+template __global__ void fb::separable_conv_bn_act_tc_kernel<__half, 1, 128>(FB_SEP_PARAMS(__half));
+template __global__ void fb::separable_conv_bn_act_tc_kernel<__nv_bfloat16, 3, 128>(FB_SEP_PARAMS(__nv_bfloat16));
 """
 
 
@@ -373,9 +380,10 @@ def mma_sass(tmp_path_factory) -> dict[str, dict[str, str]]:
     return result
 
 
+@pytest.mark.parametrize("kernel", ["conv_bn_act_mma_kernel", "separable_conv_bn_act_tc_kernel"])
 @pytest.mark.parametrize("arch", ["80", "90"])
-def test_mma_kernel_sass_pipelines_on_tensor_cores(mma_sass, arch):
-    kernels = {name: body for name, body in mma_sass[arch].items() if "conv_bn_act_mma_kernel" in name}
+def test_mma_kernel_sass_pipelines_on_tensor_cores(mma_sass, arch, kernel):
+    kernels = {name: body for name, body in mma_sass[arch].items() if kernel in name}
     assert len(kernels) == 4, list(mma_sass[arch])
     for name, body in kernels.items():
         ops = set(re.findall(r"\b([A-Z][A-Z0-9_]+)(?:\.[A-Z0-9_.]+)?\s", body))

@@ -41,7 +41,7 @@ from torch import nn
 
 import fastbone
 from fastbone.ops import (adaptive_avg_pool2d, avg_pool2d, conv_bias_act, conv_bn_act, conv_bn_act_maxpool,
-                          depthwise_conv_bn_act, fire_expand, fire_expand_bias_act, max_pool2d,
+                          conv_bn_act_multi, depthwise_conv_bn_act, fire_expand, fire_expand_bias_act, max_pool2d,
                           separable_conv_bn_act)
 from fastbone.ops._checks import ArgumentError
 from fastbone.ops.activation import ACTIVATIONS, apply_activation
@@ -170,13 +170,19 @@ def gen_conv(rng: random.Random, dtype) -> Case:
     if raw and use_bias:
         bias_view = torch.empty(2 * c_out, dtype=conv.bias.dtype)[::2]
         bias_view.copy_(conv.bias.detach())
-    name += f" raw={raw}"
+    # Channel permutations in the load / store (ShuffleNet's shuffle as a map): 15% of the module calls each.
+    in_map = out_map = None
+    if not raw and rng.random() < 0.15:
+        in_map = torch.tensor(rng.sample(range(c_in), c_in))
+    if not raw and rng.random() < 0.15:
+        out_map = torch.tensor(rng.sample(range(c_out), c_out))
+    name += f" raw={raw} in_map={in_map is not None} out_map={out_map is not None}"
 
     def call(**kw):
         if raw:
             return conv_bias_act(x, conv.weight.detach(), bias_view, stride=stride, padding=pad, dilation=dil,
                                  groups=groups, act=act, **kw)
-        return conv_bn_act(x, conv, bn, act, **kw)
+        return conv_bn_act(x, conv, bn, act, in_channel_map=in_map, out_channel_map=out_map, **kw)
 
     def run():
         kw = dict(slope=slope, residual=residual)
@@ -191,7 +197,8 @@ def gen_conv(rng: random.Random, dtype) -> Case:
         return random.Random(name)
 
     def reference():
-        y = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(), stride, pad,
+        xs = x.double() if in_map is None else x.double().index_select(1, in_map)
+        y = F.conv2d(xs, conv.weight.double(), None if conv.bias is None else conv.bias.double(), stride, pad,
                      dil, groups)
         if bn is not None:
             y = F.batch_norm(y, bn.running_mean.double(), bn.running_var.double(),
@@ -199,7 +206,10 @@ def gen_conv(rng: random.Random, dtype) -> Case:
                              None if bn.bias is None else bn.bias.double(), False, 0.0, bn.eps)
         if residual is not None:
             y = y + residual.double()
-        return apply_activation(y, act, slope)
+        y = apply_activation(y, act, slope)
+        if out_map is not None:  # result channel oc lands at out_map[oc]
+            y = y.index_select(1, torch.argsort(out_map))
+        return y
 
     return Case(name, run, reference, TOL[dtype])
 
@@ -448,6 +458,91 @@ def gen_fire(rng, dtype) -> Case:
     return Case(name, _into_runner(name, call, n, e1 + e3, h, w, dtype, into), reference, TOL[dtype])
 
 
+def gen_input_pool(rng, dtype) -> Case:
+    """conv_bn_act(..., input_pool=): a same-size k x k max / average (count_include_pad=False) pool in the
+    conv's loader, then any conv (kernel, stride, padding, dilation, groups) + BN / bias + act (+ residual,
+    slice)."""
+    mode, pool_k = rng.choice(("max", "avg")), rng.choice((3, 3, 5, 7))
+    groups = rng.choice((1, 1, 2))
+    c_in, c_out = groups * rng.choice((1, 3, 8, 13)), groups * rng.choice((1, 4, 11))
+    k = rng.choice(((1, 1), (1, 1), (3, 3), (1, 3)))
+    stride, dil = (rng.randint(1, 2), rng.randint(1, 2)), (rng.choice((1, 1, 2)), 1)
+    pad = (rng.randint(0, k[0] // 2 + 1), rng.randint(0, k[1] // 2))
+    n = rng.choice((1, 2)) if rng.random() < 0.95 else 0
+    h, w = (d * (kk - 1) + 1 + rng.randint(0, 8) for d, kk in zip(dil, k))
+    x, layout = _layout(rng, _tensor(rng, (n, c_in, h, w), dtype))
+    conv = _random_conv(rng, c_in, c_out, k, stride, pad, dil, groups, dtype)
+    bn = _random_bn(rng, c_out) if rng.random() < 0.7 else None
+    act, slope = rng.choice(list(ACTIVATIONS)), 0.1
+    pooled = (F.max_pool2d(x.double(), pool_k, 1, pool_k // 2) if mode == "max" else
+              F.avg_pool2d(x.double(), pool_k, 1, pool_k // 2, count_include_pad=False))
+    ref_conv = _reference_conv_bn(pooled, conv, bn)
+    oh, ow = ref_conv.shape[2:]
+    residual = _tensor(rng, (n, c_out, oh, ow), dtype) if rng.random() < 0.3 else None
+    into = rng.random() < 0.3
+    name = (f"input pool {dtype} {mode}{pool_k} x={tuple(x.shape)} {layout} w={tuple(conv.weight.shape)} "
+            f"groups={groups} stride={stride} pad={pad} dil={dil} bn={bn is not None} bias={conv.bias is not None} "
+            f"act={act} residual={residual is not None} into={into}")
+
+    def call(**kw):
+        return conv_bn_act(x, conv, bn, act, slope=slope, residual=residual, input_pool=(mode, pool_k), **kw)
+
+    def reference():
+        y = ref_conv if residual is None else ref_conv + residual.double()
+        return apply_activation(y, act, slope)
+
+    return Case(name, _into_runner(name, call, n, c_out, oh, ow, dtype, into), reference, TOL[dtype])
+
+
+def gen_conv_multi(rng, dtype) -> Case:
+    """conv_bn_act_multi: 1-5 convs of one geometry on one input, each with its own BN (eps) / bias and its
+    own destination (a new tensor, or a channel slice of a buffer whose other channels must not change)."""
+    count = rng.randint(1, 5)
+    c_in = rng.choice((1, 3, 8, 13, 20))
+    k = rng.choice(((1, 1), (1, 1), (3, 3), (1, 3)))
+    stride, pad = (rng.randint(1, 2), rng.randint(1, 2)), (k[0] // 2, k[1] // 2)
+    n = rng.choice((1, 2)) if rng.random() < 0.95 else 0
+    h, w = k[0] + rng.randint(0, 8), k[1] + rng.randint(0, 8)
+    x, layout = _layout(rng, _tensor(rng, (n, c_in, h, w), dtype))
+    uniform = rng.random() < 0.8  # else each conv draws its own bias / BN presence (run one by one)
+    bias_bn = (rng.random() < 0.3, rng.random() < 0.8)
+    convs, norms = [], []
+    for _ in range(count):
+        use_bias, use_bn = bias_bn if uniform else (rng.random() < 0.5, rng.random() < 0.5)
+        conv = _random_conv(rng, c_in, rng.choice((1, 2, 5, 9, 16, 17)), k, stride, pad, (1, 1), 1, dtype)
+        if not use_bias:
+            conv.bias = None
+        elif conv.bias is None:
+            conv.bias = nn.Parameter(_tensor(rng, conv.out_channels, dtype, scale=0.3))
+        convs.append(conv)
+        norms.append(_random_bn(rng, conv.out_channels) if use_bn else None)
+    act, slope = rng.choice(list(ACTIVATIONS)), 0.1
+    refs = [_reference_conv_bn(x, conv, bn) for conv, bn in zip(convs, norms)]
+    oh, ow = refs[0].shape[2:]
+    into = [rng.random() < 0.5 for _ in convs]
+    name = (f"conv multi {dtype} x={tuple(x.shape)} {layout} k={k} stride={stride} widths="
+            f"{[c.out_channels for c in convs]} bias={[c.bias is not None for c in convs]} "
+            f"bn={[b is not None for b in norms]} act={act} into={into}")
+
+    def run():
+        buf_rng, outs, checks = random.Random(name), [], []
+        for conv, slot in zip(convs, into):
+            if not slot:
+                outs.append(None)
+                continue
+            buf, offset = _slice_buffer(buf_rng, n, conv.out_channels, oh, ow, dtype)
+            checks.append((buf, buf.clone(), offset, conv.out_channels))
+            outs.append(buf.narrow(1, offset, conv.out_channels))
+        results = conv_bn_act_multi(x, convs, norms, act, slope=slope, outs=outs)
+        problems = [p for buf, sentinel, offset, c in checks for p in _check_slice(buf, sentinel, offset, c)]
+        return torch.cat(list(results), 1), problems
+
+    def reference():
+        return torch.cat([apply_activation(y, act, slope) for y in refs], 1)
+
+    return Case(name, run, reference, TOL[dtype])
+
+
 # family -> (generator, cases per backend in CI)
 FAMILIES: dict[str, tuple[Callable, int]] = {
     "conv": (gen_conv, 250),
@@ -458,6 +553,8 @@ FAMILIES: dict[str, tuple[Callable, int]] = {
     "depthwise": (gen_depthwise, 60),
     "separable": (gen_separable, 60),
     "fire": (gen_fire, 100),
+    "input_pool": (gen_input_pool, 60),
+    "conv_multi": (gen_conv_multi, 60),
 }
 
 
@@ -603,6 +700,64 @@ def bad_conv(rng) -> BadCase:
         torch_call = lambda: F.conv2d(x, w, b, **torch_kw)  # noqa: E731
     name = f"conv {kind}: x={tuple(x.shape)} w={tuple(w.shape)} b={tuple(b.shape)} {ours_kw.keys()}"
     return BadCase(name, lambda: conv_bias_act(x, w, b, **ours_kw), torch_call, expect)
+
+
+def bad_conv_multi(rng) -> BadCase:
+    """conv_bn_act_multi (convs sharing one input) with one argument broken: torch's counterpart is each conv
+    on its own (F.conv2d); what is fastbone's own (the shared geometry, the destinations) raises its errors."""
+    c_in, n, h, w = rng.randint(1, 4), rng.randint(1, 2), rng.randint(3, 6), rng.randint(3, 6)
+    x = _tensor(rng, (n, c_in, h, w))
+    convs = [nn.Conv2d(c_in, rng.randint(1, 4), 1, bias=False) for _ in range(rng.randint(2, 3))]
+    norms = [nn.BatchNorm2d(c.out_channels).eval() for c in convs]
+    outs = None
+    kind = rng.choice(("channels", "geometry", "groups", "out shape", "outs overlap", "out dtype", "bn features",
+                       "no convs", "not a conv", "3-D input", "lengths"))
+    torch_call, expect = None, ArgumentError
+    if kind == "channels":
+        x = _tensor(rng, (n, c_in + 1, h, w))
+        torch_call, expect = (lambda: F.conv2d(x, convs[0].weight)), None
+    elif kind == "geometry":
+        convs[-1] = nn.Conv2d(c_in, 2, 3, padding=1, bias=False)
+        norms[-1] = nn.BatchNorm2d(2).eval()
+    elif kind == "groups":
+        x = _tensor(rng, (n, 2 * c_in, h, w))
+        convs = [nn.Conv2d(2 * c_in, 2 * c.out_channels, 1, groups=2, bias=False) for c in convs]
+        norms = [nn.BatchNorm2d(c.out_channels).eval() for c in convs]
+    elif kind == "out shape":
+        outs = [torch.empty(n, convs[0].out_channels + 1, h, w)] + [None] * (len(convs) - 1)
+    elif kind == "outs overlap":
+        buf = torch.empty(n, 8, h, w)
+        outs = [buf.narrow(1, 0, convs[0].out_channels), buf.narrow(1, convs[0].out_channels - 1, convs[1].out_channels)]
+        outs += [None] * (len(convs) - 2)
+    elif kind == "out dtype":
+        outs = [torch.empty(n, convs[0].out_channels, h, w, dtype=torch.float16)] + [None] * (len(convs) - 1)
+        expect = TypeError
+    elif kind == "bn features":
+        norms[0] = nn.BatchNorm2d(convs[0].out_channels + 1).eval()
+    elif kind == "no convs":
+        convs, norms = [], []
+    elif kind == "not a conv":
+        convs[0] = nn.Linear(c_in, 2)
+        expect = TypeError
+    elif kind == "3-D input":
+        x = x[0]
+    elif kind == "lengths":
+        norms = norms[:-1]
+    name = f"conv multi {kind}: x={tuple(x.shape)} convs={[getattr(c, 'out_channels', c) for c in convs]}"
+    return BadCase(name, lambda: conv_bn_act_multi(x, convs, norms, "relu", outs=outs), torch_call, expect)
+
+
+def bad_input_pool(rng) -> BadCase:
+    """conv_bn_act(..., input_pool=) with a pool the loader does not compute, or combined with input_scale."""
+    x = _tensor(rng, (1, 3, 5, 6))
+    conv = nn.Conv2d(3, 4, 1)
+    kind = rng.choice(("mode", "even", "large", "float kernel", "not a pair", "with input_scale"))
+    pool, scale = {"mode": ("min", 3), "even": ("max", 4), "large": ("avg", 9), "float kernel": ("max", 3.0),
+                   "not a pair": ("max",), "with input_scale": ("avg", 3)}[kind], None
+    if kind == "with input_scale":
+        scale = torch.ones(1, 3)
+    return BadCase(f"input pool {kind}: {pool}", lambda: conv_bn_act(x, conv, None, input_pool=pool, input_scale=scale),
+                   None, ArgumentError)
 
 
 def bad_pool(rng) -> BadCase:
@@ -757,6 +912,8 @@ BAD_INPUTS: dict[str, tuple[Callable, int]] = {
     "adaptive_avg_pool2d": (bad_adaptive, 20),
     "stem": (bad_stem, 40),
     "fire": (bad_fire, 40),
+    "conv_multi": (bad_conv_multi, 30),
+    "input_pool": (bad_input_pool, 12),
 }
 
 

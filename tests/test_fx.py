@@ -73,14 +73,14 @@ def test_feature_extractor_agrees_with_torchvisions_on_resnet50():
 
 
 def _block_outputs(model, node_names) -> list[str]:
-    """Blocks (module paths up to three deep that prefix some node of the graph, containers left out: their
-    last node need not be their output where fastbone runs a fused call outside their scope), in graph
+    """Blocks (module paths up to three deep that prefix or name some node of the graph, containers left out:
+    their last node need not be their output where fastbone runs a fused call outside their scope), in graph
     order: what create_feature_extractor accepts as "this block's output"."""
     modules = dict(model.named_modules())
     found = []
     for node in node_names:
         parts = node.split(".")
-        for i in range(1, min(len(parts), 4)):
+        for i in range(1, min(len(parts) + 1, 4)):
             prefix = ".".join(parts[:i])
             module = modules.get(prefix)
             if module is not None and not isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList)) \
@@ -89,12 +89,15 @@ def _block_outputs(model, node_names) -> list[str]:
     return found
 
 
-# One model per family whose blocks are modules of both graphs (VGG, SqueezeNet and DarkNet-19 fuse their
-# layers into calls of the network itself: their taps are the fused calls, checked above, and features_only).
+# One model per family. VGG, SqueezeNet and DarkNet-19 run fused calls of the network itself; each carries
+# the reference's node name of the layer whose output it computes (VGG's conv + ReLU is `features.15`, the
+# ReLU's), so the reference's names tap the same maps; a conv's own output before its fused activation has
+# no node (it never exists), and asking for it is refused by name.
 # (EfficientNetV2 shares B0's blocks and adds FusedMBConv; with verify's random statistics its 40+ residual
 # blocks amplify float32 rounding to 1e-2, tests/test_efficientnet_v2.py compares it with milder ones.)
 AGREEMENT_MODELS = ["mobilenet_v2", "mobilenetv1_100", "efficientnet_b0", "shufflenet_v2_x0_5",
-                    "shufflenet_v1_g3_x0_5", "googlenet", "inception_resnet_v2", "resnet18"]
+                    "shufflenet_v1_g3_x0_5", "googlenet", "inception_resnet_v2", "resnet18", "vgg16_bn",
+                    "squeezenet1_1", "darknet19"]
 
 
 @pytest.mark.parametrize("name", AGREEMENT_MODELS)
@@ -118,6 +121,26 @@ def test_feature_extractor_agrees_with_the_reference(name):
     for node in nodes:
         assert got[node].shape == want[node].shape, node
         assert rel_err(got[node], want[node]) < 1e-4, node
+
+
+def test_vgg_perceptual_loss_taps_agree_with_torchvisions():
+    """The ReLU outputs a perceptual loss taps (relu1_2, relu2_2, relu3_3, relu4_3: features.3 / 8 / 15 / 22 of
+    vgg16), the pool after one of them and the hidden layers' output, from fastbone's fused graph and from
+    torchvision's; the conv before its fused ReLU is refused by name (it never exists)."""
+    import torchvision
+    reference = torchvision.models.vgg16().eval()
+    model = fastbone.convert(reference)
+    nodes = ["features.3", "features.8", "features.15", "features.16", "features.22", "classifier.5"]
+    x = torch.randn(1, 3, 32, 40)
+    with torch.no_grad(), fastbone.backend("triton"):
+        got = create_feature_extractor(model, return_nodes=nodes)(x)
+    with torch.no_grad():
+        want = create_feature_extractor(reference.double(), return_nodes=nodes)(x.double())
+    for node in nodes:
+        assert got[node].shape == want[node].shape, node
+        assert rel_err(got[node], want[node]) < 1e-5, node
+    with pytest.raises(ValueError, match="features.14"):
+        create_feature_extractor(model, return_nodes=["features.14"])
 
 
 def test_fx_leaf_passes_real_calls_through_and_records_traced_ones():

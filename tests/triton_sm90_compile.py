@@ -202,6 +202,68 @@ def conv_cases():
                                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, INDEX64=False),
                                floats=("eps", "slope"), num_warps=warps, num_stages=stages, smem_limit=H100_SMEM,
                                divisible_by_16=NHWC_DIVISIBLE)))
+    # Pool-then-conv (IN_POOL: the Inception pool branch, GoogLeNet's 3x3 max pool -> 1x1 at 28x28,
+    # Inception-ResNet-v2 Mixed_5b's 3x3 avg pool -> 1x1 at 35x35, batch 32): the fixed config.
+    # Horizontal fusion (SEGMENTS=3: GoogLeNet inception3a's three 1x1s reading one input, batch 32):
+    # the fixed config for the widest segment, and every autotuner tile.
+    for dtype in (torch.float32, torch.float16):
+        precision = "tf32" if dtype == torch.float32 else "ieee"
+        for mode, m, c_out, c_in in ((1, 32 * 28 * 28, 32, 192), (2, 32 * 35 * 35, 64, 192)):
+            cfg = dict(kc._block_config(m, c_out, c_in, 1, torch.finfo(dtype).bits // 8, False, 3))
+            launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            cases.append((f"input-pooled conv {dtype} pool={'max' if mode == 1 else 'avg'}3 M={m} Cout={c_out} "
+                          f"Cin={c_in} k=1", kc._conv_bn_act_kernel,
+                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
+                                             scale_ptr=torch.float32, **bn_pointers(dtype)),
+                               constexprs=dict(KH=1, KW=1, ACT=1, HAS_RES=False, HAS_IN_SCALE=False,
+                                               INPUT_PRECISION=precision, IN_POOL=mode, IN_POOL_K=3,
+                                               **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg, INDEX64=False),
+                               floats=("eps", "slope"), divisible_by_16=NHWC_DIVISIBLE, **launch)))
+        # Channel maps in the load and the store (HAS_IN_MAP / HAS_OUT_MAP: ShuffleNet v1 g=3's grouped 1x1s
+        # 240 -> 60 at 28x28 and 480 -> 120 at 14x14, batch 32, with the residual on): the fixed config. C_OUT_G
+        # (20, 40) and the output's pixel stride (60, 120) are not multiples of 16.
+        for m, c_out, c_in, groups in ((32 * 28 * 28, 60, 240, 3), (32 * 14 * 14, 120, 480, 3)):
+            cfg = dict(kc._block_config(m, c_out // groups, c_in // groups, 1, torch.finfo(dtype).bits // 8, False,
+                                        1, True))
+            launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            cases.append((f"channel-mapped conv {dtype} M={m} Cout={c_out} Cin={c_in} groups={groups} k=1",
+                          kc._conv_bn_act_kernel,
+                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
+                                             scale_ptr=torch.float32, in_map_ptr=torch.int64, out_map_ptr=torch.int64,
+                                             **bn_pointers(dtype)),
+                               constexprs=dict(KH=1, KW=1, ACT=1, HAS_RES=True, HAS_IN_SCALE=False,
+                                               INPUT_PRECISION=precision, HAS_IN_MAP=True, HAS_OUT_MAP=True,
+                                               **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg, INDEX64=False),
+                               floats=("eps", "slope"),
+                               divisible_by_16=tuple(a for a in NHWC_DIVISIBLE if a not in ("sow", "srw", "C_OUT_G")),
+                               **launch)))
+        m, c_outs, c_in = 32 * 28 * 28, (64, 96, 16), 192
+        cfg = dict(kc._block_config(m, max(c_outs), c_in, 1, torch.finfo(dtype).bits // 8))
+        fixed = (cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("num_warps"), cfg.pop("num_stages"))
+        # The autotuner's tiles as its pruning keeps them for this launch.
+        kept = kc._prune_tiles([triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+                                for bm, bn, bk, w, st in kc.GPU_TILES],
+                               dict(C_OUT_G=c_outs[0], C_IN_G=c_in, x_ptr=torch.empty((), dtype=dtype)),
+                               KH=1, KW=1, FLAT_K=False, SEGMENTS=3, c_out_1=c_outs[1], c_out_2=c_outs[2])
+        tuned = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept]
+        for tile in [fixed] + [t for t in tuned if t != fixed]:
+            bm, bn, bk, warps, stages = tile
+            more = {f"{name}{i}_ptr": dtype for i in (1, 2) for name in ("w", "out", "bias", "gamma", "beta", "mean",
+                                                                        "var")}
+            cases.append((f"multi conv {dtype} SEGMENTS=3 M={m} Cout={'+'.join(map(str, c_outs))} Cin={c_in} k=1 "
+                          f"{'fixed ' if tile == fixed else 'autotune tile '}{bm}x{bn}x{bk} w{warps} s{stages}",
+                          kc._conv_bn_act_kernel,
+                          dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
+                                             scale_ptr=torch.float32, **bn_pointers(dtype), **more),
+                               constexprs=dict(KH=1, KW=1, ACT=1, HAS_RES=False, HAS_IN_SCALE=False,
+                                               INPUT_PRECISION=precision, SEGMENTS=3, **BN_FLAGS, **NHWC_UNIT_STRIDES,
+                                               swc1=1, soc1=1, swc2=1, soc2=1, **cfg, BLOCK_M=bm, BLOCK_N=bn,
+                                               BLOCK_K=bk, INDEX64=False),
+                               floats=("eps", "slope", "eps1", "eps2"),
+                               divisible_by_16=NHWC_DIVISIBLE + tuple(f"{s}{i}" for i in (1, 2) for s in (
+                                   "swo", "swh", "sww", "son", "soh", "sow")) + ("c_out_1", "c_out_2"),
+                               num_warps=warps, num_stages=stages,
+                               smem_limit=FIXED_SMEM if tile == fixed else H100_SMEM)))
     return cases
 
 
@@ -395,6 +457,8 @@ def model_cases(arch: int, models=None) -> list:
     for kernel, args, kwargs, origin in launches:
         smem_limit = H100_SMEM if isinstance(kernel, Autotuner) else FIXED_SMEM
         for fn, kw in triton_launches.expand_autotuned(kernel, args, kwargs):
+            # Tensors passed by keyword (the conv's segment 1 / 2 tensors) are pointers too.
+            kw = dict(zip(kw, triton_launches.as_pointers(kw.values())))
             # Triton's own specialisation of these arguments (what JITFunction.run computes at launch).
             if fn not in binders:
                 binders[fn] = create_function_from_signature(fn.signature, fn.params, backend)
@@ -437,6 +501,10 @@ def hand_spec(fn, *, pointers: dict, constexprs: dict, floats=(), num_warps=4, n
     declared = inspect.signature(fn.fn).parameters
     defaults = {name: p.default for name, p in declared.items() if p.default is not inspect.Parameter.empty
                 and ("constexpr" in str(p.annotation))}
+    # An argument that defaults to None (the conv's segment 1 / 2 arguments) and that the case does not name
+    # (an int scalar the case uses is named in divisible_by_16) is a None constant, as in a launch that
+    # does not pass it.
+    defaults.update({name: None for name, p in declared.items() if p.default is None and name not in divisible_by_16})
     constexprs = {**{k: v for k, v in defaults.items() if k not in pointers and k not in floats}, **constexprs}
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -18,6 +18,8 @@
 //     those of the N most recently committed groups (copies not yet committed stay queued, as in
 //     PTX). So a kernel that reads a stage before its wait sees the old contents, as it would race
 //     on a GPU. A thread's copies still queued when it returns are performed then.
+//     set_cp_async_wait_slack(s) makes every wait_group<N> act as wait_group<N + s>: a mutation switch
+//     with which tests prove that a kernel's results depend on its waits (s = 0, the default, is PTX).
 //   - a warp gather (warp_all_gather): every lane posts a small value and receives all 32; it is
 //     a warp barrier like a shuffle. kernels/mma.cuh builds ldmatrix and mma.sync on it, following
 //     the PTX ISA fragment layouts.
@@ -120,6 +122,8 @@ FB_EMU_HIDDEN void cp_async_commit();
 FB_EMU_HIDDEN void cp_async_wait(int n);
 // The warp release policy (see the header comment); returns the previous setting.
 FB_EMU_HIDDEN bool set_serial_warps(bool on);
+// wait_group<N> waits as wait_group<N + slack> (see the header comment); returns the previous slack.
+FB_EMU_HIDDEN int set_cp_async_wait_slack(int slack);
 FB_EMU_HIDDEN void* dynamic_smem();
 [[noreturn]] FB_EMU_HIDDEN void fail(const std::string& message);
 

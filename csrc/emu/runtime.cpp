@@ -162,6 +162,7 @@ Scheduler& sched() {
 
 thread_local bool tls_in_launch = false;
 bool g_serial_warps = false;  // set_serial_warps
+int g_cp_async_wait_slack = 0;  // set_cp_async_wait_slack
 
 void set_thread_registers(int t) {
   threadIdx.x = (unsigned)t % blockDim.x;
@@ -402,9 +403,26 @@ bool run_block() {
     s.warp_waiting[w] = 0;
   }
   while (s.next_unstarted < n && !s.failed) resume(take_idle_fiber());
+  // Serial warps: the warp whose threads run this round (-1: every released thread).
+  auto first_released_warp = [&]() {
+    for (int t = 0; t < n; ++t)
+      if (s.threads[t].status == kReleased) return t / 32;
+    return -1;
+  };
   while (s.live > 0 && !s.failed) {
     bool released = false;
-    if (s.at_block_barrier > 0 && s.at_block_barrier == s.live) {
+    int run_warp = -1;
+    if (g_serial_warps && (run_warp = first_released_warp()) >= 0) {
+      // Threads released by a block barrier that have not run yet: they go on after every lower warp
+      // has reached its next block barrier (so writes before a missing barrier are not yet made).
+      for (size_t w = 0; w < s.warp_live.size() && (int)w < run_warp; ++w)
+        if (s.warp_waiting[w] > 0 && s.warp_waiting[w] == s.warp_live[w]) {
+          release_warp((int)w);
+          run_warp = (int)w;
+          break;
+        }
+      released = true;
+    } else if (s.at_block_barrier > 0 && s.at_block_barrier == s.live) {
       int count = 0;
       for (int t = 0; t < n; ++t)
         if (s.threads[t].status == kAtBlockBarrier) count += s.threads[t].value != 0;
@@ -417,6 +435,7 @@ bool run_block() {
       }
       s.at_block_barrier = 0;
       released = true;
+      if (g_serial_warps) run_warp = first_released_warp();  // the lowest warp first
     } else {
       for (size_t w = 0; w < s.warp_live.size(); ++w) {
         if (s.warp_waiting[w] > 0 && s.warp_waiting[w] == s.warp_live[w]) {
@@ -432,7 +451,7 @@ bool run_block() {
       break;
     }
     for (int t = 0; t < n && !s.failed; ++t) {
-      if (s.threads[t].status != kReleased) continue;
+      if (s.threads[t].status != kReleased || (run_warp >= 0 && t / 32 != run_warp)) continue;
       s.threads[t].status = kRunning;
       s.current_thread = t;
       set_thread_registers(t);
@@ -519,7 +538,15 @@ void cp_async_wait(int n) {
   require_in_kernel("cp.async.wait_group");
   if (n < 0) fail("cp.async.wait_group: negative group count");
   ThreadState& ts = sched().threads[sched().current_thread];
-  perform_async_copies(ts, ts.open_group - n);  // all but the n most recently committed groups
+  perform_async_copies(ts, ts.open_group - n - g_cp_async_wait_slack);  // all but the n most recent groups
+}
+
+int set_cp_async_wait_slack(int slack) {
+  std::lock_guard<std::mutex> lock(sched().mutex);  // not while a launch runs
+  if (slack < 0) fail("set_cp_async_wait_slack: the slack must be >= 0");
+  const int previous = g_cp_async_wait_slack;
+  g_cp_async_wait_slack = slack;
+  return previous;
 }
 
 bool set_serial_warps(bool on) {

@@ -48,6 +48,9 @@ void fb_register_selftests(pybind11::module_& parent) {
   m.def("set_serial_warps", &fb_emu::set_serial_warps,
         "release one warp per scheduling round (each warp runs ahead to its next __syncthreads); returns the "
         "previous setting", py::arg("on"));
+  m.def("set_cp_async_wait_slack", &fb_emu::set_cp_async_wait_slack,
+        "mutation switch: every cp.async wait_group<N> waits as wait_group<N + slack> (0: as PTX); returns the "
+        "previous slack", py::arg("slack"));
   m.def("trap", &st::trap, py::arg("threads"), py::arg("trap_thread"));
   m.def("divergent_barrier", &st::divergent_barrier);
 #endif

@@ -29,19 +29,18 @@
 // dynamic shared memory sized by the launchers (csrc/depthwise_ops.cu and DepthwiseNvrtcMixin in
 // fastbone/cuda/depthwise_launch.py choose the tile so it fits kDwSmemBudget).
 //
-// Plain CUDA (shared memory + __syncthreads): runs under the host emulator. The separable kernel
-// also has a tensor-core variant (WMMA, float16 / bfloat16, sm_80+) for its pointwise GEMM, GPU only.
+// Plain CUDA (shared memory + __syncthreads). The separable kernel also has a tensor-core variant
+// (float16 / bfloat16, sm_80+: ldmatrix + mma.sync on a cp.async-fed B pipeline, kernels/mma.cuh) for its
+// pointwise GEMM; all of it runs under the host emulator too (FASTBONE_CUDA_SEPARABLE_MMA=1,
+// csrc/depthwise_ops.cu).
 #pragma once
 
 #include "common.cuh"
-
-#ifndef FASTBONE_EMU
-#include <mma.h>
-#endif
+#include "mma.cuh"
 
 // The launch's dynamic shared memory as float* (launch.h's FB_DYNAMIC_SMEM pulls in host headers,
-// which NVRTC does not have; this spells the same thing for all three builds). 32-byte aligned: the
-// tensor-core epilogue stores WMMA fragments there.
+// which NVRTC does not have; this spells the same thing for all three builds). The tensor-core
+// epilogue stages float32 accumulators there (16-byte alignment would do).
 #ifdef FASTBONE_EMU
 #define FB_DW_DYNAMIC_SMEM(name) float* name = static_cast<float*>(::fb_emu::dynamic_smem())
 #else
@@ -66,10 +65,11 @@ constexpr int kSepBM = 64, kSepBK = 16, kSepTM = 4;  // separable: pixels, K ste
 // hint ptxas aims at 64 / 80 registers and spills; the test of spills compiles every instantiation).
 constexpr int kSepMinBlocks = 2;
 // Separable column tiles (output channels per block): 16, 64, 128 (TN = BN / 16 per thread).
-// The tensor-core variant's epilogue scratch (one 16 x 16 float tile per warp, in the dynamic shared
-// memory): its launch plan sizes the dynamic shared memory to at least this (in every build, so the
-// plans the emulator exports match the GPU's).
-constexpr int kSepTcScratchBytes = (kDwThreads / 32) * 16 * 16 * 4;
+// The tensor-core variant's epilogue stages its float32 accumulators in the dynamic shared memory, in
+// bands of whole rows of pitch BN + 4 (all 64 rows of BN = 64 at once, two bands of 32 for BN = 128);
+// its launch plan sizes the dynamic shared memory to at least this (in every build, so the plans the
+// emulator exports match the GPU's).
+constexpr int kSepTcScratchBytes = kSepBM * (64 + 4) * 4;
 
 // The grid-stride walk over work items (image nb, item r of that image): blockIdx.x, then every
 // gridDim.x-th. per_image < 2^31 and gridDim.x <= kDwMaxBlocks, so r + gridDim.x fits 32 bits.
@@ -282,10 +282,11 @@ __device__ __forceinline__ SepItem sep_item(const SepProblem<T>& p, const WorkCu
 // One K step of the separable kernels, shared by the plain and the tensor-core variant.
 // Thread t owns pointwise input channel k0 + t % BK of the step (kThreads is a multiple of BK, so
 // every loop below keeps that channel): consecutive threads read consecutive channels.
-//   stage():     the input region of those channels' depthwise sources -> x_s [RH * RW][BK],
-//                their taps -> w_s [KH * KW][BK], their depthwise BatchNorm -> sc_s / sh_s [BK],
-//                the BK x BN pointwise weights -> put_b(k, n, float).
-//   depthwise(): put_a(pixel, k, float) = act_dw(scale * depthwise + shift) for the tile's BM pixels.
+//   stage_depthwise(): the input region of those channels' depthwise sources -> x_s [RH * RW][BK],
+//                      their taps -> w_s [KH * KW][BK], their depthwise BatchNorm -> sc_s / sh_s [BK].
+//   gather_b():        the BK x BN pointwise weights, element by element -> put_b(k, n, float).
+//   depthwise():       put_a(pixel, k, float) = act_dw(scale * depthwise + shift) for the tile's BM
+//                      pixels (after a barrier behind stage_depthwise).
 // Channels past the group's K read as zero (x, taps, scale, shift and weights), so they add
 // exactly nothing; a depthwise index outside [0, C_dw) from `order` reads as NaN.
 template <typename T, int BM, int BN, int BK, int kThreads>
@@ -307,8 +308,7 @@ struct SepStep {
     sh_s = sc_s + BK;
   }
 
-  template <typename PutB>
-  __device__ __forceinline__ void stage(const SepProblem<T>& p, const SepItem& it, int k0, PutB put_b) const {
+  __device__ __forceinline__ void stage_depthwise(const SepProblem<T>& p, const SepItem& it, int k0) const {
     const int kk = threadIdx.x % BK, row = threadIdx.x / BK;
     const int K = p.k_per_group();
     const bool k_ok = k0 + kk < K;
@@ -335,6 +335,12 @@ struct SepStep {
       sc_s[kk] = c.scale;
       sh_s[kk] = c.shift;
     }
+  }
+
+  template <typename PutB>
+  __device__ __forceinline__ void gather_b(const SepProblem<T>& p, const SepItem& it, int k0, PutB put_b) const {
+    const int kk = threadIdx.x % BK, row = threadIdx.x / BK;
+    const bool k_ok = k0 + kk < p.k_per_group();
     const long long w_row = (long long)(k0 + kk) * p.spc;
     for (int n = row; n < BN; n += kRows) {
       const int nn = it.n0 + n;
@@ -417,7 +423,8 @@ __global__ void __launch_bounds__(kDwThreads, kSepMinBlocks) separable_conv_bn_a
       FB_UNROLL
       for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += BK) {
-      step.stage(p, it, k0, [&](int k, int n, float v) { b_tile[k][n] = v; });
+      step.stage_depthwise(p, it, k0);
+      step.gather_b(p, it, k0, [&](int k, int n, float v) { b_tile[k][n] = v; });
       __syncthreads();
       step.depthwise(p, [&](int m, int k, float v) { a_tile[k][m] = v; });
       __syncthreads();
@@ -445,83 +452,113 @@ __global__ void __launch_bounds__(kDwThreads, kSepMinBlocks) separable_conv_bn_a
   }
 }
 
-#ifndef FASTBONE_EMU
-// The tensor-core variant for float16 / bfloat16 (WMMA 16x16x16, float32 accumulators), GPU only
-// (the emulator has no tensor cores; the launchers pick it on sm_80+ for BN = 64 / 128). The
-// depthwise stage is the plain variant's; its output is rounded to T for the A tile (as the unfused
-// sequence stores it). 8 warps: BN / 32 across the columns, the rest down the BM pixels, each warp
-// FR_M x 2 fragments. The accumulators leave through a per-warp 16 x 16 float scratch that reuses
-// the dynamic shared memory (the launcher sizes it to at least kSepTcScratchBytes).
-#define FB_SEP_TC_MIN_CC 80
-constexpr int kSepTcMinCC = FB_SEP_TC_MIN_CC;
+// The tensor-core variant for float16 / bfloat16 (sm_80+; the launchers pick it for BN = 64 / 128, and
+// the emulator runs it under FASTBONE_CUDA_SEPARABLE_MMA=1). The 8 warps are a WARPS_M x WARPS_N grid
+// over the BM x BN tile (warp sub-tiles 16 x 32 for BN = 64, 32 x 32 for BN = 128); each K step of
+// BK = 16 channels is one k16 MMA per fragment (ldmatrix + mma.sync m16n8k16, float32 accumulators in
+// registers: MmaBlockTile in kernels/mma.cuh, shared with the conv). Per K step kt:
+//   1. stage_depthwise(kt): the input region, taps and BatchNorm of the step's channels -> x_s;
+//   2. barrier: x_s ready; every warp has finished step kt - 1's MMAs, so the A stage and B buffer
+//      (kt - 1) % S are free;
+//   3. B of step kt + S - 1 -> buffer (kt + S - 1) % S: 16-byte cp.async when the pointwise weight's
+//      input-channel stride is 1, K % 8 == 0, and its pointer and output-channel stride are 16-byte
+//      multiples (zero-filled past C_out_g / K), else the element gather (stored directly); one commit
+//      group per step, empty past the end, so the wait count stays uniform;
+//   4. depthwise(kt) -> the A stage [BM][kLd] as T (the depthwise output rounded to T, as the unfused
+//      sequence stores it);
+//   5. wait until step kt's group has landed (at most S - 1 newer ones pending), barrier: A and B of
+//      step kt visible to every warp, and x_s free for step kt + 1;
+//   6. the MMAs of step kt.
+// So the copies of the next B tiles overlap this step's depthwise work and MMAs. A needs one buffer (it
+// is rewritten only after the barrier of step 2). The accumulators leave through shared memory (float32
+// over x_s, kSepTcScratchBytes: in row bands) into sep_store, each thread storing one output channel.
+constexpr int kSepTcMinCC = FB_MMA_MIN_CC;
+constexpr int kSepMmaStages = 2;  // B buffers
+
+template <int BN>
+using SepMmaTile = MmaBlockTile<kSepBM, BN, kSepBK, kDwThreads / 32 / (BN / 32), BN / 32>;
 
 template <typename T, int ACT, int BN>
 __global__ void __launch_bounds__(kDwThreads, kSepMinBlocks) separable_conv_bn_act_tc_kernel(FB_SEP_PARAMS(T)) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < FB_SEP_TC_MIN_CC * 10
-  __trap();  // compiled for an older GPU (FASTBONE_CUDA_ARCHS): never launched there
+#ifdef FB_MMA_UNSUPPORTED
+  __trap();  // compiled for a GPU before sm_80 (FASTBONE_CUDA_ARCHS): never launched there
 #else
-  using namespace nvcuda;
-  constexpr int BM = kSepBM, BK = kSepBK;
-  constexpr int kWarps = kDwThreads / 32, WARPS_N = BN / 32, WARPS_M = kWarps / WARPS_N;
-  constexpr int WR = BM / WARPS_M, FR_M = WR / 16;
+  using Tile = SepMmaTile<BN>;
+  using Chunks = MmaStageChunks<BN, kSepBK, kDwThreads>;  // B's 16-byte chunks
+  constexpr int BM = kSepBM, BK = kSepBK, LD = Tile::kLd, S = kSepMmaStages;
   static_assert(BN == 64 || BN == 128, "tensor-core column tiles: 64 or 128");
-  static_assert(WR % 16 == 0, "each warp owns whole 16-row fragments");
-  // Leading dimensions: multiples of 8 elements (16-bit) as WMMA requires, padded off powers of two;
-  // every fragment pointer stays 32-byte aligned.
-  constexpr int LDA = BK + 8, LDB = BN + 8;
+  static_assert(Tile::kThreads == kDwThreads, "the depthwise stage and the GEMM share the block's threads");
+  // The epilogue's bands: as many whole 16-row fragments of pitch BN + 4 as the scratch holds.
+  constexpr int LDC = BN + 4;
+  constexpr int kFitRows = kSepTcScratchBytes / (4 * LDC) / 16 * 16;
+  constexpr int kBandRows = kFitRows < BM ? kFitRows : BM;
+  static_assert(kBandRows >= 16 && BM % kBandRows == 0, "the epilogue's row bands tile BM");
+  static_assert(kDwThreads % BN == 0, "each thread stores a single output column");
   const SepProblem<T> p = FB_SEP_PROBLEM(T);
-  __shared__ __align__(32) T a_tile[BM][LDA];
-  __shared__ __align__(32) T b_tile[BK][LDB];
+  __shared__ __align__(16) T a_stage[BM * LD];
+  __shared__ __align__(16) T b_stages[S][BN * LD];
   FB_DW_DYNAMIC_SMEM(smem);
   const SepStep<T, BM, BN, BK, kDwThreads> step(p, smem);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
-  const int K = C_dw / pw_groups;
+  const typename Tile::Warp warp = Tile::warp(threadIdx.x);
+  const Chunks chunks(threadIdx.x);
+  const int K = C_dw / pw_groups, k_tiles = (K + BK - 1) / BK;
+  // 8 consecutive k of one output channel are 16 contiguous, aligned bytes (a contiguous or channels_last
+  // 1x1 weight has spc == 1); K % 8 == 0 makes every chunk lie wholly inside or outside K.
+  const bool b_vec = K % 8 == 0 && spc == 1 && spo % 8 == 0 && is_aligned16(pw_w);
 
   for (WorkCursor cur(sep_items_per_image<BN>(p.tiles_h(), p.tiles_w(), pw_groups, C_out_g)); cur.nb < N;
        cur.next()) {
     const SepItem it = sep_item<T, BN>(p, cur);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FR_M][2];
-    FB_UNROLL
-    for (int i = 0; i < FR_M; ++i)
-      FB_UNROLL
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    for (int k0 = 0; k0 < K; k0 += BK) {
-      step.stage(p, it, k0, [&](int k, int n, float v) { b_tile[k][n] = from_float<T>(v); });
-      __syncthreads();
-      step.depthwise(p, [&](int m, int k, float v) { a_tile[m][k] = from_float<T>(v); });
-      __syncthreads();
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[FR_M];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
-      FB_UNROLL
-      for (int i = 0; i < FR_M; ++i) wmma::load_matrix_sync(fa[i], &a_tile[wm * WR + i * 16][0], LDA);
-      FB_UNROLL
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &b_tile[0][wn * 32 + j * 16], LDB);
-      FB_UNROLL
-      for (int i = 0; i < FR_M; ++i)
+    // B of reduction step kt into buffer `stage`: copies issued (not waited for), or stored directly.
+    auto load_b = [&](int kt, int stage) {
+      T* const bs = b_stages[stage];
+      if (b_vec) {
+        const int k = kt * BK + chunks.col * 8;
         FB_UNROLL
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-      __syncthreads();  // the next step overwrites every tile (and the scratch reuses x_s)
-    }
-    float* const scratch = smem + warp * 256;
-    const int col = lane % 16;
-    FB_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      const int n = it.n0 + wn * 32 + j * 16 + col;
-      const ChannelAffine::Coeffs c = sep_coeffs(p, it.g, n);
-      FB_UNROLL
-      for (int i = 0; i < FR_M; ++i) {
-        wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
-        __syncwarp();
-        for (int r = lane / 16; r < 16; r += 2)
-          sep_store<T, ACT>(p, it, wm * WR + i * 16 + r, n, scratch[r * 16 + col], c);
-        __syncwarp();
+        for (int i = 0; i < Chunks::kPasses; ++i) {
+          if (!chunks.has(i)) continue;
+          const int n = it.n0 + chunks.row(i);
+          const bool ok = k < K && n < C_out_g;
+          cp_async_16(bs + chunks.offset(i, LD), ok ? pw_w + (long long)(it.g * C_out_g + n) * spo + k : pw_w, ok);
+        }
+      } else {
+        step.gather_b(p, it, kt * BK, [&](int k, int n, float v) { bs[n * LD + k] = from_float<T>(v); });
       }
+    };
+    typename Tile::Acc acc;
+    Tile::zero(acc);
+    FB_UNROLL
+    for (int s = 0; s < S - 1; ++s) {
+      if (s < k_tiles) load_b(s, s);
+      cp_async_commit();
     }
-    __syncthreads();  // the next item's loads overwrite the scratch
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      step.stage_depthwise(p, it, kt * BK);
+      __syncthreads();
+      if (kt + S - 1 < k_tiles) load_b(kt + S - 1, (kt + S - 1) % S);
+      cp_async_commit();
+      step.depthwise(p, [&](int m, int k, float v) { a_stage[m * LD + k] = from_float<T>(v); });
+      cp_async_wait<S - 1>();
+      __syncthreads();
+      Tile::multiply(acc, a_stage, b_stages[kt % S], warp);
+    }
+    cp_async_wait<0>();  // nothing outlives the item (the trailing groups are empty)
+
+    // The accumulators over x_s, which no thread reads after step 5 of the last K step.
+    float* const c_tile = smem;
+    const int col = threadIdx.x % BN;
+    const ChannelAffine::Coeffs c = sep_coeffs(p, it.g, it.n0 + col);
+    FB_UNROLL
+    for (int band = 0; band < BM; band += kBandRows) {
+      if (band > 0) __syncthreads();  // the previous band's values are read
+      Tile::store(acc, c_tile, LDC, warp, band, kBandRows);
+      __syncthreads();
+      for (int row = threadIdx.x / BN; row < kBandRows; row += kDwThreads / BN)
+        sep_store<T, ACT>(p, it, band + row, it.n0 + col, c_tile[row * LDC + col], c);
+    }
+    __syncthreads();  // the next item's staging overwrites x_s (= c_tile)
   }
-#endif  // __CUDA_ARCH__
+#endif  // FB_MMA_UNSUPPORTED
 }
-#endif  // FASTBONE_EMU
 
 }  // namespace fb

@@ -9,6 +9,8 @@ torch or a GPU.
 """
 from __future__ import annotations
 
+import os
+
 _CUDA_TYPE_NAMES = ("float", "__half", "__nv_bfloat16")  # by dtype code (as fastbone/cuda/ops.py)
 NUM_ACTIVATIONS = 6
 
@@ -21,10 +23,16 @@ LAUNCH_CONSTANTS = {
     "dw_channel_blocks": (16, 32, 64),
     "sep_tile": (64, 16, 4),          # BM pixels, BK channels per K step, TM rows per thread
     "sep_col_tiles": (16, 64, 128),   # BN output channels per block
+    "sep_tc_min_cc": 80,              # the tensor-core separable kernel: sm_80+ GPUs (the emulator when forced)
+    # ... its epilogue's float32 accumulator bands in the dynamic shared memory: BM rows of pitch 64 + 4
+    "sep_tc_scratch_bytes": 64 * (64 + 4) * 4,
 }
-SEP_TC_MIN_CC = 80                    # the tensor-core separable kernel (GPU builds only): sm_80+
-SEP_TC_SCRATCH_BYTES = 8 * 16 * 16 * 4
-GPU_LAUNCH_CONSTANTS = {"sep_tc_min_cc": SEP_TC_MIN_CC, "sep_tc_scratch_bytes": SEP_TC_SCRATCH_BYTES}
+SEP_TC_MIN_CC = LAUNCH_CONSTANTS["sep_tc_min_cc"]
+SEP_TC_SCRATCH_BYTES = LAUNCH_CONSTANTS["sep_tc_scratch_bytes"]
+SEPARABLE_MMA_ENV = "FASTBONE_CUDA_SEPARABLE_MMA"
+# Constants that only the GPU builds (fastbone._C, NVRTC) export: none since the emulator runs the
+# tensor-core kernel too (fastbone/cuda/ops.py merges these into NvrtcRuntime.launch_constants).
+GPU_LAUNCH_CONSTANTS: dict = {}
 _C = LAUNCH_CONSTANTS
 _BK = _C["sep_tile"][1]
 _REGISTER_TAPS = (3, 5, 7)  # square kernels with their own instantiation (taps in registers)
@@ -74,13 +82,43 @@ def depthwise_launch_plan(c_out: int, oh: int, ow: int, kh: int, kw: int, conv) 
         cb //= 2
 
 
+def separable_mma_allowed(emulator: bool = False) -> bool:
+    """csrc/depthwise_ops.cu's separable_mma_allowed, from FASTBONE_CUDA_SEPARABLE_MMA: unset / "auto"
+    (GPUs of compute capability >= 8.0, not the emulator), "1" (the emulator too), "0" (never)."""
+    value = os.environ.get(SEPARABLE_MMA_ENV, "").strip()
+    if value in ("", "auto"):
+        return not emulator
+    if value in ("0", "1"):
+        return value == "1"
+    raise ValueError(f"{SEPARABLE_MMA_ENV}={value}: expected auto, 0 or 1")
+
+
+def separable_tensor_cores(dtype_code: int, compute_capability: int | None) -> bool:
+    """Whether the launcher plans for the tensor-core variant (float16 / bfloat16; None: the emulator)."""
+    emulator = compute_capability is None
+    if dtype_code == 0 or not separable_mma_allowed(emulator):
+        return False
+    return emulator or compute_capability >= SEP_TC_MIN_CC
+
+
+def separable_col_tile(c_out_g: int) -> int:
+    tiles = _C["sep_col_tiles"]
+    return tiles[0] if c_out_g <= tiles[0] else (tiles[1] if c_out_g <= tiles[1] else tiles[2])
+
+
+def separable_variant(c_out_g: int, dtype_code: int, compute_capability: int | None) -> str:
+    """csrc/depthwise_ops.cu's separable_variant: "mma" (the tensor-core kernel, column tiles of 64 / 128)
+    or "plain"."""
+    tc = separable_tensor_cores(dtype_code, compute_capability) and separable_col_tile(c_out_g) >= 64
+    return "mma" if tc else "plain"
+
+
 def separable_launch_plan(c_out_g: int, oh: int, ow: int, kh: int, kw: int, conv, tensor_cores: bool) -> list[int]:
     """[tile_h, tile_w, column tile, shared memory bytes]; all 0 where one output pixel's input region
     does not fit (the op layer runs the depthwise op, then the 1x1 conv). tensor_cores: whether the
-    tensor-core variant would run (float16 / bfloat16 on sm_80+; never in the emulator)."""
+    tensor-core variant would run (separable_tensor_cores)."""
     sh, sw, _, _, dh, dw = conv
-    tiles = _C["sep_col_tiles"]
-    bn = tiles[0] if c_out_g <= tiles[0] else (tiles[1] if c_out_g <= tiles[1] else tiles[2])
+    bn = separable_col_tile(c_out_g)
     tc = tensor_cores and bn >= 64
 
     def nbytes(th, tw):
@@ -194,7 +232,7 @@ class DepthwiseNvrtcMixin:
         if n == 0 or c_out == 0 or oh == 0 or ow == 0:
             return
         c_out_g = c_out // pw_groups
-        tensor_cores = dtype != 0 and self._compute_capability >= SEP_TC_MIN_CC
+        tensor_cores = separable_tensor_cores(dtype, self._compute_capability)
         th, tw, bn, smem = separable_launch_plan(c_out_g, oh, ow, kh, kw, conv, tensor_cores)
         if th == 0:
             raise ValueError(f"separable_conv_bn_act: a {kh}x{kw} depthwise kernel with dilation {conv[4]}x{conv[5]} "

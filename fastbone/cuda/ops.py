@@ -4,9 +4,19 @@ Registered operators (torch.library.custom_op, each with a fake impl; all but th
 `_into` op with a backward, the vector-Jacobian product of the op layer's torch reference):
   fastbone::cuda_conv_bn_act(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, eps, stride, padding,
                              dilation, groups, act, slope, residual?, input_scale?=None,
-                             residual_after_act=False) -> Tensor
+                             residual_after_act=False, input_pool_mode=0, input_pool_kernel=1,
+                             in_channel_map?=None, out_channel_map?=None) -> Tensor
   fastbone::cuda_conv_bn_act_into(..., residual?, out!, out_channel_offset, input_scale?=None,
-                                  residual_after_act=False) -> ()   writes a channel slice of `out`
+                                  residual_after_act=False, input_pool_mode=0, input_pool_kernel=1,
+                                  in_channel_map?=None, out_channel_map?=None) -> ()
+                                  writes a channel slice of `out`
+  fastbone::cuda_conv_bn_act_multi_into(x, weights[], biases?[], bn_weights?[], bn_biases?[], bn_means?[],
+                                        bn_vars?[], eps[], stride, padding, dilation, act, slope, outs![]) -> ()
+                                  several convs of x (groups 1) into their own destinations, up to 3 per launch
+  (input_pool_mode 1 / 2: the conv reads max_pool2d / avg_pool2d(x, input_pool_kernel, 1, kernel // 2,
+  count_include_pad=False) instead of x, pooled in the kernel's loader; in_channel_map (C_in,) int64: the conv
+  reads x.index_select(1, in_channel_map); out_channel_map (C_out,) int64: the result's channel oc is written
+  to channel out_channel_offset + out_channel_map[oc], residual / bias / BatchNorm indexed by oc)
   fastbone::cuda_conv_bn_act_maxpool(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, eps, stride,
                                      padding, dilation, groups, act, slope, pool_kernel, pool_stride,
                                      pool_padding, ceil_mode) -> Tensor
@@ -68,6 +78,7 @@ LAUNCH_CONSTANTS = {
     "conv_mma_small_tile": (64, 64, 32, 128, 4, 4 * (64 + 64) * 40 * 2),
     "conv_mma_large_min_cout": 128, "conv_mma_large_min_blocks": 264,
     "conv_mma_min_cc": 80,  # ... on devices of compute capability 8.0 and newer
+    "conv_max_segments": 3,  # convs per horizontally fused launch (conv_bn_act_multi)
     **_dw.LAUNCH_CONSTANTS,
 }
 _C = LAUNCH_CONSTANTS
@@ -141,6 +152,28 @@ def _check_int_range(v: int, what: str) -> None:
         raise ValueError(f"{what} = {v} exceeds the kernels' 32-bit index range")
 
 
+def conv_multi_launch_plan(c_outs, block_n: int) -> list[list[int]]:
+    """csrc/ops.cu's conv_multi_packs: conv_bn_act_multi's launches over channels, each the flat
+    [conv, c0, c, ...] of its pieces (channels [c0, c0 + c) of conv i): every conv in pieces of at most
+    max_grid_yz channel tiles, packed in order into launches of at most conv_max_segments pieces and
+    max_grid_yz tiles (gridDim.y)."""
+    max_yz = _C["max_grid_yz"]
+    max_c = max_yz * block_n
+    packs: list[list[int]] = []
+    count = tiles = 0
+    for s, c_out in enumerate(c_outs):
+        for c0 in range(0, c_out, max_c):
+            c = min(max_c, c_out - c0)
+            piece_tiles = _cdiv(c, block_n)
+            if not packs or count == _C["conv_max_segments"] or tiles + piece_tiles > max_yz:
+                packs.append([])
+                count = tiles = 0
+            packs[-1] += [s, c0, c]
+            count += 1
+            tiles += piece_tiles
+    return packs
+
+
 def conv_launch_plan(n: int, oh: int, ow: int, groups: int, c_out_g: int, block_n: int) -> list[list[int]]:
     """csrc/ops.cu's conv_chunks: the launches [n0, n, oh0, oh, g0, g, c0, c] (images, output rows,
     groups, output channels per group) that keep every grid within CUDA's limits (gridDim.y / z <=
@@ -203,8 +236,14 @@ NVRTC_KERNELS = {
 
 # Kernel parameter lists, one letter per parameter: p pointer, i int, q long long, f float.
 # conv: x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, res, out, in_scale, ..., eps, slope, ssn,
-# residual_after_act (FB_CONV_PARAMS in conv.cuh)
-_CONV_SIGNATURE = "p" * 10 + "i" * 9 + "q" * 16 + "i" * 7 + "ff" + "q" + "i"
+# residual_after_act, input_pool_mode, input_pool_kernel, in_channel_map, out_channel_map, num_segments, then
+# segments 1 and 2 (w, bias,
+# bn_weight, bn_bias, bn_mean, bn_var, out, C_out, eps, 4 weight strides, 4 output strides) (FB_CONV_PARAMS
+# and FB_CONV_SEGMENT_PARAMS in conv.cuh)
+_CONV_SEGMENT_SIGNATURE = "p" * 7 + "if" + "q" * 8
+_CONV_SIGNATURE = ("p" * 10 + "i" * 9 + "q" * 16 + "i" * 7 + "ff" + "q" + "i" + "ii" + "pp" + "i"
+                   + _CONV_SEGMENT_SIGNATURE * 2)
+_UNUSED_CONV_SEGMENT = (0,) * len(_CONV_SEGMENT_SIGNATURE)
 _SIGNATURES = {
     "fb::conv_bn_act_kernel": _CONV_SIGNATURE,
     "fb::conv_bn_act_mma_kernel": _CONV_SIGNATURE,
@@ -223,6 +262,28 @@ def _check_bn_pointers(bn_mean: int, bn_var: int) -> None:
     """csrc/ops.cu's check_bn: the kernels read bn_var whenever bn_mean is given."""
     if (bn_mean == 0) != (bn_var == 0):
         raise ValueError("BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm)")
+
+
+INPUT_POOL_MODES = {0: "none", 1: "max", 2: "avg"}  # kernels/conv.cuh's kConvInputPool*
+
+
+def check_input_pool(mode: int, kernel: int, has_in_scale: bool = False) -> None:
+    """csrc/ops.cu's check_input_pool: mode 0 (no pool, kernel 1), 1 (max) or 2 (average,
+    count_include_pad=False) with an odd kernel 3..7 (stride 1, padding kernel // 2); not with an input
+    scale."""
+    if mode == 0:
+        if kernel != 1:
+            raise ValueError(f"input_pool_kernel = {kernel} without an input pool (input_pool_mode 0); pass 1")
+        return
+    if mode not in INPUT_POOL_MODES:
+        raise ValueError(f"input_pool_mode = {mode}; accepted: 0 (none), 1 (max pool), 2 (average pool, "
+                         "count_include_pad=False)")
+    if not (3 <= kernel <= 7 and kernel % 2 == 1):
+        raise ValueError(f"input_pool_kernel = {kernel}; the input pool takes an odd kernel 3, 5 or 7 (stride 1, "
+                         "padding kernel // 2)")
+    if has_in_scale:
+        raise ValueError("the input pool cannot be combined with in_scale (the SE gate); run the pool or the scale "
+                         "as its own op")
 
 
 class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMixin):
@@ -259,10 +320,63 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMix
             with cupy.cuda.ExternalStream(stream, self._device):
                 kernel(tuple(grid), (block,), packed, shared_mem=smem)
 
+    def _conv_kernel(self, m: int, c_out_g: int, groups: int, dtype: int, act: int):
+        """(kernel name, template arguments, BM, BN, threads, dynamic shared bytes) of the conv variant
+        csrc/ops.cu's choose_conv_variant picks."""
+        variant = conv_variant(c_out_g, dtype, self._compute_capability)
+        if variant == "mma":
+            tile = conv_mma_tile(m, c_out_g, groups, conv_mma_mode()[1])
+            bm, bn, _bk, threads, _stages, smem = _C[f"conv_mma_{tile}_tile"]
+            return "fb::conv_bn_act_mma_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {bm}, {bn}", bm, bn, threads, smem
+        bm, bn, bk, tm, tn = tile = _C[f"conv_{variant}_tile"]
+        return ("fb::conv_bn_act_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {', '.join(map(str, tile))}", bm, bn,
+                (bm // tm) * (bn // tn), 0)
+
+    def _run_conv(self, kernel, dtype, x, x_shape, x_strides, c_in_g, kh, kw, ow, segments, launches, residual,
+                  res_strides, out_c_offset, conv, slope, stream, in_scale=0, in_scale_stride=0,
+                  residual_after_act=0, input_pool_mode=0, input_pool_kernel=1, in_channel_map=0, out_channel_map=0):
+        """csrc/ops.cu's run_conv. segments: (w, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, out,
+        out_strides, c_out_g) per conv; launches: (n0, n, oh0, oh, g0, g, [(conv, c0, c), ...]). Channel maps
+        are advanced to the launch's first channel instead of x / in_scale / out_c_offset (run_conv's comment)."""
+        name, template_args, bm, bn, threads, smem = kernel
+        size = (4, 2, 2)[dtype]  # bytes per element of x, w, residual, out
+        sxn, sxc = x_strides[0], x_strides[1]
+        srn, src, srh = res_strides[0], res_strides[1], res_strides[2]
+
+        def at(ptr, elements, elem_bytes=size):  # csrc/ops.cu's pointer + offset (0 stays 0: absent)
+            return ptr + elements * elem_bytes if ptr else 0
+
+        def segment_at(piece, g0, n0, oh0, channel_in_pointer):  # in _CONV_SEGMENT_SIGNATURE's order
+            w, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, out, out_strides, c_out_g = segments[piece[0]]
+            oc0 = g0 * c_out_g + piece[1]
+            out_offset = n0 * out_strides[0] + oh0 * out_strides[2] + (oc0 * out_strides[1] if channel_in_pointer else 0)
+            return (at(w, oc0 * w_strides[0]), *(at(v, oc0, 4) for v in (bias, bn_weight, bn_bias, bn_mean, bn_var)),
+                    at(out, out_offset), piece[2], eps, *w_strides, *out_strides)
+
+        for n0, nn, oh0, ohn, g0, gn, pieces in launches:
+            first = pieces[0]
+            oc0 = g0 * segments[first[0]][10] + first[1]
+            m = nn * ohn * ow
+            s0 = segment_at(first, g0, n0, oh0, False)
+            others = [segment_at(p, g0, n0, oh0, True) for p in pieces[1:]]
+            others += [_UNUSED_CONV_SEGMENT] * (_C["conv_max_segments"] - len(pieces))
+            ic0 = g0 * c_in_g  # the launch's first input channel
+            ic_shift, oc_shift = (0 if in_channel_map else ic0), (0 if out_channel_map else oc0)
+            args = (at(x, n0 * sxn + ic_shift * sxc), *s0[:6], at(residual, n0 * srn + oh0 * srh + oc0 * src),
+                    s0[6], at(in_scale, n0 * in_scale_stride + ic_shift, 4), m, x_shape[2], x_shape[3], c_in_g,
+                    ohn, ow, s0[7], kh, kw, *x_strides, *s0[9:13], *res_strides, *s0[13:17], out_c_offset + oc_shift,
+                    conv[0], conv[1], conv[2] - oh0 * conv[0], *conv[3:], s0[8], slope, in_scale_stride,
+                    int(residual_after_act != 0), input_pool_mode, input_pool_kernel, at(in_channel_map, ic0, 8),
+                    at(out_channel_map, oc0, 8), len(pieces), *others[0], *others[1])
+            tiles = sum(_cdiv(p[2], bn) for p in pieces)
+            self._launch("conv.cuh", name, template_args, (_cdiv(m, bm), tiles, gn), threads, args, stream, smem)
+
     def conv_bn_act(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var,
                     eps, residual, res_strides, out, out_shape, out_strides, out_c_offset, conv, groups, dtype, act,
-                    slope, stream, in_scale=0, in_scale_stride=0, residual_after_act=0):
+                    slope, stream, in_scale=0, in_scale_stride=0, residual_after_act=0, input_pool_mode=0,
+                    input_pool_kernel=1, in_channel_map=0, out_channel_map=0):
         _check_bn_pointers(bn_mean, bn_var)
+        check_input_pool(input_pool_mode, input_pool_kernel, bool(in_scale))
         n, c_out, oh, ow = x_shape[0], w_shape[0], out_shape[2], out_shape[3]
         c_out_g = c_out // groups
         if n * oh * ow == 0 or c_out == 0:
@@ -270,37 +384,48 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMix
         for v, what in ((x_shape[2], "H"), (x_shape[3], "W"), (oh, "OH"), (out_c_offset + c_out, "out_c_offset + C_out"),
                         (w_shape[1] * w_shape[2] * w_shape[3] + 64, "C_in/groups * KH * KW")):
             _check_int_range(v, what)
-        variant = conv_variant(c_out_g, dtype, self._compute_capability)
-        smem = 0
-        if variant == "mma":
-            tile = conv_mma_tile(n * oh * ow, c_out_g, groups, conv_mma_mode()[1])
-            bm, bn, _bk, threads, _stages, smem = _C[f"conv_mma_{tile}_tile"]
-            name, template_args = "fb::conv_bn_act_mma_kernel", f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {bm}, {bn}"
-        else:
-            bm, bn, bk, tm, tn = tile = _C[f"conv_{variant}_tile"]
-            threads = (bm // tm) * (bn // tn)
-            name = "fb::conv_bn_act_kernel"
-            template_args = f"{_CUDA_TYPE_NAMES[dtype]}, {act}, {', '.join(map(str, tile))}"
-        size = (4, 2, 2)[dtype]  # bytes per element of x, w, residual, out
-        sxn, sxc = x_strides[0], x_strides[1]
-        srn, src, srh = res_strides[0], res_strides[1], res_strides[2]
-        son, soh = out_strides[0], out_strides[2]
+        kernel = self._conv_kernel(n * oh * ow, c_out_g, groups, dtype, act)
+        segment = (w, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, out, out_strides, c_out_g)
+        launches = [(n0, nn, oh0, ohn, g0, gn, [(0, c0, cn)])
+                    for n0, nn, oh0, ohn, g0, gn, c0, cn in conv_launch_plan(n, oh, ow, groups, c_out_g, kernel[3])]
+        self._run_conv(kernel, dtype, x, x_shape, x_strides, w_shape[1], w_shape[2], w_shape[3], ow, [segment],
+                       launches, residual, res_strides, out_c_offset, conv, slope, stream, in_scale, in_scale_stride,
+                       residual_after_act, input_pool_mode, input_pool_kernel, in_channel_map, out_channel_map)
 
-        def at(ptr, elements, elem_bytes=size):  # csrc/ops.cu's pointer + offset (0 stays 0: absent)
-            return ptr + elements * elem_bytes if ptr else 0
-
-        for n0, nn, oh0, ohn, g0, gn, c0, cn in conv_launch_plan(n, oh, ow, groups, c_out_g, bn):
-            oc0 = g0 * c_out_g + c0
-            m = nn * ohn * ow
-            args = (at(x, n0 * sxn + g0 * w_shape[1] * sxc), at(w, oc0 * w_strides[0]),
-                    *(at(v, oc0, 4) for v in (bias, bn_weight, bn_bias, bn_mean, bn_var)),
-                    at(residual, n0 * srn + oh0 * srh + oc0 * src), at(out, n0 * son + oh0 * soh),
-                    at(in_scale, n0 * in_scale_stride + g0 * w_shape[1], 4), m, x_shape[2],
-                    x_shape[3], w_shape[1], ohn, ow, cn, w_shape[2], w_shape[3], *x_strides, *w_strides,
-                    *res_strides, *out_strides, out_c_offset + oc0, conv[0], conv[1], conv[2] - oh0 * conv[0],
-                    *conv[3:], eps, slope, in_scale_stride, int(residual_after_act != 0))
-            self._launch("conv.cuh", name, template_args, (_cdiv(m, bm), _cdiv(cn, bn), gn), threads, args, stream,
-                         smem)
+    def conv_bn_act_multi(self, x, x_shape, x_strides, ws, w_shapes, w_strides, biases, bn_weights, bn_biases,
+                          bn_means, bn_vars, eps, outs, out_shapes, out_strides, conv, dtype, act, slope, stream):
+        count = len(ws)
+        if count == 0:
+            raise ValueError("conv_bn_act_multi: no convs given (ws is empty)")
+        for values in (w_shapes, w_strides, biases, bn_weights, bn_biases, bn_means, bn_vars, eps, outs, out_shapes,
+                       out_strides):
+            if len(values) != count:
+                raise ValueError(f"conv_bn_act_multi: every per-conv list needs one entry per conv ({count} weights), "
+                                 f"got a list of {len(values)}")
+        for i in range(count):
+            _check_bn_pointers(bn_means[i], bn_vars[i])
+            if list(w_shapes[i][1:]) != [x_shape[1], *w_shapes[0][2:]]:
+                raise ValueError(f"conv {i}: the fused convs read all of x (groups 1) with one kernel size: weight "
+                                 f"(C_out, {x_shape[1]}, {w_shapes[0][2]}, {w_shapes[0][3]}) expected")
+            if list(out_shapes[i]) != [x_shape[0], w_shapes[i][0], *out_shapes[0][2:]]:
+                raise ValueError(f"conv {i}: its destination must be (N, C_out, OH, OW) = "
+                                 f"{(x_shape[0], w_shapes[i][0], *out_shapes[0][2:])}")
+            _check_int_range(w_shapes[i][0], "C_out")
+        n, oh, ow = x_shape[0], out_shapes[0][2], out_shapes[0][3]
+        c_outs = [s[0] for s in w_shapes]
+        if n * oh * ow == 0 or max(c_outs) == 0:
+            return
+        for v, what in ((x_shape[2], "H"), (x_shape[3], "W"), (oh, "OH"),
+                        (x_shape[1] * w_shapes[0][2] * w_shapes[0][3] + 64, "C_in * KH * KW")):
+            _check_int_range(v, what)
+        kernel = self._conv_kernel(n * oh * ow, max(c_outs), 1, dtype, act)
+        segments = [(ws[i], w_strides[i], biases[i], bn_weights[i], bn_biases[i], bn_means[i], bn_vars[i], eps[i],
+                     outs[i], out_strides[i], c_outs[i]) for i in range(count)]
+        packs = conv_multi_launch_plan(c_outs, kernel[3])
+        launches = [(n0, nn, oh0, ohn, 0, 1, [tuple(pack[j:j + 3]) for j in range(0, len(pack), 3)])
+                    for n0, nn, oh0, ohn, *_ in conv_launch_plan(n, oh, ow, 1, 1, kernel[3]) for pack in packs]
+        self._run_conv(kernel, dtype, x, x_shape, x_strides, x_shape[1], w_shapes[0][2], w_shapes[0][3], ow, segments,
+                       launches, 0, [0, 0, 0, 0], 0, conv, slope, stream)
 
     def stem_supported(self, c_in_g, kh, kw, pool):
         return stem_supported(c_in_g, kh, kw, pool)
@@ -439,9 +564,12 @@ def _check_act(act: int) -> None:
 
 
 def _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
-                 slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
+                 slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False,
+                 input_pool_mode=0, input_pool_kernel=1, in_channel_map=None, out_channel_map=None):
     _check_tensors(x, residual=residual, out=out)
     _check_input_scale(x, input_scale)
+    check_input_pool(int(input_pool_mode), int(input_pool_kernel), input_scale is not None)
+    check_channel_maps(x, weight, in_channel_map, out_channel_map)
     weight, vectors = _conv_params(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var)
     _check_act(act)
     with _device_guard(x):
@@ -450,7 +578,26 @@ def _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stri
             float(eps), _ptr(residual), [0] * 4 if residual is None else list(residual.stride()),
             out.data_ptr(), *_shape_strides(out), int(out_channel_offset),
             [*stride, *padding, *dilation], int(groups), DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x),
-            _ptr(input_scale), 0 if input_scale is None else input_scale.stride(0), int(bool(residual_after_act)))
+            _ptr(input_scale), 0 if input_scale is None else input_scale.stride(0), int(bool(residual_after_act)),
+            int(input_pool_mode), int(input_pool_kernel), _ptr(in_channel_map), _ptr(out_channel_map))
+
+
+def check_channel_maps(x: Tensor, weight: Tensor, in_channel_map: Optional[Tensor],
+                       out_channel_map: Optional[Tensor]) -> None:
+    """What the kernels index by, checked without reading the maps (no device sync): contiguous 1-D int64
+    tensors on x's device, in_channel_map of length C_in (x's channels), out_channel_map of length C_out (the
+    weight's). That they are permutations is the op layer's to check where it can read them."""
+    for name, t, length, what in (("in_channel_map", in_channel_map, x.shape[1], "one x channel per input channel"),
+                                  ("out_channel_map", out_channel_map, weight.shape[0],
+                                   "one destination channel per output channel")):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != length \
+                or not t.is_contiguous() or t.device != x.device:
+            got = (t.dtype, tuple(t.shape), "contiguous" if t.is_contiguous() else "non-contiguous", str(t.device)) \
+                if isinstance(t, Tensor) else type(t)
+            raise ValueError(f"{name} must be a contiguous 1-D int64 tensor of length {length} ({what}) on "
+                             f"{x.device}, got {got}")
 
 
 def _check_input_scale(x: Tensor, input_scale: Optional[Tensor]) -> None:
@@ -470,16 +617,20 @@ def cuda_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weigh
                      bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                      stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int, slope: float,
                      residual: Optional[Tensor], input_scale: Optional[Tensor] = None,
-                     residual_after_act: bool = False) -> Tensor:
+                     residual_after_act: bool = False, input_pool_mode: int = 0, input_pool_kernel: int = 1,
+                     in_channel_map: Optional[Tensor] = None, out_channel_map: Optional[Tensor] = None) -> Tensor:
     out = conv_output(x, weight, stride, padding, dilation)
     _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
-                 slope, residual, out, 0, input_scale, residual_after_act)
+                 slope, residual, out, 0, input_scale, residual_after_act, input_pool_mode, input_pool_kernel,
+                 in_channel_map, out_channel_map)
     return out
 
 
 @cuda_conv_bn_act.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act, slope,
-      residual, input_scale=None, residual_after_act=False):
+      residual, input_scale=None, residual_after_act=False, input_pool_mode=0, input_pool_kernel=1,
+      in_channel_map=None, out_channel_map=None):
+    check_channel_maps(x, weight, in_channel_map, out_channel_map)
     return conv_output(x, weight, stride, padding, dilation)
 
 
@@ -488,14 +639,78 @@ def cuda_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_
                           bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                           stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int,
                           slope: float, residual: Optional[Tensor], out: Tensor, out_channel_offset: int,
-                          input_scale: Optional[Tensor] = None, residual_after_act: bool = False) -> None:
+                          input_scale: Optional[Tensor] = None, residual_after_act: bool = False,
+                          input_pool_mode: int = 0, input_pool_kernel: int = 1, in_channel_map: Optional[Tensor] = None,
+                          out_channel_map: Optional[Tensor] = None) -> None:
     _launch_conv(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act,
-                 slope, residual, out, out_channel_offset, input_scale, residual_after_act)
+                 slope, residual, out, out_channel_offset, input_scale, residual_after_act, input_pool_mode,
+                 input_pool_kernel, in_channel_map, out_channel_map)
 
 
 @cuda_conv_bn_act_into.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups, act, slope,
-      residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
+      residual, out, out_channel_offset, input_scale=None, residual_after_act=False, input_pool_mode=0,
+      input_pool_kernel=1, in_channel_map=None, out_channel_map=None):
+    check_channel_maps(x, weight, in_channel_map, out_channel_map)
+    return None
+
+
+def _check_multi(x: Tensor, weights, biases, bn_weights, bn_biases, bn_means, bn_vars, eps, stride, padding, dilation,
+                 outs) -> None:
+    """What conv_bn_act_multi's kernels index by (the op layer has validated the rest): equal-length lists,
+    weights (C_i, C_in, KH, KW) of one kernel size reading all of x (groups 1), destinations (N, C_i, OH, OW)
+    in x's dtype and on its device."""
+    count = len(weights)
+    if count == 0:
+        raise ValueError("conv_bn_act_multi needs at least one conv (weights is empty)")
+    lengths = {name: len(v) for name, v in (("biases", biases), ("bn_weights", bn_weights), ("bn_biases", bn_biases),
+                                            ("bn_means", bn_means), ("bn_vars", bn_vars), ("eps", eps), ("outs", outs))}
+    if any(n != count for n in lengths.values()):
+        raise ValueError(f"conv_bn_act_multi: every per-conv list needs one entry per weight ({count}), got "
+                         + ", ".join(f"{k}: {v}" for k, v in lengths.items()))
+    _check_tensors(x, **{f"outs[{i}]": o for i, o in enumerate(outs)})
+    kh, kw = weights[0].shape[2:] if isinstance(weights[0], Tensor) and weights[0].dim() == 4 else (None, None)
+    for i, (w, o) in enumerate(zip(weights, outs)):
+        if not isinstance(w, Tensor) or w.dim() != 4 or tuple(w.shape[1:]) != (x.shape[1], kh, kw):
+            raise ValueError(f"conv_bn_act_multi: weights[{i}] must be (C_out, {x.shape[1]}, {kh}, {kw}) (all of x, "
+                             f"groups 1, one kernel size), got "
+                             f"{tuple(w.shape) if isinstance(w, Tensor) else type(w)}")
+        want = conv_output_shape(x, w, stride, padding, dilation)
+        if not isinstance(o, Tensor) or tuple(o.shape) != want:
+            raise ValueError(f"conv_bn_act_multi: outs[{i}] must have shape {want} (N, C_out, OH, OW), got "
+                             f"{tuple(o.shape) if isinstance(o, Tensor) else type(o)}")
+
+
+def conv_output_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int, int, int]:
+    return (x.shape[0], weight.shape[0],
+            conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0]),
+            conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1]))
+
+
+@direct_custom_op("fastbone::cuda_conv_bn_act_multi_into", mutates_args=("outs",))
+def cuda_conv_bn_act_multi_into(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
+                                bn_weights: list[Optional[Tensor]], bn_biases: list[Optional[Tensor]],
+                                bn_means: list[Optional[Tensor]], bn_vars: list[Optional[Tensor]], eps: list[float],
+                                stride: list[int], padding: list[int], dilation: list[int], act: int, slope: float,
+                                outs: list[Tensor]) -> None:
+    """outs[i] = act(bn_i(conv2d(x, weights[i]) + biases[i])) for every i: convs of one input (groups 1, one
+    kernel size, stride, padding, dilation and activation) in launches of up to 3, each writing its own
+    destination through its strides (typically a channel slice of a larger tensor)."""
+    _check_multi(x, weights, biases, bn_weights, bn_biases, bn_means, bn_vars, eps, stride, padding, dilation, outs)
+    _check_act(act)
+    params = [_conv_params(x, *p) for p in zip(weights, biases, bn_weights, bn_biases, bn_means, bn_vars)]
+    ws = [w for w, _ in params]
+    vectors = [[_ptr(v[j]) for _, v in params] for j in range(5)]  # bias, bn_weight, bn_bias, bn_mean, bn_var
+    with _device_guard(x):
+        _runtime(x).conv_bn_act_multi(
+            x.data_ptr(), *_shape_strides(x), [w.data_ptr() for w in ws], [list(w.shape) for w in ws],
+            [list(w.stride()) for w in ws], *vectors, [float(e) for e in eps], [o.data_ptr() for o in outs],
+            [list(o.shape) for o in outs], [list(o.stride()) for o in outs], [*stride, *padding, *dilation],
+            DTYPE_CODES[x.dtype], int(act), float(slope), _stream(x))
+
+
+@cuda_conv_bn_act_multi_into.register_fake
+def _(x, weights, biases, bn_weights, bn_biases, bn_means, bn_vars, eps, stride, padding, dilation, act, slope, outs):
     return None
 
 
@@ -632,15 +847,28 @@ register_reference_autograd(cuda_adaptive_avg_pool2d, reference_adaptive_avg_poo
 
 @register_impl("conv_bn_act", "cuda")
 def _cuda_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                      act_code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
+                      act_code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False,
+                      input_pool=None, in_channel_map=None, out_channel_map=None):
     check_kernel_dtype(x, "cuda")
     args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), list(stride), list(padding),
             list(dilation), int(groups), int(act_code), float(slope), residual)
     order = bool(residual_after_act)
+    pool = () if input_pool is None else (int(input_pool[0]), int(input_pool[1]))  # (mode, kernel)
+    if in_channel_map is not None or out_channel_map is not None:  # positional: the pool's defaults before them
+        pool = (pool or (0, 1)) + (in_channel_map, out_channel_map)
     if out is None:
-        return call_op("cuda_conv_bn_act", *args, input_scale, order)
-    call_op("cuda_conv_bn_act_into", *args, out, int(out_channel_offset), input_scale, order)
+        return call_op("cuda_conv_bn_act", *args, input_scale, order, *pool)
+    call_op("cuda_conv_bn_act_into", *args, out, int(out_channel_offset), input_scale, order, *pool)
     return out
+
+
+@register_impl("conv_bn_act_multi", "cuda")
+def _cuda_conv_bn_act_multi(x, weights, biases, bn_weights, bn_biases, bn_means, bn_vars, eps, stride, padding,
+                            dilation, act_code, slope, outs):
+    check_kernel_dtype(x, "cuda")
+    call_op("cuda_conv_bn_act_multi_into", x, list(weights), list(biases), list(bn_weights), list(bn_biases),
+            list(bn_means), list(bn_vars), [float(e) for e in eps], list(stride), list(padding), list(dilation),
+            int(act_code), float(slope), list(outs))
 
 
 @register_impl("conv_bn_act_maxpool", "cuda")

@@ -207,3 +207,41 @@ def check_result_args(x, expect, residual, out, out_channel_offset, reads) -> No
             raise ArgumentTypeError(f"out has dtype {out.dtype}, expected the input's {x.dtype}")
         check_output_tensor(out.narrow(1, out_channel_offset, c_out), reads_elementwise=(("residual", residual),),
                             reads=reads)
+
+
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether an index tensor's values can be read without a device sync or a graph break: a real CPU
+    tensor, outside torch.compile. (On a GPU a bad index gives NaN or is skipped in the kernel backends'
+    output, never an out-of-bounds read.)"""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and \
+        not isinstance(t, torch._subclasses.FakeTensor)
+
+
+def check_channel_map(channel_map, length: int, name: str, device: torch.device, *, permutation: bool = True,
+                      meaning: str | None = None, sync: bool = False) -> None:
+    """An index tensor of the kernels (a conv's channel map, the separable op's channel order): None, or a 1-D
+    int64 tensor of `length` entries on `device`, each in [0, length), all different where `permutation`.
+    Its values are checked where `values_checkable`, and with `sync` on a GPU too (a device sync) unless
+    torch.compile traces or a CUDA graph is being captured: the conv kernels index memory with a map's
+    entries, so an unchecked bad map is the caller's to avoid. `meaning` says what an entry is."""
+    if channel_map is None:
+        return
+    meaning = meaning or (f"a permutation of the {length} channels" if permutation else "one channel each")
+    if not isinstance(channel_map, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(channel_map).__name__}")
+    if tuple(channel_map.shape) != (length,):
+        raise ArgumentError(f"{name} must have shape ({length},) ({meaning}), got {tuple(channel_map.shape)}")
+    if channel_map.dtype != torch.int64:
+        raise ArgumentTypeError(f"{name} has dtype {channel_map.dtype}; accepted: torch.int64")
+    if channel_map.device != device:
+        raise ArgumentError(f"{name} is on {channel_map.device} but the input is on {device}")
+    readable = values_checkable(channel_map) or (
+        sync and channel_map.is_cuda and not torch.compiler.is_compiling()
+        and not isinstance(channel_map, torch._subclasses.FakeTensor) and not torch.cuda.is_current_stream_capturing())
+    if not readable or not length:
+        return
+    if bool(((channel_map < 0) | (channel_map >= length)).any()):
+        raise ArgumentError(f"{name} has values outside [0, {length}): {channel_map.tolist()}")
+    if permutation and not torch.equal(channel_map.sort().values, torch.arange(length)):
+        raise ArgumentError(f"{name} must be a permutation of 0..{length - 1} (each channel once), got "
+                            f"{channel_map.tolist()}")

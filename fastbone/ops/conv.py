@@ -51,8 +51,9 @@ from fastbone._direct import call as call_op
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import conv as triton_conv, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
-from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_kernel_dtype,
-                      check_result_args, check_same_device, check_window, pair, quiet_under_jit_trace)
+from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_channel_map,
+                      check_kernel_dtype, check_result_args, check_same_device, check_window, pair,
+                      quiet_under_jit_trace)
 from .._backend import resolve_backend
 from ._registry import find_impl, get_impl, register_impl
 from .activation import ACTIVATIONS, DEFAULT_LEAKY_SLOPE, activation_code, apply_activation
@@ -137,12 +138,25 @@ def reference_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_
                           bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                           stride, padding, dilation, groups: int, act: int, slope: float,
                           residual: Optional[Tensor], input_scale: Optional[Tensor] = None,
-                          residual_after_act: bool = False, inplace: bool = False) -> Tensor:
+                          residual_after_act: bool = False, input_pool_mode: int = 0, input_pool_kernel: int = 1,
+                          in_channel_map: Optional[Tensor] = None, out_channel_map: Optional[Tensor] = None,
+                          inplace: bool = False) -> Tensor:
     """act(batch_norm(conv2d(x, weight, bias)) + residual) with torch's own ops, differentiable;
     the sequence torchvision runs in eval mode (residual_after_act: act(batch_norm(conv2d(...))) + residual). inplace=True (only where autograd records
     nothing) adds the residual and applies the activation in place, as torchvision's blocks do.
     input_scale (N, C_in): x * input_scale[:, :, None, None] first (the SE gate), computed in float32
-    and rounded to x's dtype, as the kernels scale the input tiles they load."""
+    and rounded to x's dtype, as the kernels scale the input tiles they load.
+    input_pool_mode 1 / 2: the conv reads max_pool2d(x, k, 1, k // 2) / avg_pool2d(x, k, 1, k // 2,
+    count_include_pad=False) with k = input_pool_kernel (the Inception pool branch), as the kernels pool in
+    their loader.
+    in_channel_map (C_in,): the conv reads x.index_select(1, in_channel_map) (input_scale indexed by the channel
+    read); out_channel_map (C_out,): the result's channel oc lands at channel out_channel_map[oc] (a permutation:
+    the residual, bias and BatchNorm stay indexed by oc)."""
+    if in_channel_map is not None:
+        x = x.index_select(1, in_channel_map)
+        if input_scale is not None:
+            input_scale = input_scale.index_select(1, in_channel_map)
+    x = reference_input_pool(x, input_pool_mode, input_pool_kernel)
     if input_scale is not None:
         ct = torch.promote_types(x.dtype, torch.float32)
         x = (x.to(ct) * input_scale.to(ct)[:, :, None, None]).to(x.dtype)
@@ -155,6 +169,8 @@ def reference_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_
     y = apply_activation(y, _ACT_NAMES[act], slope, inplace=inplace)
     if residual is not None and residual_after_act:
         y = y.add_(residual) if inplace else y + residual
+    if out_channel_map is not None:
+        y = y.index_select(1, torch.argsort(out_channel_map))  # channel out_channel_map[oc] holds y[:, oc]
     return y
 
 
@@ -168,10 +184,13 @@ def reference_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, 
 
 @register_impl("conv_bn_act", "torch")
 def _torch_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                       act_code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
+                       act_code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False,
+                       input_pool=None, in_channel_map=None, out_channel_map=None):
     inplace = not wants_grad(x, weight, bias, bn_weight, bn_bias, residual, input_scale)
+    pool_mode, pool_kernel = input_pool or (0, 1)
     y = reference_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation,
-                              groups, act_code, slope, residual, input_scale, residual_after_act, inplace)
+                              groups, act_code, slope, residual, input_scale, residual_after_act, pool_mode,
+                              pool_kernel, in_channel_map, out_channel_map, inplace=inplace)
     if out is None:
         return y  # in the input's layout, as torch's own ops keep it
     out[:, out_channel_offset:out_channel_offset + y.shape[1]].copy_(y)
@@ -199,11 +218,14 @@ def triton_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_wei
                        bn_bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
                        stride: list[int], padding: list[int], dilation: list[int], groups: int, act: int,
                        slope: float, residual: Optional[Tensor], input_scale: Optional[Tensor] = None,
-                       residual_after_act: bool = False) -> Tensor:
+                       residual_after_act: bool = False, input_pool_mode: int = 0,
+                       input_pool_kernel: int = 1, in_channel_map: Optional[Tensor] = None,
+                       out_channel_map: Optional[Tensor] = None) -> Tensor:
     out = conv_output(x, weight, stride, padding, dilation)
     triton_conv.conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
                                  dilation, groups, act, slope, residual, out, 0, _input_precision(x), input_scale,
-                                 residual_after_act)
+                                 residual_after_act, input_pool=(input_pool_mode, input_pool_kernel),
+                                 in_channel_map=in_channel_map, out_channel_map=out_channel_map)
     return out
 
 
@@ -213,10 +235,13 @@ def triton_conv_bn_act_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], b
                             eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                             act: int, slope: float, residual: Optional[Tensor], out: Tensor,
                             out_channel_offset: int, input_scale: Optional[Tensor] = None,
-                            residual_after_act: bool = False) -> None:
+                            residual_after_act: bool = False, input_pool_mode: int = 0,
+                            input_pool_kernel: int = 1, in_channel_map: Optional[Tensor] = None,
+                            out_channel_map: Optional[Tensor] = None) -> None:
     triton_conv.conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding,
                                  dilation, groups, act, slope, residual, out, out_channel_offset, _input_precision(x),
-                                 input_scale, residual_after_act)
+                                 input_scale, residual_after_act, input_pool=(input_pool_mode, input_pool_kernel),
+                                 in_channel_map=in_channel_map, out_channel_map=out_channel_map)
 
 
 register_reference_autograd(triton_conv_bn_act, reference_conv_bn_act)
@@ -268,7 +293,8 @@ def _channel_vector(t: Tensor | None, x: Tensor) -> Tensor | None:
 
 @register_impl("conv_bn_act", "triton")
 def _triton_impl(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                 act_code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
+                 act_code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False,
+                 input_pool=None, in_channel_map=None, out_channel_map=None):
     check_kernel_dtype(x, "triton")
     if x.device.type == "cpu" and not triton_conv.INTERPRETED:
         raise RuntimeError("the triton backend got CPU tensors but Triton's interpreter is off "
@@ -277,9 +303,10 @@ def _triton_impl(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stri
     args = (x, weight.to(x.dtype), *vectors, float(eps), list(stride), list(padding), list(dilation), groups,
             act_code, float(slope), residual)
     order = bool(residual_after_act)
+    extra = (*(input_pool or (0, 1)), in_channel_map, out_channel_map)
     if out is None:
-        return call_op("triton_conv_bn_act", *args, input_scale, order)
-    call_op("triton_conv_bn_act_into", *args, out, out_channel_offset, input_scale, order)
+        return call_op("triton_conv_bn_act", *args, input_scale, order, *extra)
+    call_op("triton_conv_bn_act_into", *args, out, out_channel_offset, input_scale, order, *extra)
     return out
 
 
@@ -319,7 +346,8 @@ _torch_conv_bn_act_maxpool.takes = _takes_epilogue_pool
 # --- public entry points ------------------------------------------------------------------
 
 def _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, padding, dilation, groups,
-                     code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False):
+                     code, slope, residual, out, out_channel_offset, input_scale=None, residual_after_act=False,
+                     input_pool=None, in_channel_map=None, out_channel_map=None):
     """Validate, pick the backend, run. A gradient-recording call into a channel slice runs the
     out-of-place op (which has a backward) and copies: mutating ops have no autograd formula."""
     bn_tensors = (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("bn_mean", bn_mean), ("bn_var", bn_var))
@@ -329,6 +357,12 @@ def _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
     if not isinstance(residual_after_act, bool):
         raise TypeError(f"residual_after_act must be a bool (True: act(bn(conv(x))) + residual), got "
                         f"{type(residual_after_act).__name__}")
+    pool_codes = input_pool_codes(input_pool)
+    if input_pool is not None and input_scale is not None:
+        raise ArgumentError("input_pool and input_scale cannot be combined (the kernels either pool or scale the "
+                            "input they load); pass one of them")
+    check_channel_map(in_channel_map, x.shape[1], "in_channel_map", x.device, sync=True)
+    check_channel_map(out_channel_map, weight.shape[0], "out_channel_map", x.device, sync=True)
     _, impl = get_impl("conv_bn_act", x.device)
     if x.shape[1] == 0:
         # No input channels: torch's conv2d answers an (N, 0, OH, OW) tensor (not the bias), and
@@ -339,6 +373,11 @@ def _run_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, 
     scale_kw = {} if input_scale is None else {"input_scale": input_scale}  # backends without it: never asked
     if residual_after_act and residual is not None:  # without a residual the order is moot
         scale_kw["residual_after_act"] = True
+    if input_pool is not None:
+        scale_kw["input_pool"] = pool_codes
+    for name, channel_map in (("in_channel_map", in_channel_map), ("out_channel_map", out_channel_map)):
+        if channel_map is not None:
+            scale_kw[name] = channel_map.contiguous()
     if out is not None and impl is not _torch_conv_bn_act and \
             wants_grad(x, weight, bias, bn_weight, bn_bias, residual, out, input_scale):
         y = impl(*args, None, 0, **scale_kw)
@@ -413,6 +452,43 @@ def conv_bn_act_tensors(x: Tensor, weight: Tensor, bias: Tensor | None = None, b
                             dilation, groups, activation_code(act), slope, residual, out, out_channel_offset)
 
 
+INPUT_POOL_MODES = {"max": 1, "avg": 2}  # the kernels' codes (0: no input pool)
+INPUT_POOL_KERNELS = (3, 5, 7)
+
+
+def reference_input_pool(x: Tensor, mode: int, kernel: int) -> Tensor:
+    """The pool a conv with an input pool reads through: same size as x (stride 1, padding k // 2)."""
+    if mode == 1:
+        return F.max_pool2d(x, kernel, 1, kernel // 2)
+    if mode == 2:
+        return F.avg_pool2d(x, kernel, 1, kernel // 2, count_include_pad=False)
+    return x
+
+
+def input_pool_codes(input_pool) -> tuple[int, int]:
+    """(mode, kernel) codes of an `input_pool` argument: None, or ("max" | "avg", k) with k in 3, 5, 7: a
+    k x k pool with stride 1 and padding k // 2 (avg: count_include_pad=False) in front of the conv."""
+    if input_pool is None:
+        return 0, 1
+    ok = isinstance(input_pool, (tuple, list)) and len(input_pool) == 2 and input_pool[0] in INPUT_POOL_MODES \
+        and isinstance(input_pool[1], int) and not isinstance(input_pool[1], bool) \
+        and input_pool[1] in INPUT_POOL_KERNELS
+    if not ok:
+        raise ArgumentError(f"input_pool must be None or (mode, kernel) with mode 'max' or 'avg' and kernel one of "
+                            f"{INPUT_POOL_KERNELS} (a k x k pool, stride 1, padding k // 2, avg without the padding "
+                            f"in its count); got {input_pool!r}")
+    return INPUT_POOL_MODES[input_pool[0]], input_pool[1]
+
+
+def channel_shuffle_map(channels: int, groups: int) -> Tensor:
+    """The out_channel_map of ShuffleNet's channel shuffle after a grouped conv: channel i * groups + j moves to
+    j * (channels // groups) + i (reshape (groups, C/groups) -> transpose -> flatten, as the releases do)."""
+    if groups < 1 or channels % groups:
+        raise ArgumentError(f"channel_shuffle_map: channels={channels} must be divisible by groups={groups}")
+    source = torch.arange(channels)
+    return (source % groups) * (channels // groups) + source // groups
+
+
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     if conv.padding_mode != "zeros":
         raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by the fused conv; accepted: 'zeros'")
@@ -472,19 +548,27 @@ def batchnorm_tensors(bn: nn.Module | None, c_out: int):
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str = "relu", *,
                 slope: float = DEFAULT_LEAKY_SLOPE, residual: Tensor | None = None,
                 out: Tensor | None = None, out_channel_offset: int = 0, input_scale: Tensor | None = None,
-                residual_after_act: bool = False) -> Tensor:
+                residual_after_act: bool = False, input_pool: tuple[str, int] | None = None,
+                in_channel_map: Tensor | None = None, out_channel_map: Tensor | None = None) -> Tensor:
     """act(bn(conv(x)) + residual) with inference semantics (BN uses its running statistics),
     BatchNorm applied in the kernel's epilogue from `bn`'s own tensors. See `conv_bias_act` for `out`.
     residual_after_act=True: act(bn(conv(x))) + residual (torchvision's FusedMBConv without expansion).
     input_scale: a float32 (N, C_in) tensor (e.g. `se_gate`'s output): the conv reads
-    x * input_scale[:, :, None, None], scaled per (image, input channel) as the kernel loads its input."""
+    x * input_scale[:, :, None, None], scaled per (image, input channel) as the kernel loads its input.
+    input_pool: ("max" | "avg", k): the conv reads max_pool2d(x, k, 1, k // 2) (avg_pool2d with
+    count_include_pad=False), pooled in the kernel's loader, never stored (the Inception pool branch).
+    in_channel_map / out_channel_map: int64 permutations applied in the kernel's load / store, never a copy:
+    the conv reads x.index_select(1, in_channel_map), and its output channel oc is written to channel
+    out_channel_offset + out_channel_map[oc] (ShuffleNet's g-group shuffle after a grouped 1x1:
+    `channel_shuffle_map(C, g)`)."""
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     check_activation_tensor(x)
     bn_args = batchnorm_tensors(bn, conv.out_channels)
     return _run_conv_bn_act(x, conv.weight, conv.bias, *bn_args, tuple(conv.stride), _conv_padding(conv),
                             tuple(conv.dilation), conv.groups, activation_code(act), slope, residual, out,
-                            out_channel_offset, input_scale, residual_after_act)
+                            out_channel_offset, input_scale, residual_after_act, input_pool, in_channel_map,
+                            out_channel_map)
 
 
 @quiet_under_jit_trace

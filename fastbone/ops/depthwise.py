@@ -72,7 +72,7 @@ from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kerne
 from fastbone.kernels import depthwise as triton_dw, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
 from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_kernel_dtype, check_result_args,
-                      check_same_device, quiet_under_jit_trace)
+                      check_channel_map, check_same_device, quiet_under_jit_trace)
 from ._registry import get_impl, register_impl
 from .activation import DEFAULT_LEAKY_SLOPE, activation_code
 from .conv import (_channel_vector, _conv_padding, _input_precision, batchnorm_tensors, conv_output_size,
@@ -163,14 +163,6 @@ def _check_depthwise_args(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, 
     return expect
 
 
-def _order_values_checkable(order: Tensor) -> bool:
-    """Whether channel_order's values can be read without a device sync or a graph break:
-    a real CPU tensor, outside torch.compile. (On a GPU an index out of range gives NaN in
-    the kernel backends' output, never an out-of-bounds read.)"""
-    return order.device.type == "cpu" and not torch.compiler.is_compiling() and \
-        not isinstance(order, torch._subclasses.FakeTensor)
-
-
 @quiet_under_jit_trace
 def _check_separable_args(x, dw_weight, dw_bias, dw_bn, stride, padding, dilation, pw_weight, pw_bias, pw_bn,
                           pw_groups, channel_order, residual, out, out_channel_offset):
@@ -190,17 +182,8 @@ def _check_separable_args(x, dw_weight, dw_bias, dw_bn, stride, padding, dilatio
                             f"{pw_weight.shape[1] * pw_groups} (pw_weight {tuple(pw_weight.shape)}, "
                             f"pw_groups={pw_groups})")
     _check_vectors(c_out, (("pw_bias", pw_bias), *pw_named))
-    if channel_order is not None:
-        if not isinstance(channel_order, Tensor):
-            raise TypeError(f"channel_order must be a torch.Tensor or None, got {type(channel_order).__name__}")
-        if tuple(channel_order.shape) != (c_dw,):
-            raise ArgumentError(f"channel_order must have shape ({c_dw},) (one depthwise channel per pointwise "
-                                f"input channel), got {tuple(channel_order.shape)}")
-        if channel_order.dtype != torch.int64:
-            raise ArgumentTypeError(f"channel_order has dtype {channel_order.dtype}; accepted: torch.int64")
-        if _order_values_checkable(channel_order) and \
-                bool(((channel_order < 0) | (channel_order >= c_dw)).any()):
-            raise ArgumentError(f"channel_order has values outside [0, {c_dw}): {channel_order.tolist()}")
+    check_channel_map(channel_order, c_dw, "channel_order", x.device, permutation=False,
+                      meaning="one depthwise channel per pointwise input channel")
     check_same_device(x, dw_weight=dw_weight, dw_bias=dw_bias, pw_weight=pw_weight, pw_bias=pw_bias,
                       channel_order=channel_order, residual=residual, out=out, **dict(dw_named), **dict(pw_named))
     expect = (n, c_out, oh, ow)
