@@ -578,16 +578,23 @@ def _view(memory, ptr, shape, strides):
     raise AssertionError(f"address {ptr:#x} is in none of the tensors")
 
 
-def test_nvrtc_runtime_packs_the_fused_convs(monkeypatch):
-    """NvrtcRuntime's launches for a horizontally fused call (4 convs: 2 launches; lowered limits: more)
-    and an input-pooled conv, recorded without a GPU and run through the kernel's contract, give the
-    float64 references."""
+def recording_nvrtc_runtime(monkeypatch) -> list:
+    """An NvrtcRuntime (the plain kernels, as the emulator runs them) installed for the cuda ops, recording its
+    launches as (name, template args, grid, args) instead of making them (no GPU); returns the record."""
     runtime = cuda_ops.NvrtcRuntime.__new__(cuda_ops.NvrtcRuntime)
-    runtime._compute_capability = None  # the plain kernels, as the emulator runs them
+    runtime._compute_capability = None
     launches = []
     runtime._launch = lambda file, name, targs, grid, block, args, stream, smem=0: launches.append(
         (name, targs, tuple(grid), args))
     monkeypatch.setattr(cuda_ops, "_runtime", lambda x: runtime)
+    return launches
+
+
+def test_nvrtc_runtime_packs_the_fused_convs(monkeypatch):
+    """NvrtcRuntime's launches for a horizontally fused call (4 convs: 2 launches; lowered limits: more)
+    and an input-pooled conv, recorded without a GPU and run through the kernel's contract, give the
+    float64 references."""
+    launches = recording_nvrtc_runtime(monkeypatch)
     for low in (False, True):
         if low:
             monkeypatch.setitem(cuda_ops.LAUNCH_CONSTANTS, "max_grid_yz", 2)
@@ -623,12 +630,7 @@ def test_nvrtc_runtime_channel_maps(monkeypatch):
     """NvrtcRuntime's launches of mapped convs (grouped, with residual and input scale; at the real limits
     and at lowered ones, where groups, channels and images split into launches whose map pointers advance),
     recorded without a GPU and run through the kernel's contract, give the float64 references."""
-    runtime = cuda_ops.NvrtcRuntime.__new__(cuda_ops.NvrtcRuntime)
-    runtime._compute_capability = None  # the plain kernels, as the emulator runs them
-    launches = []
-    runtime._launch = lambda file, name, targs, grid, block, args, stream, smem=0: launches.append(
-        (name, targs, tuple(grid), args))
-    monkeypatch.setattr(cuda_ops, "_runtime", lambda x: runtime)
+    launches = recording_nvrtc_runtime(monkeypatch)
     cases = [("groups", 2, 12, 5, 7, 24, 1, 1, 0, 3, "perm", "shuffle", "before"),
              ("channels", 1, 6, 5, 4, 130, 3, 1, 1, 1, "perm", "perm", "after")]
     for low in (False, True):
