@@ -224,6 +224,9 @@ struct ConvCommonArgs {
   uintptr_t stream, in_scale;
   int64_t in_scale_stride, residual_after_act, input_pool_mode, input_pool_kernel;
   uintptr_t in_channel_map, out_channel_map;  // int64 (C_in,) / (C_out,), 0: identity
+  // Nonzero: the epilogue max-pools kConvOutPool x kConvOutPool windows (ConvProblem::out_pool) into a
+  // pooled_h x pooled_w destination; the launches' row spans (ConvLaunch::oh0, oh) then count pooled rows.
+  int64_t out_pool = 0, pooled_h = 0, pooled_w = 0;
 };
 
 // A segment's share of one launch: output channels [c0, c0 + c) of each launched group of segment `seg`.
@@ -334,7 +337,11 @@ void run_conv(const ConvCommonArgs& a, const std::vector<ConvSegmentArgs>& segs,
         for (const ConvLaunch& l : plan(block_n)) {
           const ConvPiece& first = l.pieces[0];
           const int64_t oc0 = l.g0 * segs[first.seg].c_out_g + first.c0;  // the first piece's first channel
-          const int64_t m = l.n * l.oh * a.ow;
+          // With the output pool, l.oh0 / l.oh count pooled rows: the launch computes the conv rows of its
+          // windows (the last launch's may reach past the conv output: ceil mode's partial windows).
+          const int64_t conv_row0 = a.out_pool ? l.oh0 * fb::kConvOutPool : l.oh0;
+          const int64_t conv_rows = a.out_pool ? std::min(l.oh * fb::kConvOutPool, a.oh - conv_row0) : l.oh;
+          const int64_t m = a.out_pool ? l.n * l.oh * a.pooled_w * fb::kConvOutPoolArea : l.n * l.oh * a.ow;
           int64_t tiles = 0;
           for (const ConvPiece& p : l.pieces) tiles += fb::ceil_div(p.c, block_n);
           // Segment 0 travels in the kernel's own parameters (out_c_offset + oc0 from the destination's
@@ -351,16 +358,17 @@ void run_conv(const ConvCommonArgs& a, const std::vector<ConvSegmentArgs>& segs,
                     offset_or_null(in_ptr<T>(a.residual), l.n0 * srn + l.oh0 * srh + oc0 * src),
                     s0.out,
                     offset_or_null(in_ptr<float>(a.in_scale), l.n0 * a.in_scale_stride + (in_mapped ? 0 : ic0)),
-                    (int)m, (int)a.x_shape[2], (int)a.x_shape[3], (int)a.c_in_g, (int)l.oh, (int)a.ow, s0.c_out,
+                    (int)m, (int)a.x_shape[2], (int)a.x_shape[3], (int)a.c_in_g, (int)conv_rows, (int)a.ow, s0.c_out,
                     (int)a.kh, (int)a.kw, (long long)sxn, (long long)sxc, (long long)a.x_strides[2],
                     (long long)a.x_strides[3], s0.swo, s0.swc, s0.swh, s0.sww, (long long)srn, (long long)src,
                     (long long)srh, (long long)a.res_strides[3], s0.son, s0.soc, s0.soh, s0.sow,
                     (int)(a.out_c_offset + (out_mapped ? 0 : oc0)), (int)conv[0], (int)conv[1],
-                    (int)(conv[2] - l.oh0 * conv[0]), (int)conv[3], (int)conv[4], (int)conv[5], s0.eps,
+                    (int)(conv[2] - conv_row0 * conv[0]), (int)conv[3], (int)conv[4], (int)conv[5], s0.eps,
                     (float)a.slope, (long long)a.in_scale_stride, (int)(a.residual_after_act != 0),
                     (int)a.input_pool_mode, (int)a.input_pool_kernel,
                     offset_or_null(in_ptr<long long>(a.in_channel_map), ic0),
-                    offset_or_null(in_ptr<long long>(a.out_channel_map), oc0), (int)l.pieces.size(),
+                    offset_or_null(in_ptr<long long>(a.out_channel_map), oc0), (int)(a.out_pool != 0),
+                    (int)l.oh, (int)a.pooled_w, (int)l.pieces.size(),
                     FB_KERNEL_SEGMENT_ARGS(s1), FB_KERNEL_SEGMENT_ARGS(s2));
         }
       };
@@ -524,8 +532,47 @@ bool stem_supported(int64_t c_in_g, int64_t kh, int64_t kw, const Dims& pool) {
   return c_in_g * kh * kw <= fb::kStemMaxTaps && stem_tile(1, 1, pool).ph == 1;
 }
 
+// Whether the conv kernels' epilogue takes this pool (ConvProblem::out_pool): kConvOutPool x kConvOutPool
+// windows at stride kConvOutPool, no padding.
+bool conv_out_pool_supported(const Dims& pool) {
+  check_params(pool, 6, "pool");
+  const int64_t k = fb::kConvOutPool;
+  return pool[0] == k && pool[1] == k && pool[2] == k && pool[3] == k && pool[4] == 0 && pool[5] == 0;
+}
+
+// The conv kernels with the output pool in their epilogue (conv_bn_act_maxpool's arguments, the pool a
+// supported one): the launches split the pooled rows as conv_bn_act splits conv rows, each pooled row
+// pooled_w * kConvOutPoolArea GEMM rows.
+void conv_bn_act_out_pool(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w, const Dims& w_shape,
+                          const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight, uintptr_t bn_bias,
+                          uintptr_t bn_mean, uintptr_t bn_var, double eps, uintptr_t out, const Dims& out_shape,
+                          const Dims& out_strides, const Dims& conv, int64_t groups, const Dims& conv_out_hw,
+                          int64_t dtype, int64_t act, double slope, uintptr_t stream) {
+  if (groups < 1) throw std::invalid_argument("groups must be >= 1, got " + std::to_string(groups));
+  const int64_t n = out_shape[0], c_out = w_shape[0], ph = out_shape[2], pw = out_shape[3];
+  const int64_t c_out_g = c_out / groups;
+  check_int_range(x_shape[2], "H"), check_int_range(x_shape[3], "W"), check_int_range(conv_out_hw[0], "OH");
+  check_int_range(conv_out_hw[1], "OW"), check_int_range(c_out, "C_out");
+  check_int_range(w_shape[1] * w_shape[2] * w_shape[3] + 64, "C_in/groups * KH * KW");
+  const ConvVariant variant =
+      choose_conv_variant(n * ph * pw * fb::kConvOutPoolArea, c_out_g, groups, dtype, current_compute_capability());
+  ConvCommonArgs common{x, x_shape, x_strides, w_shape[1], w_shape[2], w_shape[3], conv_out_hw[0], conv_out_hw[1],
+                        &conv, 0, Dims{0, 0, 0, 0}, 0, dtype, act, slope, stream, 0, 0, 0, fb::kConvInputPoolNone, 1,
+                        0, 0};
+  common.out_pool = 1, common.pooled_h = ph, common.pooled_w = pw;
+  const std::vector<ConvSegmentArgs> segs{
+      {w, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, out, out_strides, c_out_g}};
+  run_conv(common, segs, variant, [&](int64_t block_n) {
+    std::vector<ConvLaunch> launches;
+    for (const ConvChunk& ch : conv_chunks(n, ph, pw * fb::kConvOutPoolArea, groups, c_out_g, block_n))
+      launches.push_back({ch.n0, ch.n, ch.oh0, ch.oh, ch.g0, ch.g, {{0, ch.c0, ch.c}}});
+    return launches;
+  });
+}
+
 // conv = {stride_h, stride_w, pad_h, pad_w, dil_h, dil_w}; pool = {kh, kw, sh, sw, ph, pw};
-// conv_out_hw = the conv's output size; out_shape = the pooled output.
+// conv_out_hw = the conv's output size; out_shape = the pooled output. The stem kernel where it takes the
+// conv and the pool (few taps), else the conv kernels with the pool in their epilogue (2x2 / 2 pools).
 void conv_bn_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w,
                          const Dims& w_shape, const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight,
                          uintptr_t bn_bias, uintptr_t bn_mean, uintptr_t bn_var, double eps, uintptr_t out,
@@ -536,21 +583,30 @@ void conv_bn_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides
   check_dims(w_strides, "w_strides"), check_dims(out_shape, "out_shape"), check_dims(out_strides, "out_strides");
   check_params(conv, 6, "conv"), check_params(pool, 6, "pool"), check_params(conv_out_hw, 2, "conv_out_hw");
   check_bn(bn_mean, bn_var);
-  if (!stem_supported(w_shape[1], w_shape[2], w_shape[3], pool))
-    throw std::invalid_argument("conv_bn_act_maxpool: C_in/groups * KH * KW must be <= " +
-                                std::to_string(fb::kStemMaxTaps) + " and the pool window must fit " +
-                                std::to_string(fb::kStemMaxRegion) + " conv outputs; run conv and pool separately");
+  const bool stem = stem_supported(w_shape[1], w_shape[2], w_shape[3], pool);
+  if (!stem && !conv_out_pool_supported(pool))
+    throw std::invalid_argument("conv_bn_act_maxpool: fuses a pool after a conv of C_in/groups * KH * KW <= " +
+                                std::to_string(fb::kStemMaxTaps) + " taps whose window fits " +
+                                std::to_string(fb::kStemMaxRegion) + " conv outputs, or a " +
+                                std::to_string(fb::kConvOutPool) + "x" + std::to_string(fb::kConvOutPool) +
+                                " / stride " + std::to_string(fb::kConvOutPool) +
+                                " unpadded pool after any conv; run conv and pool separately");
   const int64_t n = out_shape[0], c_out = out_shape[1], ph = out_shape[2], pw = out_shape[3];
   if (n == 0 || c_out == 0 || ph == 0 || pw == 0) return;
-  const StemTile tile = stem_tile(ph, pw, pool);
+  const StemTile tile = stem ? stem_tile(ph, pw, pool) : StemTile{1, 1};
   const int64_t tiles = fb::ceil_div(ph, tile.ph) * fb::ceil_div(pw, tile.pw);
   const int64_t co_tiles = fb::ceil_div(c_out, fb::kStemCoTile);
   const int64_t max_yz = launch_limits().max_grid_yz;
-  if (tiles > INT32_MAX || co_tiles > kMaxGridYZ)
+  if (!stem || tiles > INT32_MAX || co_tiles > kMaxGridYZ) {
+    if (conv_out_pool_supported(pool))
+      return conv_bn_act_out_pool(x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight, bn_bias, bn_mean,
+                                  bn_var, eps, out, out_shape, out_strides, conv, groups, conv_out_hw, dtype, act,
+                                  slope, stream);
     throw std::invalid_argument("conv_bn_act_maxpool: " + std::to_string(tiles) + " pooled tiles per image and " +
                                 std::to_string(c_out) + " output channels exceed the fused kernel's grid (at most "
                                 "2^31 - 1 tiles and " + std::to_string(kMaxGridYZ * fb::kStemCoTile) +
                                 " channels); run conv and pool separately");
+  }
   // Images go to gridDim.z, at most kMaxGridYZ per launch: larger batches run in several launches.
   for (int64_t n0 = 0; n0 < n; n0 += max_yz) {
     const dim3 grid((unsigned)tiles, (unsigned)co_tiles, (unsigned)std::min(max_yz, n - n0));
@@ -667,6 +723,7 @@ std::vector<LaunchConstant> launch_constants() {
       {"conv_mma_large_min_blocks", {fb::kConvMmaLargeMinBlocks}, false},
       {"conv_mma_min_cc", {fb::kConvMmaMinCC}, false},
       {"conv_max_segments", {fb::kConvMaxSegments}, false},
+      {"conv_out_pool", {fb::kConvOutPool}, false},
       {"stem_threads", {fb::kStemThreads}, false},
       {"stem_co_tile", {fb::kStemCoTile}, false},
       {"stem_max_taps", {fb::kStemMaxTaps}, false},

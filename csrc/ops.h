@@ -55,7 +55,8 @@ void conv_bn_act_multi(uintptr_t x, const Dims& x_shape, const Dims& x_strides, 
 // conv i), each conv split into pieces of at most max_grid_yz channel tiles of block_n.
 std::vector<std::vector<int64_t>> conv_multi_launch_plan(const Dims& c_outs, int64_t block_n);
 
-// max_pool(act(bn(conv2d(x, w) + bias))) in one launch. pool = {kh, kw, sh, sw, ph, pw};
+// max_pool(act(bn(conv2d(x, w) + bias))) in one launch (the stem kernel, or the conv kernels with the
+// output pool). pool = {kh, kw, sh, sw, ph, pw};
 // conv_out_hw = the conv's output size; out_shape = the pooled output.
 void conv_bn_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides, uintptr_t w,
                          const Dims& w_shape, const Dims& w_strides, uintptr_t bias, uintptr_t bn_weight,
@@ -65,6 +66,9 @@ void conv_bn_act_maxpool(uintptr_t x, const Dims& x_shape, const Dims& x_strides
                          uintptr_t stream);
 
 bool stem_supported(int64_t c_in_g, int64_t kh, int64_t kw, const Dims& pool);
+// Whether the conv kernels' epilogue takes the pool (2x2 / stride 2, unpadded): conv_bn_act_maxpool then
+// fuses it after any conv the stem kernel does not take.
+bool conv_out_pool_supported(const Dims& pool);
 
 // Which kernel conv_bn_act runs for m output pixels: "narrow", "wide", "mma_small" or "mma_large" (the
 // tensor-core variant's tiles), on a device of compute_capability (0: the emulator), under the current

@@ -36,6 +36,8 @@ void fb_register_ops(py::module_& m) {
         py::arg("act"), py::arg("slope"), py::arg("stream"));
   m.def("stem_supported", &fb_ops::stem_supported, "whether conv_bn_act_maxpool accepts this conv / pool",
         py::arg("c_in_g"), py::arg("kh"), py::arg("kw"), py::arg("pool"));
+  m.def("conv_out_pool_supported", &fb_ops::conv_out_pool_supported,
+        "whether conv_bn_act_maxpool fuses this pool into the conv kernels' epilogue (any conv)", py::arg("pool"));
   m.def("conv_variant", &fb_ops::conv_variant,
         "the conv kernel conv_bn_act runs: narrow, wide, mma_small or mma_large (compute_capability 0: the "
         "emulator; FASTBONE_CUDA_CONV_MMA applies)",

@@ -1,5 +1,6 @@
-"""The Triton conv whose epilogue max-pools (VGG's and DarkNet-19's 2x2 / 2 pools after a conv): the conv
-output never reaches memory, so conv + BN + act + pool is one launch.
+"""The conv whose epilogue max-pools (VGG's and DarkNet-19's 2x2 / 2 pools after a conv), on both kernel
+backends (Triton's conv kernel; the CUDA C++ conv kernels' output pool, or the stem kernel for convs of few
+taps): the conv output never reaches memory, so conv + BN + act + pool is one launch.
 
 Checked against float64 torch (conv2d, batch_norm, activation, max_pool2d) on fresh random inputs, with the
 fused op's output allocated NaN-filled (every element must be written), through both K loops of the kernel
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastbone
+import fastbone.cuda.ops as cuda_ops
 import fastbone.ops.conv as conv_ops
 from fastbone.ops import conv_bn_act_maxpool
 from fastbone.ops.activation import apply_activation
@@ -47,6 +49,7 @@ def poisoned_outputs(monkeypatch):
         return real(*args, **kwargs).fill_(float("nan"))
 
     monkeypatch.setattr(conv_ops, "new_activation", poisoned)
+    monkeypatch.setattr(cuda_ops, "new_activation", poisoned)
 
 
 def random_conv_bn(c_in, c_out, k, groups, bias, bn, dtype, generator):
@@ -81,20 +84,23 @@ CASES = [  # (n, c_in, c_out, h, w, k, groups, bias, bn, act, ceil_mode, dtype)
     (2, 32, 18, 7, 7, 1, 1, True, False, "silu", True, torch.float32),           # 1x1, ceil: half windows
     (1, 16, 32, 9, 6, 3, 2, False, True, "relu", False, torch.float32),          # groups, floor drops a row
     (1, 32, 48, 10, 10, 3, 1, True, True, "relu", False, torch.float16),
+    (2, 40, 24, 9, 7, 3, 1, False, True, "relu", True, torch.float16),           # CUDA: past the stem's 256 taps
 ]
+BACKENDS = ["triton", "cuda"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[f"c{c[1]}-{c[2]}-{c[3]}x{c[4]}-k{c[5]}-g{c[6]}-{c[9]}-ceil{c[10]}-"
                                               f"{str(c[11])[6:]}" for c in CASES])
-def test_fused_conv_pool_matches_torch(case, poisoned_outputs):
+def test_fused_conv_pool_matches_torch(case, backend, poisoned_outputs):
     n, c_in, c_out, h, w, k, groups, bias, bn, act, ceil_mode, dtype = case
     generator = torch.Generator().manual_seed(hash(case) % 2**31)
     conv, norm = random_conv_bn(c_in, c_out, k, groups, bias, bn, dtype, generator)
     x = torch.randn(n, c_in, h, w, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), fastbone.backend("triton"), CountOps() as counted:
+    with torch.no_grad(), fastbone.backend(backend), CountOps() as counted:
         out = conv_bn_act_maxpool(x, conv, norm, act, slope=0.1, pool_kernel=2, pool_stride=2, pool_padding=0,
                                   ceil_mode=ceil_mode)
-    assert counted.ops == Counter({"fastbone::triton_conv_bn_act_maxpool": 1}), counted.ops  # one launch
+    assert counted.ops == Counter({f"fastbone::{backend}_conv_bn_act_maxpool": 1}), counted.ops  # one launch
     ref = reference(x, conv, norm, act, 2, ceil_mode)
     assert out.shape == ref.shape and out.dtype == dtype
     err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
@@ -129,7 +135,8 @@ def test_overlapping_pool_runs_conv_then_pool():
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_vgg_stage_ends_and_hidden_layers_fuse():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vgg_stage_ends_and_hidden_layers_fuse(backend):
     # A one-stage VGG on 14 x 14 images: the conv closing the stage pools to 7 x 7 in its epilogue, the pool to
     # 7 x 7 is then the identity and the hidden Linear + ReLU layers are a 7x7 and a 1x1 conv: 3 launches and
     # the last Linear, against torchvision's VGG with the same (random, non-zero) weights.
@@ -148,19 +155,21 @@ def test_vgg_stage_ends_and_hidden_layers_fuse():
     x = torch.randn(2, 3, 14, 14).contiguous(memory_format=torch.channels_last)  # no entry copy
     with torch.no_grad():
         expected = reference.double().eval()(x.double())
-        with fastbone.backend("triton"), CountOps() as counted:
+        with fastbone.backend(backend), CountOps() as counted:
             out = model(x)
     fastbone_ops = {op: c for op, c in counted.ops.items() if op.startswith("fastbone::")}
-    assert fastbone_ops == {"fastbone::triton_conv_bn_act_maxpool": 1, "fastbone::triton_conv_bn_act": 2}, counted.ops
+    assert fastbone_ops == {f"fastbone::{backend}_conv_bn_act_maxpool": 1, f"fastbone::{backend}_conv_bn_act": 2}, \
+        counted.ops
     assert "aten::clone" not in counted.ops and "aten::relu" not in counted.ops and "aten::relu_" not in counted.ops
     assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_darknet19_body_convs_take_their_pools():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_darknet19_body_convs_take_their_pools(backend):
     model = fastbone.darknet19(num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad(), fastbone.backend("triton"), CountOps() as counted:
+    with torch.no_grad(), fastbone.backend(backend), CountOps() as counted:
         model(x)
     # Five 2x2 / 2 pools, each in the launch of the conv before it.
-    assert counted.ops["fastbone::triton_conv_bn_act_maxpool"] == 5, counted.ops
-    assert counted.ops["fastbone::triton_max_pool2d"] == 0, counted.ops
+    assert counted.ops[f"fastbone::{backend}_conv_bn_act_maxpool"] == 5, counted.ops
+    assert counted.ops[f"fastbone::{backend}_max_pool2d"] == 0, counted.ops

@@ -522,7 +522,9 @@ def _model_conv_launch(memory: dict, name, template_args, grid, args):
     own parameters, segments 1 and 2 from FB_CONV_SEGMENT_PARAMS, each over its channel tiles along
     gridDim.y; gridDim.z groups (C_out_g = the launch's channels per group); the input channel map (entries
     count from x's channel 0), the input scale (indexed by the channel read) and the input pool before the
-    conv; the residual and epilogue by output channel, the destination channel through the output map."""
+    conv; the residual and epilogue by output channel, the destination channel through the output map; with the
+    output pool, rows of (image, pooled row, pooled column, 2x2 window), the conv's OH x OW output max-pooled 2x2 /
+    2 (partial windows past its edge: ceil mode) into the pooled_h x pooled_w destination."""
     sig = cuda_ops._CONV_SIGNATURE
     assert name in ("fb::conv_bn_act_kernel", "fb::conv_bn_act_mma_kernel") and len(args) == len(sig)
     x, w0, bias, gamma, beta, mean, var, res, out0, in_scale = args[:10]
@@ -530,15 +532,16 @@ def _model_conv_launch(memory: dict, name, template_args, grid, args):
     sx, sw0, sr, so0 = args[19:23], args[23:27], args[27:31], args[31:35]
     out_c, sh, sw_, ph, pw, dh, dw = args[35:42]
     eps0, slope, ssn, residual_after_act = args[42:46]
-    pool_mode, pool_k, in_map, out_map, segments = args[46:51]
+    pool_mode, pool_k, in_map, out_map, out_pool, pooled_h, pooled_w, segments = args[46:54]
     groups = grid[2]
-    assert segments == 1 or (groups == 1 and not (res or in_scale or in_map or out_map))
+    assert segments == 1 or (groups == 1 and not (res or in_scale or in_map or out_map or out_pool))
+    assert not (out_pool and res)
     seg_len = len(cuda_ops._CONV_SEGMENT_SIGNATURE)
     convs = [(w0, bias, gamma, beta, mean, var, out0, c_out0, eps0, *sw0, *so0)]
-    convs += [tuple(args[51 + i * seg_len:51 + (i + 1) * seg_len]) for i in range(segments - 1)]
+    convs += [tuple(args[54 + i * seg_len:54 + (i + 1) * seg_len]) for i in range(segments - 1)]
     block_n = int(template_args.split(", ")[3])  # <T, ACT, BM, BN, ...> in both kernels
     assert grid[1] == sum(-(-c[7] // block_n) for c in convs)
-    n = m // (oh * ow)
+    n = m // (pooled_h * pooled_w * 4) if out_pool else m // (oh * ow)
     read = _view(memory, in_map, (groups * c_in,), (1,)) if in_map else torch.arange(groups * c_in)
     width = int(read.max()) + 1  # x's channels this launch can reach from its pointer
     xv = _view(memory, x, (n, width, h, wd), sx).double().index_select(1, read)
@@ -563,9 +566,12 @@ def _model_conv_launch(memory: dict, name, template_args, grid, args):
         y = y * scale[:, None, None] + shift[:, None, None]
         r = _view(memory, res, (n, c_all, oh, ow), sr).double() if res else 0.0
         y = apply_activation(y, act, slope) + r if residual_after_act else apply_activation(y + r, act, slope)
+        if out_pool:
+            y = F.max_pool2d(y, 2, 2, ceil_mode=True)[:, :, :pooled_h, :pooled_w]
         channel0 = out_c if i == 0 else 0  # out_c_offset applies to segment 0's pointer (the launcher's contract)
         dest = channel0 + (_view(memory, out_map, (c_all,), (1,)) if out_map else torch.arange(c_all))
-        view = _view(memory, out, (n, int(dest.max()) + 1, oh, ow), strides[4:])
+        view = _view(memory, out, (n, int(dest.max()) + 1, *((pooled_h, pooled_w) if out_pool else (oh, ow))),
+                     strides[4:])
         view[:, dest] = y.to(view.dtype)
 
 
@@ -674,3 +680,162 @@ def test_opcheck_channel_maps(simt):
     out = poisoned_like((x.shape[0], w.shape[0] + 2, *residual.shape[2:]), torch.float32)
     torch.library.opcheck(torch.ops.fastbone.cuda_conv_bn_act_into.default,
                           (*args, out, 1, None, after, 0, 1, in_map, out_map))
+
+
+# --- the output pool (conv + BN + act + 2x2 / 2 max pool in the epilogue) ----------------------------------
+
+# (name, N, C_in, H, W, C_out, kernel, padding, groups, ceil_mode): C_in / groups * k * k > 256, so the stem
+# kernel (csrc/kernels/stem.cuh) refuses them and the conv kernels take the pool (ConvProblem::out_pool).
+OUT_POOL_CASES = [
+    ("darknet_3x3_ceil_odd", 2, 32, 9, 11, 20, 3, 1, 1, True),   # partial windows at the bottom and right
+    ("vgg_3x3_floor_odd", 1, 40, 7, 10, 36, 3, 1, 1, False),     # floor: the last conv row is never computed
+    ("narrow_1x1_ceil", 2, 300, 5, 5, 12, 1, 0, 1, True),        # the narrow tile (C_out <= 16)
+    ("grouped_3x3", 1, 64, 6, 9, 40, 3, 1, 2, True),
+    ("one_row_ceil", 1, 36, 1, 5, 18, 3, 1, 1, True),            # a 1-row conv output: every window partial
+]
+
+
+def _out_pool_problem(case, dtype):
+    _, n, c_in, h, w, c_out, k, pad, groups, ceil_mode = case
+    x = torch.randn(n, c_in, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    return x, _conv_weight(c_out, c_in // groups, k, dtype, channels_last=False), [pad] * 2, groups, ceil_mode
+
+
+def _out_pool_reference(x, w, params, eps, pad, groups, ceil_mode, act="leaky_relu"):
+    bias, gamma, beta, mean, var = params
+    y = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), 1, pad, 1, groups)
+    if mean is not None:
+        y = F.batch_norm(y, mean.double(), var.double(), gamma.double(), beta.double(), False, 0.0, eps)
+    return F.max_pool2d(apply_activation(y, act, 0.1), 2, 2, 0, ceil_mode=ceil_mode)
+
+
+def _run_out_pool(x, w, params, eps, pad, groups, ceil_mode, act="leaky_relu"):
+    return torch.ops.fastbone.cuda_conv_bn_act_maxpool(x, w, *params, eps, [1, 1], pad, [1, 1], groups,
+                                                       _act_code(act), 0.1, [2, 2], [2, 2], [0, 0], ceil_mode)
+
+
+@pytest.fixture
+def poisoned_activations(monkeypatch):
+    """New outputs of the cuda ops start NaN, so a pooled pixel the kernel does not write fails."""
+    real = cuda_ops.new_activation
+    monkeypatch.setattr(cuda_ops, "new_activation", lambda *a, **k: real(*a, **k).fill_(float("nan")))
+
+
+def _check_out_pool(case, dtype, bn=True):
+    x, w, pad, groups, ceil_mode = _out_pool_problem(case, dtype)
+    params = _epilogue(w.shape[0], bias=True, bn=bn)
+    ref = _out_pool_reference(x, w, params, 1e-3, pad, groups, ceil_mode)
+    out = _run_out_pool(x, w, params, 1e-3, pad, groups, ceil_mode)
+    assert out.shape == ref.shape and out.dtype == dtype, case[0]
+    assert rel_err(out, ref) < TOL[dtype], case[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", OUT_POOL_CASES, ids=lambda c: c[0])
+def test_out_pool_matches_float64(case, dtype, simt, poisoned_activations):
+    """The plain kernel, every dtype; BatchNorm scales of both signs (the pool follows the epilogue)."""
+    _check_out_pool(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("case", OUT_POOL_CASES[:2] + OUT_POOL_CASES[3:], ids=lambda c: c[0])
+def test_out_pool_through_the_tensor_core_kernel(case, dtype, mma, poisoned_activations):
+    """The tensor-core kernel: its 16-byte copies for A skip the rows past the conv output (conv_row_pixel),
+    its epilogue reduces each window from the shared accumulator tile."""
+    _check_out_pool(case, dtype, bn=case[0] != "grouped_3x3")
+
+
+@pytest.mark.parametrize("variant", ["simt", "mma"])
+def test_out_pool_propagates_nan(variant, monkeypatch, poisoned_activations):
+    monkeypatch.setenv("FASTBONE_CUDA_CONV_MMA", "1" if variant == "mma" else "0")
+    x, w, pad, groups, ceil_mode = _out_pool_problem(OUT_POOL_CASES[0], torch.float16)
+    x[0, 3, 4, 6] = float("nan")  # reaches the conv outputs around (4, 6): some windows of image 0 only
+    params = _epilogue(w.shape[0], bias=False, bn=True)
+    ref = _out_pool_reference(x, w, params, 1e-3, pad, groups, ceil_mode)
+    out = _run_out_pool(x, w, params, 1e-3, pad, groups, ceil_mode)
+    assert torch.equal(out.isnan(), ref.isnan()) and 0 < int(ref.isnan().sum()) < ref.numel() // 2
+    assert rel_err(out.nan_to_num(0.0), ref.nan_to_num(0.0)) < TOL[torch.float16]
+
+
+def test_out_pool_in_split_launches(simt, poisoned_activations):
+    """At lowered limits (grid y 2, 37 GEMM rows a launch) the pooled rows split into bands of launches (a
+    pooled row is pooled_w * 4 GEMM rows; each band's conv rows start at twice its first pooled row) and the
+    channels into pieces; the plan is the launcher's conv_launch_plan over pooled rows, as NvrtcRuntime's."""
+    emu = _emu()
+    limits = emu.launch_constants
+    emu.set_launch_limits(2, 37)
+    try:
+        for case in (OUT_POOL_CASES[0], OUT_POOL_CASES[1]):
+            _check_out_pool(case, torch.float32)
+    finally:
+        emu.set_launch_limits(limits["max_grid_yz"], limits["max_conv_launch_pixels"])
+
+
+def test_nvrtc_runtime_out_pool(monkeypatch):
+    """NvrtcRuntime's launches of a pooled conv (at the real limits and at lowered ones: bands of pooled rows,
+    pieces of channels), recorded without a GPU and run through the kernel's contract, give the float64
+    reference; a 3x3 / 2 pool after a conv the stem kernel refuses is refused by both builds."""
+    launches = recording_nvrtc_runtime(monkeypatch)
+    for low in (False, True):
+        if low:
+            monkeypatch.setitem(cuda_ops.LAUNCH_CONSTANTS, "max_grid_yz", 2)
+            monkeypatch.setitem(cuda_ops.LAUNCH_CONSTANTS, "max_conv_launch_pixels", 37)
+        for case in (OUT_POOL_CASES[0], OUT_POOL_CASES[1], OUT_POOL_CASES[3]):
+            launches.clear()
+            x, w, pad, groups, ceil_mode = _out_pool_problem(case, torch.float32)
+            params = _epilogue(w.shape[0], bias=True, bn=True)
+            ref = _out_pool_reference(x, w, params, 1e-3, pad, groups, ceil_mode)
+            out = torch.full(ref.shape, float("nan")).contiguous(memory_format=torch.channels_last)
+            monkeypatch.setattr(cuda_ops, "new_activation", lambda *a, out=out, **k: out)
+            _run_out_pool(x, w, params, 1e-3, pad, groups, ceil_mode)
+            assert len(launches) > 1 if low else len(launches) == 1, (low, case[0])
+            assert all(args[46] == 0 for *_, args in launches)  # no input pool
+            for name, targs, grid, args in launches:
+                assert args[50] == 1 and name == "fb::conv_bn_act_kernel"  # out_pool on, the plain kernel
+                _model_conv_launch([x, w, out, *params], name, targs, grid, args)
+            assert rel_err(out, ref) < 1e-6, (low, case[0])
+    runtime = cuda_ops._runtime(None)
+    for rt in (runtime, _emu()):
+        x, w, pad, groups, _ = _out_pool_problem(OUT_POOL_CASES[1], torch.float32)
+        with pytest.raises(ValueError, match="run conv and pool separately"):
+            rt.conv_bn_act_maxpool(x.data_ptr(), list(x.shape), list(x.stride()), w.data_ptr(), list(w.shape),
+                                   list(w.stride()), 0, 0, 0, 0, 0, 1e-3, x.data_ptr(), [1, 36, 3, 4],
+                                   [432, 1, 144, 36], [1, 1, 1, 1, 1, 1], 1, [7, 10], [3, 3, 2, 2, 1, 1], 0, 0, 0.0, 0)
+    assert _emu().conv_out_pool_supported([2, 2, 2, 2, 0, 0]) and cuda_ops.conv_out_pool_supported([2, 2, 2, 2, 0, 0])
+    for pool in ([3, 3, 2, 2, 1, 1], [2, 2, 2, 2, 1, 1], [2, 2, 1, 1, 0, 0], [4, 4, 4, 4, 0, 0]):
+        assert not _emu().conv_out_pool_supported(pool) and not cuda_ops.conv_out_pool_supported(pool), pool
+
+
+def test_op_layer_routes_pools(simt, poisoned_activations):
+    """The op layer's cuda conv_bn_act_maxpool: a 2x2 / 2 pool after any conv is one launch (the conv kernels'
+    epilogue where the stem kernel refuses the conv); a 3x3 / 2 pool after such a conv runs the conv then the
+    pool kernel; both as torch computes them."""
+    import fastbone
+    from fastbone.ops import conv_bn_act_maxpool
+    from torch import nn
+
+    conv = nn.Conv2d(40, 24, 3, padding=1, bias=False)
+    norm = nn.BatchNorm2d(24).eval()
+    with torch.no_grad():
+        norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2.0), norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 40, 9, 7).contiguous(memory_format=torch.channels_last)
+    params = (None, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    for window, stride, padding, ops in ((2, 2, 0, {"cuda_conv_bn_act_maxpool"}),
+                                         (3, 2, 1, {"cuda_conv_bn_act", "cuda_max_pool2d"})):
+        called = []
+        real_call = cuda_ops.call_op
+
+        def spy(name, *args):
+            called.append(name)
+            return real_call(name, *args)
+
+        with pytest.MonkeyPatch.context() as m, torch.no_grad(), fastbone.backend("cuda"):
+            m.setattr(cuda_ops, "call_op", spy)
+            out = conv_bn_act_maxpool(x, conv, norm, "relu", pool_kernel=window, pool_stride=stride,
+                                      pool_padding=padding, ceil_mode=True)
+        assert set(called) == ops and len(called) == len(ops), called
+        y = apply_activation(F.batch_norm(F.conv2d(x.double(), conv.weight.double(), None, 1, 1),
+                                          norm.running_mean.double(), norm.running_var.double(),
+                                          norm.weight.double(), norm.bias.double(), False, 0.0, norm.eps), "relu")
+        ref = F.max_pool2d(y, window, stride, padding, ceil_mode=True)
+        assert rel_err(out, ref) < 1e-5, window

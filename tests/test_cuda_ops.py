@@ -396,7 +396,7 @@ def test_stem_propagates_nan():
 def test_stem_op_rejects_what_its_kernel_cannot_hold():
     """The op layer falls back to conv, then pool, for these; the fused op itself refuses them."""
     x, weight = torch.randn(1, 32, 9, 9), torch.randn(8, 32, 3, 3)
-    with pytest.raises(ValueError, match=r"C_in/groups \* KH \* KW must be <= 256"):
+    with pytest.raises(ValueError, match=r"C_in/groups \* KH \* KW <= 256 taps .* run conv and pool separately"):
         torch.ops.fastbone.cuda_conv_bn_act_maxpool(x, weight, torch.randn(8), None, None, None, None, 0.0, [1, 1],
                                                     [1, 1], [1, 1], 1, 1, 0.1, [3, 3], [2, 2], [1, 1], False)
 

@@ -19,7 +19,8 @@
 // (ConvProblem::in_channel_map / out_channel_map: channel shuffles as index permutations), the input pool
 // (the conv of a stride-1 max / average pool of x, pooled in the A loader: conv_input_pool) and horizontal
 // fusion (up to kConvMaxSegments convs of one input with their own weights, epilogues and destinations in
-// one launch, the segment picked from the block's channel tile: conv_segment_tile / conv_segment_problem).
+// one launch, the segment picked from the block's channel tile: conv_segment_tile / conv_segment_problem) and
+// the output pool (a 2x2 / stride 2 max pool after the activation, reduced in the epilogue: conv_store_pooled).
 //
 // Two variants share the tile loader and the epilogue: the plain one (shared memory +
 // __syncthreads, float32 FMAs) for float32 and GPUs before sm_80; the tensor-core one (float16 /
@@ -67,13 +68,15 @@ constexpr int kConvMinBlocks = 2;
       int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, float eps, float slope, long long ssn,     \
       int residual_after_act, int input_pool_mode, int input_pool_kernel,                                  \
       const long long *__restrict__ in_channel_map, const long long *__restrict__ out_channel_map,          \
-      int num_segments, FB_CONV_SEGMENT_PARAMS(T, 1), FB_CONV_SEGMENT_PARAMS(T, 2)
+      int out_pool, int pooled_h, int pooled_w, int num_segments, FB_CONV_SEGMENT_PARAMS(T, 1),            \
+      FB_CONV_SEGMENT_PARAMS(T, 2)
 #define FB_CONV_PROBLEM(T)                                                                                  \
   ConvProblem<T> {                                                                                         \
     x, w, ChannelAffine{bias, bn_weight, bn_bias, bn_mean, bn_var, eps}, res, out, M, H, W, C_in_g, OH, OW, \
         C_out_g, KH, KW, sxn, sxc, sxh, sxw, swo, swc, swh, sww, srn, src, srh, srw, son, soc, soh, sow,    \
         out_c_offset, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope, in_scale, ssn,                 \
-        residual_after_act, input_pool_mode, input_pool_kernel, in_channel_map, out_channel_map            \
+        residual_after_act, input_pool_mode, input_pool_kernel, in_channel_map, out_channel_map, out_pool,  \
+        pooled_h, pooled_w                                                                                 \
   }
 // Segment i (1 or 2) of a horizontally fused launch: its weight (C_out##i, C_in, KH, KW) with strides
 // sw*##i, epilogue tensors and eps, and destination (N, C_out##i, OH, OW) with strides so*##i, pointing
@@ -95,6 +98,11 @@ constexpr int kConvMinBlocks = 2;
 constexpr int kConvInputPoolNone = 0, kConvInputPoolMax = 1, kConvInputPoolAvg = 2;
 // Most segments of one horizontally fused launch (FB_CONV_PARAMS carries segments 1 .. kConvMaxSegments - 1).
 constexpr int kConvMaxSegments = 3;
+// The output pool's window and stride (ConvProblem::out_pool): VGG's and DarkNet-19's 2x2 / 2 max pools, the
+// only pools that follow a conv in the body of a model. Fixed at compile time so the epilogue's window loop
+// unrolls over a thread's own accumulators (registers, never local memory).
+constexpr int kConvOutPool = 2;
+constexpr int kConvOutPoolArea = kConvOutPool * kConvOutPool;
 
 template <typename T>
 struct ConvProblem {
@@ -130,7 +138,30 @@ struct ConvProblem {
   // ConvProblem without them get nullptr.
   const long long* in_channel_map;
   const long long* out_channel_map;
+  // Nonzero: a kConvOutPool x kConvOutPool max pool at stride kConvOutPool (no padding) follows the activation
+  // in the epilogue and `out` is the pooled map (N, C, pooled_h, pooled_w); the GEMM's rows are then ordered
+  // (image, pooled row, pooled column, window position), so a window's conv pixels are consecutive rows
+  // (conv_row_pixel) and the conv output never reaches memory. Ceil mode's partial windows at the right and
+  // bottom edges are rows past OW / OH: computed as padding and left out of the max. Not with a residual or
+  // horizontal fusion (the launchers refuse both). Last, so kernels that build a ConvProblem without it get 0.
+  int out_pool;
+  int pooled_h, pooled_w;
 };
+
+// The conv output pixel of GEMM row m: (image, row, column), and whether it is one (m < M, and inside the
+// conv's output where an output pool's partial windows reach past it).
+struct ConvPixel {
+  int nb, oh, ow;
+  bool ok;
+};
+template <typename T>
+__device__ __forceinline__ ConvPixel conv_row_pixel(const ConvProblem<T>& p, int m) {
+  if (!p.out_pool) return ConvPixel{m / (p.OW * p.OH), (m / p.OW) % p.OH, m % p.OW, m < p.M};
+  const int window = m % kConvOutPoolArea, pooled = m / kConvOutPoolArea;
+  const int ow = (pooled % p.pooled_w) * kConvOutPool + window % kConvOutPool;
+  const int oh = ((pooled / p.pooled_w) % p.pooled_h) * kConvOutPool + window / kConvOutPool;
+  return ConvPixel{pooled / (p.pooled_w * p.pooled_h), oh, ow, m < p.M && oh < p.OH && ow < p.OW};
+}
 
 // The pooled input of one channel at (ih, iw) inside the map (`base`: the offset of its image and
 // channel): the max (NaN-propagating, as torch's max pool) or the mean over the in-bounds taps of the
@@ -224,7 +255,8 @@ struct ConvTileLoader {
   static_assert(BM % kRowsPerPass == 0 && BN % kRowsPerPass == 0, "tile rows must split evenly across passes");
   static constexpr int kAPasses = BM / kRowsPerPass;
   static constexpr int kBPasses = BN / kRowsPerPass;
-  // A row past M gets a window corner so far outside the input that every tap reads as padding.
+  // A row past M (or past the conv output: conv_row_pixel) gets a window corner so far outside the input
+  // that every tap reads as padding.
   static constexpr int kOutside = -(1 << 29);
 
   int k_col, row0, group, m_first;
@@ -241,13 +273,12 @@ struct ConvTileLoader {
     m_first = m0;
     FB_UNROLL
     for (int i = 0; i < kAPasses; ++i) {
-      const int m = m0 + row0 + i * kRowsPerPass;
-      if (m < p.M) {
-        const int ow = m % p.OW, oh = (m / p.OW) % p.OH, nb = m / (p.OW * p.OH);
-        a_base[i] = nb * p.sxn + (long long)g * p.C_in_g * p.sxc;
-        s_base[i] = nb * p.ssn + (long long)g * p.C_in_g;
-        a_ih0[i] = oh * p.stride_h - p.pad_h;
-        a_iw0[i] = ow * p.stride_w - p.pad_w;
+      const ConvPixel px = conv_row_pixel(p, m0 + row0 + i * kRowsPerPass);
+      if (px.ok) {
+        a_base[i] = px.nb * p.sxn + (long long)g * p.C_in_g * p.sxc;
+        s_base[i] = px.nb * p.ssn + (long long)g * p.C_in_g;
+        a_ih0[i] = px.oh * p.stride_h - p.pad_h;
+        a_iw0[i] = px.ow * p.stride_w - p.pad_w;
       } else {
         a_base[i] = 0;
         s_base[i] = 0;
@@ -323,13 +354,13 @@ struct ConvTileLoader {
     const KTap t = k_tap(p, k0);
 FB_UNROLL_BY(1)
     for (int i = 0; i < kAPasses; ++i) {
-      const int m = m_first + row0 + i * kRowsPerPass;
+      const ConvPixel px = conv_row_pixel(p, m_first + row0 + i * kRowsPerPass);
       T v = from_float<T>(0.0f);
-      if (t.ok && m < p.M) {
-        const int ow = m % p.OW, oh = (m / p.OW) % p.OH, nb = m / (p.OW * p.OH);
-        const int ih = oh * p.stride_h - p.pad_h + t.kh * p.dil_h, iw = ow * p.stride_w - p.pad_w + t.kw * p.dil_w;
+      if (t.ok && px.ok) {
+        const int ih = px.oh * p.stride_h - p.pad_h + t.kh * p.dil_h;
+        const int iw = px.ow * p.stride_w - p.pad_w + t.kw * p.dil_w;
         if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W)
-          v = conv_input_pool(p, nb * p.sxn + ((long long)group * p.C_in_g + x_channel(p, t.c)) * p.sxc, ih, iw);
+          v = conv_input_pool(p, px.nb * p.sxn + ((long long)group * p.C_in_g + x_channel(p, t.c)) * p.sxc, ih, iw);
       }
       put_a(row0 + i * kRowsPerPass, k_col, v);
     }
@@ -371,12 +402,32 @@ template <typename T, int ACT>
 __device__ __forceinline__ void conv_store(const ConvProblem<T>& p, int g, int m, int n, float acc,
                                            ChannelAffine::Coeffs c, int out_channel) {
   if (m >= p.M || n >= p.C_out_g) return;
-  const int ow = m % p.OW, oh = (m / p.OW) % p.OH, nb = m / (p.OW * p.OH);
+  const int ow = m % p.OW, oh = (m / p.OW) % p.OH, nb = m / (p.OW * p.OH);  // never pooled (conv_store_pooled)
   const int oc = g * p.C_out_g + n;
   float v = c.apply(acc);
   const float r = p.res != nullptr ? to_float(p.res[nb * p.srn + oh * p.srh + ow * p.srw + oc * p.src]) : 0.0f;
   v = p.residual_after_act ? activate<ACT>(v, p.slope) + r : activate<ACT>(v + r, p.slope);
   p.out[nb * p.son + oh * p.soh + ow * p.sow + (long long)out_channel * p.soc] = from_float<T>(v);
+}
+
+// The output pool's store (ConvProblem::out_pool): rows m .. m + kConvOutPoolArea - 1 are one window (m a
+// multiple of kConvOutPoolArea); acc_of(r) is row m + r's accumulator. Each conv pixel of the window inside
+// the conv output goes through the epilogue (BatchNorm, activation: the pool follows them, whatever the sign
+// of the BatchNorm scale), the max in float32 (NaN propagates, as torch's max pool), rounded to T once: a max
+// commutes with rounding, so this is torch's pool of the rounded conv output.
+template <typename T, int ACT, typename AccOf>
+__device__ __forceinline__ void conv_store_pooled(const ConvProblem<T>& p, int g, int m, int n, AccOf acc_of,
+                                                  ChannelAffine::Coeffs c, int out_channel) {
+  if (m >= p.M || n >= p.C_out_g) return;
+  const int pooled = m / kConvOutPoolArea;
+  const int pw = pooled % p.pooled_w, ph = (pooled / p.pooled_w) % p.pooled_h, nb = pooled / (p.pooled_w * p.pooled_h);
+  float v = -__int_as_float(0x7f800000);  // -inf; the window's first pixel is always inside the conv output
+  FB_UNROLL
+  for (int r = 0; r < kConvOutPoolArea; ++r) {
+    const int oh = ph * kConvOutPool + r / kConvOutPool, ow = pw * kConvOutPool + r % kConvOutPool;
+    if (oh < p.OH && ow < p.OW) v = nan_max(v, activate<ACT>(c.apply(acc_of(r)), p.slope));
+  }
+  p.out[nb * p.son + ph * p.soh + pw * p.sow + (long long)out_channel * p.soc] = from_float<T>(v);
 }
 
 // The same, the destination channel computed here (callers that build a ConvProblem without channel maps).
@@ -402,8 +453,9 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN), kConvMinBlocks) conv_bn
   const int g = blockIdx.z;
   const int m0 = blockIdx.x * BM, n0 = tile.n_tile * BN;
   const ConvTileLoader<T, BM, BN, BK, kThreads> loader(p, g, m0, n0);
-  // Thread (tm, tn) owns rows tm + i * (BM / TM) and columns tn + j * (BN / TN), so
-  // neighbouring threads store neighbouring output channels (contiguous in NHWC).
+  // Thread (tm, tn) owns rows tm * TM .. tm * TM + TM - 1 (whole output pool windows) and columns
+  // tn + j * (BN / TN), so neighbouring threads store neighbouring output channels (contiguous in NHWC).
+  static_assert(TM % kConvOutPoolArea == 0 && BM % kConvOutPoolArea == 0, "a thread's rows are whole pool windows");
   const int tn = threadIdx.x % (BN / TN), tm = threadIdx.x / (BN / TN);
   float acc[TM][TN];
   FB_UNROLL
@@ -420,7 +472,7 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN), kConvMinBlocks) conv_bn
     for (int kk = 0; kk < BK; ++kk) {
       float a[TM], b[TN];
       FB_UNROLL
-      for (int i = 0; i < TM; ++i) a[i] = a_tile[kk][tm + i * (BM / TM)];
+      for (int i = 0; i < TM; ++i) a[i] = a_tile[kk][tm * TM + i];
       FB_UNROLL
       for (int j = 0; j < TN; ++j) b[j] = b_tile[kk][tn + j * (BN / TN)];
       FB_UNROLL
@@ -437,8 +489,14 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN), kConvMinBlocks) conv_bn
     const int n = n0 + tn + j * (BN / TN);
     const ChannelAffine::Coeffs c = conv_coeffs(pe, g, n);  // once per owned column
     const int out_channel = conv_out_channel(pe, g, n);
-    FB_UNROLL
-    for (int i = 0; i < TM; ++i) conv_store<T, ACT>(pe, g, m0 + tm + i * (BM / TM), n, acc[i][j], c, out_channel);
+    if (pe.out_pool) {
+      FB_UNROLL
+      for (int i = 0; i < TM; i += kConvOutPoolArea)
+        conv_store_pooled<T, ACT>(pe, g, m0 + tm * TM + i, n, [&](int r) { return acc[i + r][j]; }, c, out_channel);
+    } else {
+      FB_UNROLL
+      for (int i = 0; i < TM; ++i) conv_store<T, ACT>(pe, g, m0 + tm * TM + i, n, acc[i][j], c, out_channel);
+    }
   }
 }
 
@@ -522,14 +580,12 @@ __global__ void __launch_bounds__((ConvMmaTile<BM, BN>::kThreads), (kConvMmaMinB
   int a_ih0[kAChunks], a_iw0[kAChunks];
   FB_UNROLL
   for (int i = 0; i < kAChunks; ++i) {
-    const int m = m0 + a_chunks.row(i);
-    const bool ok = m < M;
-    const int mm = ok ? m : 0;
-    const int ow = mm % OW, oh = (mm / OW) % OH, nb = mm / (OW * OH);
-    a_off[i] = nb * sxn + (long long)g * C_in_g;  // sxc == 1 wherever it is used
-    // A row past M gets a window corner far outside the input: every tap reads as padding.
-    a_ih0[i] = ok ? oh * stride_h - pad_h : ConvTileLoader<T, BM, BN, BK, kThreads>::kOutside;
-    a_iw0[i] = ok ? ow * stride_w - pad_w : ConvTileLoader<T, BM, BN, BK, kThreads>::kOutside;
+    const ConvPixel px = conv_row_pixel(p, m0 + a_chunks.row(i));
+    a_off[i] = px.ok ? px.nb * sxn + (long long)g * C_in_g : 0;  // sxc == 1 wherever it is used
+    // A row past M (or past the conv output) gets a window corner far outside the input: every tap reads as
+    // padding.
+    a_ih0[i] = px.ok ? px.oh * stride_h - pad_h : ConvTileLoader<T, BM, BN, BK, kThreads>::kOutside;
+    a_iw0[i] = px.ok ? px.ow * stride_w - pad_w : ConvTileLoader<T, BM, BN, BK, kThreads>::kOutside;
   }
   long long b_off[kBChunks];
   bool b_ok[kBChunks];
@@ -621,9 +677,17 @@ FB_UNROLL_BY(1)
       conv_segment_problem<kConvSegmentEpilogue>(p, tile.segment, FB_CONV_SEGMENT(T, 1), FB_CONV_SEGMENT(T, 2));
   const ChannelAffine::Coeffs c = conv_coeffs(pe, g, n0 + col);
   const int out_channel = conv_out_channel(pe, g, n0 + col);
+  if (pe.out_pool) {  // each thread stores whole windows: kConvOutPoolArea consecutive rows of its column
+    static_assert(BM % kConvOutPoolArea == 0, "the tile's rows are whole pool windows");
+FB_UNROLL_BY(1)
+    for (int row = threadIdx.x / BN * kConvOutPoolArea; row < BM; row += kThreads / BN * kConvOutPoolArea)
+      conv_store_pooled<T, ACT>(pe, g, m0 + row, n0 + col, [&](int r) { return c_tile[(row + r) * LDC + col]; }, c,
+                                out_channel);
+  } else {
 FB_UNROLL_BY(4)
-  for (int row = threadIdx.x / BN; row < BM; row += kThreads / BN)
-    conv_store<T, ACT>(pe, g, m0 + row, n0 + col, c_tile[row * LDC + col], c, out_channel);
+    for (int row = threadIdx.x / BN; row < BM; row += kThreads / BN)
+      conv_store<T, ACT>(pe, g, m0 + row, n0 + col, c_tile[row * LDC + col], c, out_channel);
+  }
 #endif  // FB_MMA_UNSUPPORTED
 }
 

@@ -20,6 +20,8 @@ Registered operators (torch.library.custom_op, each with a fake impl; all but th
   fastbone::cuda_conv_bn_act_maxpool(x, weight, bias?, bn_weight?, bn_bias?, bn_mean?, bn_var?, eps, stride,
                                      padding, dilation, groups, act, slope, pool_kernel, pool_stride,
                                      pool_padding, ceil_mode) -> Tensor
+                                  the stem kernel for convs of few taps, else the conv kernels with a 2x2 / 2
+                                  max pool in their epilogue (`conv_out_pool_supported`)
   fastbone::cuda_max_pool2d(x, kernel, stride, padding, ceil_mode) -> Tensor
   fastbone::cuda_max_pool2d_into(x, kernel, stride, padding, ceil_mode, out!, out_channel_offset) -> ()
   fastbone::cuda_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad) -> Tensor
@@ -79,6 +81,7 @@ LAUNCH_CONSTANTS = {
     "conv_mma_large_min_cout": 128, "conv_mma_large_min_blocks": 264,
     "conv_mma_min_cc": 80,  # ... on devices of compute capability 8.0 and newer
     "conv_max_segments": 3,  # convs per horizontally fused launch (conv_bn_act_multi)
+    "conv_out_pool": 2,  # the conv epilogue's max pool: this window, this stride, no padding
     **_dw.LAUNCH_CONSTANTS,
 }
 _C = LAUNCH_CONSTANTS
@@ -144,6 +147,13 @@ def stem_tile(ph_out: int, pw_out: int, pool) -> tuple[int, int]:
 def stem_supported(c_in_g: int, kh: int, kw: int, pool) -> bool:
     """Whether the fused stem kernel takes this conv and pool (its shared-memory limits)."""
     return c_in_g * kh * kw <= _C["stem_max_taps"] and stem_tile(1, 1, pool)[0] == 1
+
+
+def conv_out_pool_supported(pool) -> bool:
+    """Whether the conv kernels' epilogue takes the pool {kh, kw, sh, sw, ph, pw} (ConvProblem::out_pool:
+    conv_out_pool x conv_out_pool windows at that stride, unpadded), after any conv."""
+    k = _C["conv_out_pool"]
+    return list(pool) == [k, k, k, k, 0, 0]
 
 
 def _check_int_range(v: int, what: str) -> None:
@@ -236,12 +246,13 @@ NVRTC_KERNELS = {
 
 # Kernel parameter lists, one letter per parameter: p pointer, i int, q long long, f float.
 # conv: x, w, bias, bn_weight, bn_bias, bn_mean, bn_var, res, out, in_scale, ..., eps, slope, ssn,
-# residual_after_act, input_pool_mode, input_pool_kernel, in_channel_map, out_channel_map, num_segments, then
+# residual_after_act, input_pool_mode, input_pool_kernel, in_channel_map, out_channel_map, out_pool, pooled_h,
+# pooled_w, num_segments, then
 # segments 1 and 2 (w, bias,
 # bn_weight, bn_bias, bn_mean, bn_var, out, C_out, eps, 4 weight strides, 4 output strides) (FB_CONV_PARAMS
 # and FB_CONV_SEGMENT_PARAMS in conv.cuh)
 _CONV_SEGMENT_SIGNATURE = "p" * 7 + "if" + "q" * 8
-_CONV_SIGNATURE = ("p" * 10 + "i" * 9 + "q" * 16 + "i" * 7 + "ff" + "q" + "i" + "ii" + "pp" + "i"
+_CONV_SIGNATURE = ("p" * 10 + "i" * 9 + "q" * 16 + "i" * 7 + "ff" + "q" + "i" + "ii" + "pp" + "iii" + "i"
                    + _CONV_SEGMENT_SIGNATURE * 2)
 _UNUSED_CONV_SEGMENT = (0,) * len(_CONV_SEGMENT_SIGNATURE)
 _SIGNATURES = {
@@ -334,10 +345,13 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMix
 
     def _run_conv(self, kernel, dtype, x, x_shape, x_strides, c_in_g, kh, kw, ow, segments, launches, residual,
                   res_strides, out_c_offset, conv, slope, stream, in_scale=0, in_scale_stride=0,
-                  residual_after_act=0, input_pool_mode=0, input_pool_kernel=1, in_channel_map=0, out_channel_map=0):
+                  residual_after_act=0, input_pool_mode=0, input_pool_kernel=1, in_channel_map=0, out_channel_map=0,
+                  out_pool=None):
         """csrc/ops.cu's run_conv. segments: (w, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, out,
         out_strides, c_out_g) per conv; launches: (n0, n, oh0, oh, g0, g, [(conv, c0, c), ...]). Channel maps
-        are advanced to the launch's first channel instead of x / in_scale / out_c_offset (run_conv's comment)."""
+        are advanced to the launch's first channel instead of x / in_scale / out_c_offset (run_conv's comment).
+        out_pool: None, or (conv OH, pooled_h, pooled_w) for the epilogue's max pool, the launches' rows then
+        counting pooled rows."""
         name, template_args, bm, bn, threads, smem = kernel
         size = (4, 2, 2)[dtype]  # bytes per element of x, w, residual, out
         sxn, sxc = x_strides[0], x_strides[1]
@@ -356,7 +370,12 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMix
         for n0, nn, oh0, ohn, g0, gn, pieces in launches:
             first = pieces[0]
             oc0 = g0 * segments[first[0]][10] + first[1]
-            m = nn * ohn * ow
+            if out_pool:
+                area = _C["conv_out_pool"] ** 2
+                row0, rows = oh0 * _C["conv_out_pool"], min(ohn * _C["conv_out_pool"], out_pool[0] - oh0 * _C["conv_out_pool"])
+                m, pooling = nn * ohn * out_pool[2] * area, (1, ohn, out_pool[2])
+            else:
+                row0, rows, m, pooling = oh0, ohn, nn * ohn * ow, (0, 0, 0)
             s0 = segment_at(first, g0, n0, oh0, False)
             others = [segment_at(p, g0, n0, oh0, True) for p in pieces[1:]]
             others += [_UNUSED_CONV_SEGMENT] * (_C["conv_max_segments"] - len(pieces))
@@ -364,10 +383,10 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMix
             ic_shift, oc_shift = (0 if in_channel_map else ic0), (0 if out_channel_map else oc0)
             args = (at(x, n0 * sxn + ic_shift * sxc), *s0[:6], at(residual, n0 * srn + oh0 * srh + oc0 * src),
                     s0[6], at(in_scale, n0 * in_scale_stride + ic_shift, 4), m, x_shape[2], x_shape[3], c_in_g,
-                    ohn, ow, s0[7], kh, kw, *x_strides, *s0[9:13], *res_strides, *s0[13:17], out_c_offset + oc_shift,
-                    conv[0], conv[1], conv[2] - oh0 * conv[0], *conv[3:], s0[8], slope, in_scale_stride,
+                    rows, ow, s0[7], kh, kw, *x_strides, *s0[9:13], *res_strides, *s0[13:17], out_c_offset + oc_shift,
+                    conv[0], conv[1], conv[2] - row0 * conv[0], *conv[3:], s0[8], slope, in_scale_stride,
                     int(residual_after_act != 0), input_pool_mode, input_pool_kernel, at(in_channel_map, ic0, 8),
-                    at(out_channel_map, oc0, 8), len(pieces), *others[0], *others[1])
+                    at(out_channel_map, oc0, 8), *pooling, len(pieces), *others[0], *others[1])
             tiles = sum(_cdiv(p[2], bn) for p in pieces)
             self._launch("conv.cuh", name, template_args, (_cdiv(m, bm), tiles, gn), threads, args, stream, smem)
 
@@ -430,20 +449,51 @@ class NvrtcRuntime(_dw.DepthwiseNvrtcMixin, _fire.FireNvrtcMixin, _se.SeNvrtcMix
     def stem_supported(self, c_in_g, kh, kw, pool):
         return stem_supported(c_in_g, kh, kw, pool)
 
+    def conv_out_pool_supported(self, pool):
+        return conv_out_pool_supported(pool)
+
+    def _conv_bn_act_out_pool(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight, bn_bias, bn_mean,
+                              bn_var, eps, out, out_shape, out_strides, conv, groups, conv_out_hw, dtype, act, slope,
+                              stream):
+        """csrc/ops.cu's conv_bn_act_out_pool: the conv kernels with the max pool in their epilogue."""
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        n, ph, pw = out_shape[0], out_shape[2], out_shape[3]
+        c_out = w_shape[0]
+        c_out_g = c_out // groups
+        for v, what in ((x_shape[2], "H"), (x_shape[3], "W"), (conv_out_hw[0], "OH"), (conv_out_hw[1], "OW"),
+                        (c_out, "C_out"), (w_shape[1] * w_shape[2] * w_shape[3] + 64, "C_in/groups * KH * KW")):
+            _check_int_range(v, what)
+        area = _C["conv_out_pool"] ** 2
+        kernel = self._conv_kernel(n * ph * pw * area, c_out_g, groups, dtype, act)
+        segment = (w, w_strides, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, out, out_strides, c_out_g)
+        launches = [(n0, nn, oh0, ohn, g0, gn, [(0, c0, cn)])
+                    for n0, nn, oh0, ohn, g0, gn, c0, cn in conv_launch_plan(n, ph, pw * area, groups, c_out_g,
+                                                                             kernel[3])]
+        self._run_conv(kernel, dtype, x, x_shape, x_strides, w_shape[1], w_shape[2], w_shape[3], conv_out_hw[1],
+                       [segment], launches, 0, [0, 0, 0, 0], 0, conv, slope, stream,
+                       out_pool=(conv_out_hw[0], ph, pw))
+
     def conv_bn_act_maxpool(self, x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight, bn_bias, bn_mean,
                             bn_var, eps, out, out_shape, out_strides, conv, groups, conv_out_hw, pool, dtype, act,
                             slope, stream):
         _check_bn_pointers(bn_mean, bn_var)
-        if not stem_supported(w_shape[1], w_shape[2], w_shape[3], pool):
-            raise ValueError(f"conv_bn_act_maxpool: C_in/groups * KH * KW must be <= {_C['stem_max_taps']} and "
-                             f"the pool window must fit {_C['stem_max_region']} conv outputs; run conv and pool "
-                             "separately")
+        stem = stem_supported(w_shape[1], w_shape[2], w_shape[3], pool)
+        k = _C["conv_out_pool"]
+        if not stem and not conv_out_pool_supported(pool):
+            raise ValueError(f"conv_bn_act_maxpool: fuses a pool after a conv of C_in/groups * KH * KW <= "
+                             f"{_C['stem_max_taps']} taps whose window fits {_C['stem_max_region']} conv outputs, or "
+                             f"a {k}x{k} / stride {k} unpadded pool after any conv; run conv and pool separately")
         n, c_out, ph, pw = out_shape
         if n == 0 or c_out == 0 or ph == 0 or pw == 0:
             return
-        th, tw = stem_tile(ph, pw, pool)
+        th, tw = stem_tile(ph, pw, pool) if stem else (1, 1)
         tiles = _cdiv(ph, th) * _cdiv(pw, tw)
-        if not stem_grid_supported(tiles, c_out):
+        if not stem or not stem_grid_supported(tiles, c_out):
+            if conv_out_pool_supported(pool):
+                return self._conv_bn_act_out_pool(x, x_shape, x_strides, w, w_shape, w_strides, bias, bn_weight,
+                                                  bn_bias, bn_mean, bn_var, eps, out, out_shape, out_strides, conv,
+                                                  groups, conv_out_hw, dtype, act, slope, stream)
             raise ValueError(f"conv_bn_act_maxpool: {tiles} pooled tiles per image and {c_out} output channels "
                              "exceed the fused kernel's grid; run conv and pool separately")
         size = (4, 2, 2)[dtype]
@@ -879,11 +929,13 @@ def _cuda_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_v
     conv_args = (x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, float(eps), list(stride), list(padding),
                  list(dilation), int(groups), int(act_code), float(slope))
     pool_args = (list(pool_kernel), list(pool_stride), list(pool_padding), bool(ceil_mode))
-    if stem_supported(weight.shape[1], weight.shape[2], weight.shape[3], [*pool_kernel, *pool_stride]) and \
-            stem_grid_supported(pool_out_hw[0] * pool_out_hw[1], weight.shape[0]):  # tiles <= pooled pixels
+    pool = [*pool_kernel, *pool_stride, *pool_padding]
+    if (stem_supported(weight.shape[1], weight.shape[2], weight.shape[3], pool) and
+            stem_grid_supported(pool_out_hw[0] * pool_out_hw[1], weight.shape[0])) or \
+            conv_out_pool_supported(pool):  # the stem kernel (tiles <= pooled pixels), or the conv's epilogue
         return call_op("cuda_conv_bn_act_maxpool", *conv_args, *pool_args)
-    # Too many taps (or too big a pool window) for the fused kernel's shared memory, or a grid
-    # too large for it (more than a million output channels, or 2^31 pooled tiles per image).
+    # A pool the conv's epilogue does not take after a conv with too many taps (or too big a pool window) for
+    # the stem kernel's shared memory, or a grid too large for it.
     y = call_op("cuda_conv_bn_act", *conv_args, None)
     return call_op("cuda_max_pool2d", y, *pool_args)
 
