@@ -260,15 +260,18 @@ def gen_adaptive_avg_pool2d(rng, dtype) -> Case:
 
 
 def gen_stem(rng, dtype) -> Case:
-    """conv + BatchNorm + activation + max pool: the fused stem (cuda) or conv then pool."""
+    """conv + BatchNorm + activation + max pool: the fused stem (cuda), the conv's epilogue pool (2x2 / 2:
+    Triton for any conv, cuda past the stem kernel's taps) or conv then pool."""
     c_in = rng.choice((1, 2, 3, 3, 4))
     c_out = rng.choice((1, 5, 16, 20))
     k = rng.choice((1, 3, 5, 7))
     stride, pad = rng.randint(1, 2), rng.randint(0, k // 2)
     pk = rng.randint(1, 3)
     ps, pp, ceil = rng.randint(1, 2), rng.randint(0, pk // 2), rng.random() < 0.3
-    if rng.random() < 0.3:  # the body's 2x2 / 2 pool (VGG, DarkNet): Triton pools it in the conv's epilogue
+    if rng.random() < 0.3:  # the body's 2x2 / 2 pool (VGG, DarkNet): pooled in the conv's epilogue
         pk, ps, pp = 2, 2, 0
+        if rng.random() < 0.5:  # more taps than the cuda stem kernel holds: the cuda conv kernels' epilogue
+            c_in = 257 // (k * k) + rng.randint(1, 6)
     n = rng.choice((0, 1, 2)) if rng.random() < 0.1 else rng.choice((1, 2))
     h, w = k + rng.randint(0, 12), k + rng.randint(0, 12)
     while (h + 2 * pad - k) // stride + 1 + 2 * pp < pk:  # the pool needs a large enough conv output
