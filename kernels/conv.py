@@ -111,7 +111,7 @@ def _bias_batchnorm(acc, oc, mask_n, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, va
     if HAS_BN:
         var = tl.load(var_ptr + oc, mask=mask_n, other=1.0).to(tl.float32)
         mean = tl.load(mean_ptr + oc, mask=mask_n, other=0.0).to(tl.float32)
-        scale = 1.0 / tl.sqrt_rn(var + eps)
+        scale = tl.math.rsqrt(var + eps)
         if HAS_GAMMA:
             scale = scale * tl.load(gamma_ptr + oc, mask=mask_n, other=1.0).to(tl.float32)
         shift = -mean * scale
@@ -123,6 +123,37 @@ def _bias_batchnorm(acc, oc, mask_n, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, va
     elif HAS_BIAS:
         acc += bias[None, :]
     return acc
+
+
+@triton.jit
+def _next_segment(pid_n, tiles, w_ptr, out_ptr, eps, c_out, swo, swc, swh, sww, son, soc, soh, sow, bias_ptr,
+                  mean_ptr, var_ptr, gamma_ptr, beta_ptr, next_w_ptr, next_out_ptr, next_eps, next_c_out, next_swo,
+                  next_swc, next_swh, next_sww, next_son, next_soc, next_soh, next_sow, next_bias_ptr, next_mean_ptr,
+                  next_var_ptr, next_gamma_ptr, next_beta_ptr, HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr,
+                  HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, INDEX64: tl.constexpr):
+    """Horizontal fusion: a program whose channel tile pid_n lies past the current segment's `tiles` takes the
+    next segment's weight, destination, epilogue tensors, eps and strides, its tile counted from that segment's
+    first. Returns (pid_n, w_ptr, out_ptr, eps, c_out, swo, swc, swh, sww, son, soc, soh, sow, bias_ptr,
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr)."""
+    if pid_n >= tiles:
+        pid_n -= tiles
+        w_ptr, out_ptr, eps, c_out = next_w_ptr, next_out_ptr, next_eps, _runtime_int(next_c_out, False)
+        swo, swc, swh, sww = (_runtime_int(next_swo, INDEX64), _runtime_int(next_swc, INDEX64),
+                              _runtime_int(next_swh, INDEX64), _runtime_int(next_sww, INDEX64))
+        son, soc, soh, sow = (_runtime_int(next_son, INDEX64), _runtime_int(next_soc, INDEX64),
+                              _runtime_int(next_soh, INDEX64), _runtime_int(next_sow, INDEX64))
+        # Absent per-channel tensors (their HAS_* flag off) are never selected, so their placeholders need not
+        # match the present ones' types.
+        if HAS_BIAS:
+            bias_ptr = next_bias_ptr
+        if HAS_BN:
+            mean_ptr, var_ptr = next_mean_ptr, next_var_ptr
+        if HAS_GAMMA:
+            gamma_ptr = next_gamma_ptr
+        if HAS_BETA:
+            beta_ptr = next_beta_ptr
+    return (pid_n, w_ptr, out_ptr, eps, c_out, swo, swc, swh, sww, son, soc, soh, sow, bias_ptr, mean_ptr, var_ptr,
+            gamma_ptr, beta_ptr)
 
 
 @triton.jit
@@ -198,40 +229,20 @@ def _conv_bn_act_kernel(
                               _runtime_int(sww, INDEX64))
         son, soc, soh, sow = (_runtime_int(son, INDEX64), _runtime_int(soc, INDEX64), _runtime_int(soh, INDEX64),
                               _runtime_int(sow, INDEX64))
-        if pid_n >= tiles_0:
-            pid_n -= tiles_0
-            w_ptr, out_ptr, eps, C_OUT_G = w1_ptr, out1_ptr, eps1, _runtime_int(c_out_1, False)
-            swo, swc, swh, sww = (_runtime_int(swo1, INDEX64), _runtime_int(swc1, INDEX64),
-                                  _runtime_int(swh1, INDEX64), _runtime_int(sww1, INDEX64))
-            son, soc, soh, sow = (_runtime_int(son1, INDEX64), _runtime_int(soc1, INDEX64),
-                                  _runtime_int(soh1, INDEX64), _runtime_int(sow1, INDEX64))
-            # Absent per-channel tensors (their HAS_* flag off) are never selected, so their
-            # placeholders need not match the present ones' types.
-            if HAS_BIAS:
-                bias_ptr = bias1_ptr
-            if HAS_BN:
-                mean_ptr, var_ptr = mean1_ptr, var1_ptr
-            if HAS_GAMMA:
-                gamma_ptr = gamma1_ptr
-            if HAS_BETA:
-                beta_ptr = beta1_ptr
-            if SEGMENTS > 2:
-                tiles_1 = tl.cdiv(C_OUT_G, BLOCK_N)
-                if pid_n >= tiles_1:
-                    pid_n -= tiles_1
-                    w_ptr, out_ptr, eps, C_OUT_G = w2_ptr, out2_ptr, eps2, _runtime_int(c_out_2, False)
-                    swo, swc, swh, sww = (_runtime_int(swo2, INDEX64), _runtime_int(swc2, INDEX64),
-                                          _runtime_int(swh2, INDEX64), _runtime_int(sww2, INDEX64))
-                    son, soc, soh, sow = (_runtime_int(son2, INDEX64), _runtime_int(soc2, INDEX64),
-                                          _runtime_int(soh2, INDEX64), _runtime_int(sow2, INDEX64))
-                    if HAS_BIAS:
-                        bias_ptr = bias2_ptr
-                    if HAS_BN:
-                        mean_ptr, var_ptr = mean2_ptr, var2_ptr
-                    if HAS_GAMMA:
-                        gamma_ptr = gamma2_ptr
-                    if HAS_BETA:
-                        beta_ptr = beta2_ptr
+        pid_n, w_ptr, out_ptr, eps, C_OUT_G, swo, swc, swh, sww, son, soc, soh, sow, bias_ptr, mean_ptr, var_ptr, \
+            gamma_ptr, beta_ptr = _next_segment(
+                pid_n, tiles_0, w_ptr, out_ptr, eps, C_OUT_G, swo, swc, swh, sww, son, soc, soh, sow, bias_ptr,
+                mean_ptr, var_ptr, gamma_ptr, beta_ptr, w1_ptr, out1_ptr, eps1, c_out_1, swo1, swc1, swh1, sww1,
+                son1, soc1, soh1, sow1, bias1_ptr, mean1_ptr, var1_ptr, gamma1_ptr, beta1_ptr,
+                HAS_BIAS, HAS_BN, HAS_GAMMA, HAS_BETA, INDEX64)
+        if SEGMENTS > 2:
+            # A program of segment 0 has pid_n below segment 0's tiles, so only segment 1's move on.
+            pid_n, w_ptr, out_ptr, eps, C_OUT_G, swo, swc, swh, sww, son, soc, soh, sow, bias_ptr, mean_ptr, \
+                var_ptr, gamma_ptr, beta_ptr = _next_segment(
+                    pid_n, tl.cdiv(C_OUT_G, BLOCK_N), w_ptr, out_ptr, eps, C_OUT_G, swo, swc, swh, sww, son, soc,
+                    soh, sow, bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, w2_ptr, out2_ptr, eps2, c_out_2,
+                    swo2, swc2, swh2, sww2, son2, soc2, soh2, sow2, bias2_ptr, mean2_ptr, var2_ptr, gamma2_ptr,
+                    beta2_ptr, HAS_BIAS, HAS_BN, HAS_GAMMA, HAS_BETA, INDEX64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -251,19 +262,19 @@ def _conv_bn_act_kernel(
         oh = (offs_m // OW) % OH
         nb = offs_m // (OW * OH)
     if HAS_IN_MAP:
-        x_row = nb.to(tl.int64) * sxn  # the group's channels come from the map
+        x_row = _widen(nb, INDEX64) * sxn  # the group's channels come from the map
     else:
-        x_row = nb.to(tl.int64) * sxn + (_widen(g, INDEX64) * C_IN_G) * sxc
+        x_row = _widen(nb, INDEX64) * sxn + (_widen(g, INDEX64) * C_IN_G) * sxc
     # HAS_IN_SCALE: the input is scaled per (image, input channel) as it is loaded (the SE gate in
     # front of a projection conv), so the scaled activation never exists in memory. scale_ptr is
     # float32 (N, C_in) with unit channel stride; the product is rounded to x's dtype, as torch's
     # x * gate followed by a conv in that dtype.
     if HAS_IN_MAP:
-        s_row = nb.to(tl.int64) * ssn  # indexed by the x channel read
+        s_row = _widen(nb, INDEX64) * ssn  # indexed by the x channel read
     else:
-        s_row = nb.to(tl.int64) * ssn + g * C_IN_G
+        s_row = _widen(nb, INDEX64) * ssn + g * C_IN_G
     oc = g * C_OUT_G + offs_n
-    w_col = oc.to(tl.int64) * swo
+    w_col = _widen(oc, INDEX64) * swo
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
@@ -324,7 +335,7 @@ def _conv_bn_act_kernel(
                           HAS_BIAS, HAS_BN, HAS_GAMMA, HAS_BETA)
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RES:
-        r_off = nb.to(tl.int64) * srn + oh * srh + ow * srw
+        r_off = _widen(nb, INDEX64) * srn + oh * srh + ow * srw
         res = tl.load(res_ptr + r_off[:, None] + _widen(oc, INDEX64)[None, :] * src, mask=mask, other=0.0)
         # RES_AFTER_ACT: x + act(bn(conv(x))), the order of torchvision's FusedMBConv without expansion;
         # otherwise act(bn(conv(x)) + x), ResNet's.
@@ -347,7 +358,7 @@ def _conv_bn_act_kernel(
         ow = offs_p % pooled_w
         oh = (offs_p // pooled_w) % pooled_h
         nb = offs_p // (pooled_w * pooled_h)
-    o_off = nb.to(tl.int64) * son + oh * soh + ow * sow
+    o_off = _widen(nb, INDEX64) * son + oh * soh + ow * sow
     if HAS_OUT_MAP:
         o_c = out_c_offset + _mapped_channel(out_map_ptr, oc, mask_n, INDEX64)
         o_ptrs = out_ptr + o_off[:, None] + o_c[None, :] * soc
@@ -362,13 +373,16 @@ FLAT_K_MAX_CHANNELS = 16
 
 @memoize_for_ints
 def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: int = 2,
-                  in_scale: bool = False, in_pool_k: int = 1, channel_maps: bool = False) -> MappingProxyType:
+                  in_scale: bool = False, in_pool_k: int = 1, channel_maps: bool = False, has_res: bool = False,
+                  vector_a: bool = True, vector_out: bool = True, index64: bool = False) -> MappingProxyType:
     """One fixed config per problem shape. Under the interpreter each program instance and
     each loop step costs milliseconds whatever the block size, so blocks are as big as the
     problem allows and there is no autotuning. On the GPU the pipelined tiles must fit
     ~96 KiB of shared memory (sm_86/sm_89 allow 99 KiB). in_pool_k > 1: the A loader pools
     in_pool_k x in_pool_k taps per element (IN_POOL), see `input_pool_smem_bytes`. channel_maps (HAS_IN_MAP /
-    HAS_OUT_MAP): tiles sized by `MAPPED_TILE_ELEMENTS_PER_THREAD`."""
+    HAS_OUT_MAP): tiles sized by `MAPPED_TILE_ELEMENTS_PER_THREAD`. has_res, vector_a, vector_out, index64: the
+    residual, whether x's / the output's channel runs load as 16-byte vectors (`rows_vectorizable`), 64-bit
+    indexing; the tile is shrunk until `tile_fits_registers`."""
     flat_k = c_in_g < FLAT_K_MAX_CHANNELS
     k_extent = c_in_g * k_area if flat_k else c_in_g
     if INTERPRETED:
@@ -410,8 +424,83 @@ def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: in
         warps = 8 if block_m >= 128 else 4
         while block_n > 16 and block_m * block_n > MAPPED_TILE_ELEMENTS_PER_THREAD * 32 * warps:
             block_n //= 2
+    else:
+        # Spread the tile over 8 warps first (the GPU keeps the tile), then narrow the K block, the channel
+        # block and the rows, until the per-thread register estimate fits.
+        def fits(k):  # (with the smallest K block, only the epilogue's budget can fail)
+            return tile_fits_registers(block_m, block_n, k, warps, elem_bytes, has_res=has_res,
+                                       vector_a=vector_a and not flat_k, vector_out=vector_out, in_scale=in_scale,
+                                       index64=index64)
+        while not fits(block_k):
+            if warps < 8 and block_m >= 64:
+                warps = 8
+            elif not fits(16) and block_n > 16:
+                block_n //= 2
+            elif block_k > 16:
+                block_k //= 2
+            elif block_m > 64:
+                block_m //= 2
+            else:
+                break
     return MappingProxyType(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, FLAT_K=flat_k,
                                  num_warps=warps, num_stages=stages))
+
+
+# Register budgets per thread on sm_90 (Triton 3.8), from ptxas's spill reports on the models' configs
+# (tests/triton_sm90_compile.py): past them the kernel spills.
+# - The epilogue holds the float32 accumulator (BLOCK_M * BLOCK_N / threads registers) and, with a residual, the
+#   residual tile in the activation dtype beside it, next to the per-channel BatchNorm vectors.
+EPILOGUE_REGISTERS = 96
+# - float32 operands (tf32 dots) hold twice the registers of half ones in the dot's operand layouts: float32 tiles
+#   of more accumulators a thread than this spilled (128 x 128 on 8 warps: 8 to 44 bytes).
+FLOAT32_ACCUMULATORS = 32
+# - An access Triton cannot vectorise (rows not 16-element aligned, the flattened K loop's per-element gather)
+#   is one load / store per element through registers, each with its own address: at most this many elements
+#   per thread of the A tile per K step, and of the output tile when the output (or residual) is unaligned.
+#   The input scale (the SE gate) multiplies the A tile in registers, so it takes the same budget, counting
+#   twice (a float32 scale beside each element) when A is gathered or float32, and it doubles the output's
+#   count with a residual where the output is unaligned; 64-bit indexing doubles every address, so INDEX64
+#   halves the budget.
+SCALAR_ELEMENTS_PER_THREAD = 32
+
+
+def tile_fits_registers(block_m: int, block_n: int, block_k: int, warps: int, elem_bytes: int, *,
+                        has_res: bool = False, vector_a: bool = True, vector_out: bool = True, in_scale: bool = False,
+                        index64: bool = False) -> bool:
+    """Whether a tile stays within the per-thread register budgets above (vector_a False: the A tile is
+    gathered element by element, as the flattened K loop always does)."""
+    threads = 32 * warps
+    acc = block_m * block_n // threads
+    a = block_m * block_k // threads
+    if not vector_a:  # a gathered A comes with a gathered weight tile (unaligned channels / the flattened K)
+        a += block_k * block_n // threads
+    scalar_budget = SCALAR_ELEMENTS_PER_THREAD // (2 if index64 else 1)
+    if acc + (acc * elem_bytes // 4 if has_res else 0) > EPILOGUE_REGISTERS:
+        return False
+    if elem_bytes == 4 and acc > FLOAT32_ACCUMULATORS:
+        return False
+    # An output stored element by element: each value with its own 64-bit address, so half the budget (a
+    # 64 x 64 tile on 4 warps spilled at 255 registers, ShuffleNet v1's 20-channel groups); with the input
+    # scale live, a residual gathered beside it counts too.
+    if (index64 or not vector_out) and acc * (2 if has_res and in_scale else 1) > scalar_budget // 2:
+        return False
+    gathered = index64 or not vector_a
+    # The float32 scale tile beside A: twice the elements where A is gathered, or where A is float32 itself.
+    doubled = in_scale and (gathered or elem_bytes == 4)
+    if (gathered or in_scale) and a * (2 if doubled else 1) > scalar_budget:
+        return False
+    return True
+
+
+def rows_vectorizable(t, channels: int, channel_offset: int = 0) -> bool:
+    """Whether Triton can load / store t's (N, C, H, W) channel runs as 16-byte vectors: unit channel stride,
+    pixel strides, channel count and offset multiples of 16 elements (what its launcher specialises on) and a
+    16-byte aligned start (storage is; a view's offset may not be: read from the view, no data pointer, so
+    fake tensors work). A None tensor does not constrain."""
+    if t is None:
+        return True
+    return (t.stride(1) == 1 and channels % 16 == 0 and channel_offset % 16 == 0
+            and t.storage_offset() * t.element_size() % 16 == 0 and all(t.stride(d) % 16 == 0 for d in (0, 2, 3)))
 
 
 # With a channel map the gathered A tile and the scattered output tile are loaded / stored element by element
@@ -424,9 +513,11 @@ MAPPED_TILE_ELEMENTS_PER_THREAD = 16
 # GPU tile candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for the autotuner; each problem
 # shape (the key below) is timed once per process. FASTBONE_TRITON_AUTOTUNE=0 uses the fixed
 # `_block_config` instead (and the interpreter always does).
+# No 256-wide tiles: their float32 accumulator alone (128 registers a thread on 8 warps) is past
+# EPILOGUE_REGISTERS, so `tile_fits_registers` would prune them from every launch (they spilled on sm_90).
 GPU_TILES = [
     (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-    (128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (64, 64, 64, 4, 3), (64, 32, 32, 4, 4),
+    (64, 64, 64, 4, 3), (64, 32, 32, 4, 4),
 ]
 AUTOTUNE = not INTERPRETED and os.environ.get("FASTBONE_TRITON_AUTOTUNE", "1") != "0"
 
@@ -445,6 +536,17 @@ def input_pool_smem_bytes(block_m: int, block_n: int, block_k: int, elem_bytes: 
     reported it on sm_90 (Triton 3.8), rounded up: the taps of the steps in flight (stages - 1 copies
     of pool_k^2 A tiles), the A operand of the dot and a spare, and a B tile per stage."""
     return ((stages - 1) * pool_k * pool_k + 2) * block_m * block_k * elem_bytes + stages * block_n * block_k * elem_bytes
+
+
+def _vector_args(named_args, ptr: str, strides: tuple, unit: str, multiples: tuple) -> bool:
+    """`rows_vectorizable` from a launch's arguments (absent ones count as aligned)."""
+    t = named_args.get(ptr)
+    # A view's offset from its (aligned) storage, as rows_vectorizable: no data pointer, so fake tensors work.
+    if isinstance(t, torch.Tensor) and t.storage_offset() * t.element_size() % 16:
+        return False
+    if named_args.get(unit, 1) != 1:
+        return False
+    return all(named_args.get(name, 0) % 16 == 0 for name in strides + multiples)
 
 
 def _prune_tiles(configs, named_args, **kwargs):
@@ -467,6 +569,33 @@ def _prune_tiles(configs, named_args, **kwargs):
         elem_bytes = torch.empty((), dtype=x.dtype).element_size()
         kept = [c for c in kept if pipeline_smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                                        elem_bytes, c.num_stages, True) <= 96 * 1024]
+    if not (kwargs.get("HAS_IN_MAP") or kwargs.get("HAS_OUT_MAP")):
+        # The launch's register budget (`tile_fits_registers`); where no candidate fits, the fixed config, which
+        # shrinks its tile until it does. Arguments a caller leaves out count as aligned.
+        x = named_args.get("x_ptr")
+        elem_bytes = torch.empty((), dtype=x.dtype).element_size() if x is not None else 2
+        # The launch's arguments; a fused launch's segments 1 and 2 come as keywords.
+        args = {**named_args, **kwargs}
+        outs_aligned = all(_vector_args(args, f"out{i}_ptr", (f"son{i}", f"soh{i}", f"sow{i}"), f"soc{i}",
+                                        (f"c_out_{i}",)) for i in range(1, (kwargs.get("SEGMENTS") or 1)))
+        budget = dict(has_res=bool(kwargs.get("HAS_RES")), in_scale=bool(kwargs.get("HAS_IN_SCALE")),
+                      index64=bool(kwargs.get("INDEX64")), vector_a=not kwargs.get("FLAT_K") and _vector_args(
+                          named_args, "x_ptr", ("sxn", "sxh", "sxw"), "sxc", ("C_IN_G",)),
+                      vector_out=outs_aligned and _vector_args(named_args, "out_ptr", ("son", "soh", "sow"), "soc",
+                                                               ("C_OUT_G", "out_c_offset")) and (
+                          not kwargs.get("HAS_RES") or _vector_args(named_args, "res_ptr", ("srn", "srh", "srw"),
+                                                                    "src", ())))
+        fitting = [c for c in kept if tile_fits_registers(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                                          c.num_warps, elem_bytes, **budget)]
+        if not fitting and "N" in named_args:
+            m = named_args["N"] * named_args["OH"] * named_args["OW"]
+            cfg = dict(_block_config(m, c_out_g, c_in_g, kwargs.get("KH", 1) * kwargs.get("KW", 1), elem_bytes,
+                                     budget["in_scale"], 1, False, budget["has_res"], budget["vector_a"],
+                                     budget["vector_out"], budget["index64"]))
+            fitting = [triton.Config(dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                          GROUP_M=cfg["GROUP_M"]), num_warps=cfg["num_warps"],
+                                     num_stages=cfg["num_stages"])]
+        kept = fitting
     if kwargs.get("HAS_IN_MAP") or kwargs.get("HAS_OUT_MAP"):
         def fits(c):
             return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= MAPPED_TILE_ELEMENTS_PER_THREAD * 32 * c.num_warps
@@ -480,7 +609,8 @@ _conv_bn_act_autotuned = triton.autotune(
     configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
              for bm, bn, bk, w, st in GPU_TILES],
     key=["N", "H", "W", "C_IN_G", "OH", "OW", "C_OUT_G", "stride_h", "stride_w", "KH", "KW", "FLAT_K", "INDEX64",
-         "POOL", "IN_POOL", "IN_POOL_K", "SEGMENTS", "c_out_1", "c_out_2", "HAS_IN_MAP", "HAS_OUT_MAP"],
+         "POOL", "IN_POOL", "IN_POOL_K", "SEGMENTS", "c_out_1", "c_out_2", "HAS_IN_MAP", "HAS_OUT_MAP", "HAS_RES",
+         "HAS_IN_SCALE", "sxn", "sxh", "sxw", "son", "soh", "sow", "out_c_offset"],  # strides: the pruning's alignment
     prune_configs_by={"early_config_prune": _prune_tiles},
 )(_conv_bn_act_kernel) if AUTOTUNE else None
 
@@ -715,8 +845,13 @@ def _launch(x, segments, groups, m, oh, ow, stride, padding, dilation, act_code,
     first = segments[0]
     out = first.out
     index64 = needs_int64_indices(m, x, residual, *(t for s in segments for t in (s.weight, s.out)))
+    flat_k = c_in_g < FLAT_K_MAX_CHANNELS
+    vector_a = not flat_k and rows_vectorizable(x, c_in_g)
+    vector_out = all(rows_vectorizable(s.out, c, out_c_offset) for s, c in zip(segments, c_outs)) and \
+        rows_vectorizable(residual, c_outs[0])
     cfg = _block_config(m, max(c_outs), c_in_g, kh * kw, x.element_size(), input_scale is not None,
-                        input_pool[1] if input_pool[0] else 1, in_map is not None or out_map is not None)
+                        input_pool[1] if input_pool[0] else 1, in_map is not None or out_map is not None,
+                        residual is not None, vector_a, vector_out, index64)
 
     def channel_tiles(block_n):
         return sum(cdiv(c, block_n) for c in c_outs)

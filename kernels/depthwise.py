@@ -3,8 +3,8 @@
 Depthwise (`_depthwise_kernel`): a program owns BLOCK_P output pixels (n, oh, ow) x BLOCK_C
 output channels. Channels are the contiguous axis of NHWC, so consecutive lanes read
 consecutive channels of each tap; output channel c reads input channel c // MULT (the channel
-multiplier, C_out = MULT * C_in). The KH x KW taps are unrolled; a tap's offset from the
-pixel's base address is a scalar, so the per-pixel int64 base is computed once. The taps of
+multiplier, C_out = MULT * C_in). The KH x KW taps are a loop (see `_depthwise_taps`); a tap's
+offset from the pixel's base address is a scalar, so the per-pixel int64 base is computed once. The taps of
 neighbouring output pixels overlap, and are served by L1/L2 (Triton has no addressable shared
 memory; the CUDA C++ kernel stages the halo tile explicitly).
 
@@ -28,7 +28,8 @@ deterministic, no atomics, no zero fill.
 Both epilogues apply the conv bias and BatchNorm from the module's own tensors with
 kernels.conv's `_bias_batchnorm`, then the residual and the activation, and store into a
 channel slice of `out` (out_c_offset). Every tensor is addressed through its strides
-(logical NCHW shapes; any layout), with int64 per-pixel offsets.
+(logical NCHW shapes; any layout), with int64 per-pixel offsets in the depthwise kernel; the separable
+kernel's offsets are int32 unless the launcher asks for INDEX64 (a tensor's offsets reach 2^31).
 """
 import os
 from types import MappingProxyType
@@ -38,7 +39,7 @@ import triton.language as tl
 
 from . import INTERPRETED, cdiv, launchable, memoize_for_ints, pow2_clamp
 from .activation import apply_activation
-from .conv import _bias_batchnorm
+from .conv import INT32_MAX, MAX_BLOCK_M, _bias_batchnorm, _vector_args, _widen, needs_int64_indices, rows_vectorizable
 
 
 @triton.jit
@@ -47,19 +48,26 @@ def _depthwise_taps(x_ptr, w_ptr, x_pix, x_col, w_row, ih0, iw0, row_ok, col_ok,
     """The depthwise sum over the KH x KW taps for a tile of output pixels (rows) x channels, in
     float32: x_pix / ih0 / iw0 per pixel, x_col (input channel offset) and w_row (weight row) per
     channel. Taps outside the image read as zero padding. Shared by the depthwise kernel and the
-    separable kernel's A side."""
+    separable kernel's A side.
+
+    The taps are a loop, not unrolled: unrolled, each tap's row pointers and padding masks are
+    loop-invariant in the separable kernel's K loop and were hoisted out of it (KH * KW x rows per
+    thread of 64-bit pointers and predicates live across the loop), and ptxas issued every tap's
+    loads before the first FMA (KH * KW x the tile's elements per thread in flight): sm_90
+    compiles spilled 100-4000 bytes (a 5x5 fp32 depthwise tile, 3x3 separable tiles of 128 rows,
+    every gathered HAS_ORDER tile). A loop keeps one tap's pointers, masks and loads live."""
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    for t in range(KH * KW):
+        kh = t // KW
+        kw = t % KW
         ih = ih0 + kh * dil_h
-        ok_h = row_ok & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(KW):
-            iw = iw0 + kw * dil_w
-            ok = ok_h & (iw >= 0) & (iw < W)
-            tap = kh * dil_h * sxh + kw * dil_w * sxw
-            xv = tl.load(x_ptr + (x_pix + tap)[:, None] + x_col[None, :], mask=ok[:, None] & col_ok[None, :],
-                         other=0.0)
-            wv = tl.load(w_ptr + w_row + (kh * swh + kw * sww), mask=col_ok, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        iw = iw0 + kw * dil_w
+        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        tap = kh * dil_h * sxh + kw * dil_w * sxw
+        xv = tl.load(x_ptr + (x_pix + tap)[:, None] + x_col[None, :], mask=ok[:, None] & col_ok[None, :],
+                     other=0.0)
+        wv = tl.load(w_ptr + w_row + (kh * swh + kw * sww), mask=col_ok, other=0.0)
+        acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     return acc
 
 
@@ -146,8 +154,13 @@ def _separable_kernel(
     PW_HAS_BIAS: tl.constexpr, PW_HAS_BN: tl.constexpr, PW_HAS_GAMMA: tl.constexpr, PW_HAS_BETA: tl.constexpr,
     PW_ACT: tl.constexpr,
     HAS_ORDER: tl.constexpr, HAS_RES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INDEX64: tl.constexpr = False,
 ):
+    # INDEX64 (the launcher's choice, kernels.conv.needs_int64_indices): element offsets in int64; else
+    # int32, proven to fit. Pixel indices are int32 either way (the launcher refuses P + 256 >= 2^31).
+    # A thread holds up to BLOCK_M / num_warps pixel rows of a gathered A tile and of an unvectorised
+    # epilogue (channel slices whose pixel stride is not a multiple of 16): 64-bit offsets for every
+    # one of them spilled (sm_90 compiles).
     # N blocks of one M tile are neighbours in launch order: they recompute the same depthwise
     # tile from the same input pixels, which are then still in L2.
     pid = tl.program_id(0)
@@ -166,9 +179,9 @@ def _separable_kernel(
     nb = offs_m // (OW * OH)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    x_pix = nb.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+    x_pix = _widen(nb, INDEX64) * sxn + _widen(ih0, INDEX64) * sxh + _widen(iw0, INDEX64) * sxw
     oc = g * C_OUT_G + offs_n
-    pw_col = oc.to(tl.int64) * spo
+    pw_col = _widen(oc, INDEX64) * spo
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K_G, BLOCK_K):
@@ -177,11 +190,16 @@ def _separable_kernel(
         if HAS_ORDER:
             dwc = tl.load(order_ptr + (g * K_G + kk), mask=k_ok, other=0)
             idx_ok = (dwc >= 0) & (dwc < C_DW)
-            dwc = tl.where(idx_ok, dwc, 0)
+            dwc = tl.where(idx_ok, dwc, 0).to(tl.int32)
         else:
             dwc = g * K_G + kk                  # depthwise output channel it reads
-        x_col = (dwc // MULT).to(tl.int64) * sxc
-        dw_row = dwc.to(tl.int64) * sdo
+        x_col = _widen(dwc // MULT, INDEX64) * sxc
+        dw_row = _widen(dwc, INDEX64) * sdo
+        # The pointwise weight block is loaded first, so that its latency hides behind the taps. One
+        # int32 offset tensor is formed per step: a pointer tensor pw_w_ptr + pw_col[None, :] would be
+        # loop-invariant, hoisted, and hold BLOCK_K x BLOCK_N 64-bit pointers across the loop.
+        b = tl.load(pw_w_ptr + ((kk * spc)[:, None] + pw_col[None, :]), mask=k_ok[:, None] & mask_n[None, :],
+                    other=0.0)
 
         d = _depthwise_taps(x_ptr, dw_w_ptr, x_pix, x_col, dw_row, ih0, iw0, mask_m, k_ok, H, W, sxh, sxw, sdh, sdw,
                             dil_h, dil_w, KH, KW, BLOCK_M, BLOCK_K)
@@ -192,21 +210,19 @@ def _separable_kernel(
             d = tl.where(idx_ok[None, :], d, float("nan"))
         d = tl.where(k_ok[None, :], d, 0.0)
         a = d.to(pw_w_ptr.dtype.element_ty)     # rounded as the unfused sequence stores it
-        b = tl.load(pw_w_ptr + pw_col[None, :] + (kk * spc)[:, None], mask=k_ok[:, None] & mask_n[None, :],
-                    other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     acc = _bias_batchnorm(acc, oc, mask_n, pw_bias_ptr, pw_gamma_ptr, pw_beta_ptr, pw_mean_ptr, pw_var_ptr, pw_eps,
                           PW_HAS_BIAS, PW_HAS_BN, PW_HAS_GAMMA, PW_HAS_BETA)
     mask = mask_m[:, None] & mask_n[None, :]
-    nb64 = nb.to(tl.int64)
+    nb_w = _widen(nb, INDEX64)
     if HAS_RES:
-        r_pix = nb64 * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw
-        res = tl.load(res_ptr + r_pix[:, None] + (oc.to(tl.int64) * src)[None, :], mask=mask, other=0.0)
+        r_pix = nb_w * srn + _widen(oh, INDEX64) * srh + _widen(ow, INDEX64) * srw
+        res = tl.load(res_ptr + (r_pix[:, None] + (_widen(oc, INDEX64) * src)[None, :]), mask=mask, other=0.0)
         acc += res.to(tl.float32)
     acc = apply_activation(acc, PW_ACT, pw_slope)
-    o_pix = nb64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
-    o_ptrs = out_ptr + o_pix[:, None] + ((out_c_offset + oc).to(tl.int64) * soc)[None, :]
+    o_pix = nb_w * son + _widen(oh, INDEX64) * soh + _widen(ow, INDEX64) * sow
+    o_ptrs = out_ptr + (o_pix[:, None] + (_widen(out_c_offset + oc, INDEX64) * soc)[None, :])
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -255,7 +271,8 @@ _depthwise_autotuned = triton.autotune(
 # the host picks it before the launch (it sizes the (N, tiles, C) sums tensor) and the autotuner
 # varies only the channel block and the warps. On the GPU 64 pixels (32 for kernels over 3x3), at
 # most 8 along a row. Accumulators per thread stay at 16 (8 over 3x3): sm_90 compiles showed more
-# spill (a 5x5 tile of 16 per thread spilled 100-4000 bytes, 8 none).
+# spill (a 5x5 tile of 16 per thread spilled 100-4000 bytes, 8 none) while the taps were unrolled;
+# with the taps' loop these tiles use 48-75 registers, so larger ones may now fit (not re-tuned).
 POOL_GPU_TILE_PIXELS = 64
 POOL_GPU_TILE_MAX_W = 8
 DEPTHWISE_POOL_GPU_TILES = [(32, 4), (64, 8)]  # (BLOCK_C, warps)
@@ -308,63 +325,86 @@ _depthwise_pool_autotuned = triton.autotune(
 )(_depthwise_kernel) if AUTOTUNE else None
 
 
+def separable_fits_registers(block_m: int, block_n: int, warps: int, elem_bytes: int, gathered: bool) -> bool:
+    """Whether a separable tile compiles without register spills on sm_90 (Triton 3.8), by the rules its
+    compiles showed (the taps are a loop, so the depthwise side holds one tap at a time):
+      - float32 accumulators per thread (BLOCK_M * BLOCK_N / threads): at most 64 for 16-bit inputs, 32
+        for float32 ones (whose depthwise tile and pointwise weight block take twice the registers);
+      - a gathered A tile (HAS_ORDER: every element its own load and address, lanes along the channels,
+        so a thread holds BLOCK_M / num_warps pixel rows, each with its offset and padding state), or rows
+        that cannot load / store as 16-byte vectors (channel counts, slices or strides not multiples of 16:
+        ShuffleNet v2's 58-channel branches spilled 280-900 bytes at the plain budget): at most 8 rows
+        and 16 accumulators per thread. 128-row tiles at 4 warps spilled 400-600 bytes,
+        64 x 128 tiles 8-800 (the unvectorised epilogue of channel slices adds to them)."""
+    threads = 32 * warps
+    accumulators = block_m * block_n // threads
+    if gathered:
+        return block_m // warps <= 8 and accumulators <= 16
+    return accumulators <= (64 if elem_bytes <= 2 else 32)
+
+
 @memoize_for_ints
-def separable_block_config(m: int, c_out_g: int, k_g: int, elem_bytes: int = 2, taps: int = 9) -> MappingProxyType:
-    """The fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) config of the separable kernel;
-    on the GPU pipelined (2 stages) where that fits 92 KiB of shared memory (sm_86 / sm_89 allow 99)."""
+def separable_block_config(m: int, c_out_g: int, k_g: int, elem_bytes: int = 2, taps: int = 9,
+                           gathered: bool = False) -> MappingProxyType:
+    """The fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) config of the separable kernel: on the GPU
+    64 pixel rows, the group's output channels up to 128 (64 for a gathered A tile, HAS_ORDER), and the
+    warps that keep it within separable_fits_registers. `taps` is kept for callers; the taps are a
+    loop, so the config no longer depends on them. Not pipelined (num_stages=1): a K loop with a loop
+    inside it is not software-pipelined by Triton 3.8; the pointwise weight block is loaded before the
+    taps instead, which hides its latency."""
     if INTERPRETED:
         return MappingProxyType(dict(BLOCK_M=pow2_clamp(m, 16, 256), BLOCK_N=pow2_clamp(c_out_g, 16, 256),
                                      BLOCK_K=pow2_clamp(k_g, 16, 128), num_warps=4, num_stages=1))
-    block_n, block_k = pow2_clamp(c_out_g, 16, 128), pow2_clamp(k_g, 16, 32)
-    stages = 2 if separable_smem_bytes(64, block_n, block_k, taps, elem_bytes, 2) <= 92 * 1024 else 1
-    return MappingProxyType(dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages))
-
-
-def separable_smem_bytes(block_m: int, block_n: int, block_k: int, taps: int, elem_bytes: int, stages: int) -> int:
-    """The shared memory of a separable config, modelled on what Triton 3.8 compiles for sm_90
-    (within 5% on the autotuner's tiles): the software pipeliner keeps stages - 1 copies of
-    every tap's input block in flight, and each stage the dot's two operand blocks."""
-    return ((stages - 1) * taps * block_m * block_k + stages * (block_m + block_n) * block_k) * elem_bytes
+    block_n, block_k = pow2_clamp(c_out_g, 16, 64 if gathered else 128), pow2_clamp(k_g, 16, 32)
+    warps = 4
+    while not separable_fits_registers(64, block_n, warps, elem_bytes, gathered):
+        warps *= 2
+    return MappingProxyType(dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1))
 
 
 # GPU candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). BLOCK_N covers MobileNet's narrow
-# projections (16..320 channels) in one to three blocks, each recomputing the depthwise tile.
+# projections (16..320 channels) in one to three blocks, each recomputing the depthwise tile. The
+# 8-warp 64-row tiles are what gathered (HAS_ORDER) launches keep (separable_fits_registers). One stage:
+# the K loop holds the taps' loop, and Triton does not pipeline it.
 SEPARABLE_GPU_TILES = [
-    (64, 32, 32, 4, 2), (64, 64, 32, 4, 2), (128, 32, 32, 4, 2), (128, 64, 32, 4, 2), (64, 128, 32, 4, 2),
-    (128, 128, 32, 8, 2), (32, 64, 64, 4, 2), (64, 64, 64, 4, 2), (128, 16, 32, 4, 2), (256, 16, 32, 8, 2),
-    (256, 64, 32, 8, 2),
+    (64, 32, 32, 4, 1), (64, 64, 32, 4, 1), (128, 32, 32, 4, 1), (128, 64, 32, 4, 1), (64, 128, 32, 4, 1),
+    (128, 128, 32, 8, 1), (32, 64, 64, 4, 1), (64, 64, 64, 4, 1), (128, 16, 32, 4, 1), (256, 16, 32, 8, 1),
+    (256, 64, 32, 8, 1), (64, 32, 32, 8, 1), (64, 64, 32, 8, 1), (64, 64, 16, 8, 1),
 ]
 
 
-# Shared memory the autotuner's candidates may ask for (the H100's 227 KiB less headroom; on smaller
-# cards the autotuner skips candidates that do not fit).
-SMEM_BUDGET = 200 * 1024
+def _separable_rows_aligned(named_args, has_res) -> bool:
+    """Whether the input, the output (and the residual) rows load / store as 16-byte vectors, from a launch's
+    arguments (kernels.conv's _vector_args; absent ones count as aligned)."""
+    return (_vector_args(named_args, "x_ptr", ("sxn", "sxh", "sxw"), "sxc", ("C_DW",))
+            and _vector_args(named_args, "out_ptr", ("son", "soh", "sow"), "soc", ("C_OUT_G", "out_c_offset"))
+            and (not has_res or _vector_args(named_args, "res_ptr", ("srn", "srh", "srw"), "src", ())))
 
 
 def _prune_separable(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem; unpipeline (num_stages=1) tiles whose staged taps
-    would not fit shared memory (a 7x7 kernel stages 49 input blocks per K step)."""
+    """Drop tiles far larger than the problem, and tiles that would spill registers
+    (separable_fits_registers: the input's element size, and whether HAS_ORDER gathers the A tile)."""
     n_cap = pow2_clamp(named_args["C_OUT_G"], 16, 256)
     k_cap = pow2_clamp(named_args["K_G"], 16, 64)
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap] or configs[:1]
     x = named_args.get("x_ptr")
     elem = x.element_size() if hasattr(x, "element_size") else 2
-    taps = kwargs.get("KH", 3) * kwargs.get("KW", 3)
-    out, seen = [], set()
-    for c in kept:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        stages = c.num_stages if separable_smem_bytes(bm, bn, bk, taps, elem, c.num_stages) <= SMEM_BUDGET else 1
-        if (bm, bn, bk, c.num_warps, stages) not in seen:
-            seen.add((bm, bn, bk, c.num_warps, stages))
-            out.append(c if stages == c.num_stages else triton.Config(dict(c.kwargs), num_warps=c.num_warps,
-                                                                      num_stages=stages))
-    return out
+    gathered = bool(kwargs.get("HAS_ORDER", False)) or not _separable_rows_aligned(named_args, kwargs.get("HAS_RES"))
+    fits = [c for c in kept
+            if separable_fits_registers(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, elem, gathered)]
+    if fits:
+        return fits
+    # Every kept tile is too big for this launch: the fixed config for the largest kept tile's N.
+    cfg = dict(separable_block_config(64, max(c.kwargs["BLOCK_N"] for c in kept), 32, elem, 9, gathered))
+    return [triton.Config(dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=min(32, k_cap)),
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])]
 
 
 _separable_autotuned = triton.autotune(
     configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
              for bm, bn, bk, w, st in SEPARABLE_GPU_TILES],
-    key=["P", "H", "W", "OH", "OW", "C_DW", "K_G", "C_OUT_G", "stride_h", "stride_w", "KH", "KW", "MULT"],
+    key=["P", "H", "W", "OH", "OW", "C_DW", "K_G", "C_OUT_G", "stride_h", "stride_w", "KH", "KW", "MULT", "HAS_ORDER",
+         "HAS_RES", "sxn", "sxh", "sxw", "son", "soh", "sow", "out_c_offset"],  # strides: the pruning's alignment
     prune_configs_by={"early_config_prune": _prune_separable},
 )(_separable_kernel) if AUTOTUNE else None
 
@@ -447,15 +487,23 @@ def separable_conv_bn_act_into(x, dw_weight, dw_bias, dw_bn_weight, dw_bn_bias, 
     if p == 0 or c_out == 0:
         return out
     k_g, c_out_g = c_dw // pw_groups, c_out // pw_groups
+    if p + MAX_BLOCK_M > INT32_MAX:
+        raise ValueError(f"separable conv: {n} x {oh} x {ow} = {p} output pixels is too many for the Triton kernel, "
+                         f"which indexes pixels in int32 (at most {INT32_MAX - MAX_BLOCK_M}); split the batch")
     if AUTOTUNE:
         kernel, cfg = _separable_autotuned, {}
 
         def grid(meta):
             return (cdiv(p, meta["BLOCK_M"]) * cdiv(c_out_g, meta["BLOCK_N"]), pw_groups)
     else:
-        kernel, cfg = _separable_kernel, separable_block_config(p, c_out_g, k_g, x.element_size(), kh * kw)
+        # Positional: tests replace the function with a lambda taking *args.
+        aligned = (rows_vectorizable(x, c_in) and rows_vectorizable(out, c_out, out_c_offset)
+                   and rows_vectorizable(residual, c_out))
+        kernel, cfg = _separable_kernel, separable_block_config(p, c_out_g, k_g, x.element_size(), kh * kw,
+                                                                channel_order is not None or not aligned)
         grid = (cdiv(p, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), pw_groups)
     res = residual if residual is not None else out
+    index64 = needs_int64_indices(p, x, dw_weight, pw_weight, res, out)
     dw_vectors = [t if t is not None else out for t in (dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean, dw_bn_var)]
     pw_vectors = [t if t is not None else out for t in (pw_bias, pw_bn_weight, pw_bn_bias, pw_bn_mean, pw_bn_var)]
     order = channel_order if channel_order is not None else out
@@ -472,6 +520,7 @@ def separable_conv_bn_act_into(x, dw_weight, dw_bias, dw_bn_weight, dw_bn_bias, 
         float(dw_eps), float(dw_slope), float(pw_eps), float(pw_slope),
         KH=kh, KW=kw, MULT=c_dw // c_in, DW_ACT=dw_act, PW_ACT=pw_act,
         HAS_ORDER=channel_order is not None, HAS_RES=residual is not None, INPUT_PRECISION=input_precision,
+        INDEX64=index64,
         **_bn_flags("DW_", dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean),
         **_bn_flags("PW_", pw_bias, pw_bn_weight, pw_bn_bias, pw_bn_mean), **cfg,
     )

@@ -44,60 +44,75 @@ def _window_pool_kernel(
 ):
     # MODE: 0 max, 1 avg, 2 adaptive avg. Rows: output pixels (n, oh, ow) flattened,
     # P = N*OH*OW. Columns: channels (contiguous in NHWC, so loads and stores coalesce).
-    # INDEX64 (the launcher's choice): pixel indices and offsets in int64; else int32, proven
-    # safe by the launcher (P + BLOCK_P and every tensor's largest offset below 2^31).
+    # INDEX64 (the launcher's choice): the block's first pixel index and the element offsets in int64;
+    # else int32, proven safe by the launcher (P + BLOCK_P and every tensor's largest offset below 2^31).
     # Channel c of the result goes to channel out_c_offset + c of `out` (a concatenation's slice).
-    offs_p = _widen(tl.program_id(0), INDEX64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # The block's first pixel is split into (image, pixel within it) once, as scalars (in int64 where
+    # P may pass 2^31); each row then needs only int32 arithmetic: OH * OW + BLOCK_P < 2^31 (the
+    # launcher checks). Per-row 64-bit divisions cost registers and code for every row a thread holds.
+    block_start = _widen(tl.program_id(0), INDEX64) * BLOCK_P
+    image0 = block_start // (OH * OW)
+    q = (block_start - image0 * (OH * OW)).to(tl.int32) + tl.arange(0, BLOCK_P)
+    mask_p = block_start + tl.arange(0, BLOCK_P) < P
     offs_c = _widen(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX64)
-    mask_p = offs_p < P
     mask_c = offs_c < C
-    ow = offs_p % OW
-    oh = (offs_p // OW) % OH
-    nb = offs_p // (OW * OH)
+    nb = image0.to(tl.int32) + q // (OH * OW)
+    q = q % (OH * OW)
+    oh = q // OW
+    ow = q % OW
 
     if MODE == 2:
         # torch's bins, in int64: oh * H can pass 2^31 for tensors far smaller (H = OH = 46341).
-        h0 = (oh.to(tl.int64) * H) // OH
-        h1 = ((oh.to(tl.int64) + 1) * H + OH - 1) // OH
-        w0 = (ow.to(tl.int64) * W) // OW
-        w1 = ((ow.to(tl.int64) + 1) * W + OW - 1) // OW
+        h0 = ((oh.to(tl.int64) * H) // OH).to(tl.int32)
+        h1 = (((oh.to(tl.int64) + 1) * H + OH - 1) // OH).to(tl.int32)
+        w0 = ((ow.to(tl.int64) * W) // OW).to(tl.int32)
+        w1 = (((ow.to(tl.int64) + 1) * W + OW - 1) // OW).to(tl.int32)
     else:
         h0 = oh * stride_h - pad_h
         w0 = ow * stride_w - pad_w
         # The window ends at the padded border (reached only with ceil_mode).
         h1 = tl.minimum(h0 + KH, H + pad_h)
         w1 = tl.minimum(w0 + KW, W + pad_w)
+    if MODE != 0:
+        if MODE == 1 and not COUNT_INCLUDE_PAD:
+            count = (tl.minimum(h1, H) - tl.maximum(h0, 0)) * (tl.minimum(w1, W) - tl.maximum(w0, 0))
+        else:
+            count = (h1 - h0) * (w1 - w0)
+        count = count.to(tl.float32)  # the divisor, as torch divides by it
 
-    x_row = nb.to(tl.int64) * sxn
+    # What a thread keeps per pixel row across the window loop (a thread may hold 16 rows where the
+    # channels do not vectorise; the per-row window state and 64-bit offsets of all of them spilled on
+    # sm_90): the window's top-left offset, the range of window rows / columns inside the image (and
+    # inside the window; empty for rows past P), and the output offset.
+    x_win = _widen(nb, INDEX64) * sxn + _widen(h0, INDEX64) * sxh + _widen(w0, INDEX64) * sxw
+    kh_lo = -h0
+    kh_hi = tl.where(mask_p, tl.minimum(h1, H) - h0, 0)
+    kw_lo = -w0
+    kw_hi = tl.minimum(w1, W) - w0
+    o_row = _widen(nb, INDEX64) * son + _widen(oh, INDEX64) * soh + _widen(ow, INDEX64) * sow
     x_col = offs_c * sxc
     if MODE == 0:
         acc = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
     else:
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for kh in range(KH):
-        ih = h0 + kh
-        ok_h = mask_p & (ih >= 0) & (ih < H) & (ih < h1)
-        for kw in range(KW):
-            iw = w0 + kw
-            ok = ok_h & (iw >= 0) & (iw < W) & (iw < w1)
-            ptrs = x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + x_col[None, :]
-            m = ok[:, None] & mask_c[None, :]
-            if MODE == 0:
-                v = tl.load(ptrs, mask=m, other=float("-inf")).to(tl.float32)
-                # v != v: a NaN is taken and then kept (nothing compares greater).
-                acc = tl.where((v > acc) | (v != v), v, acc)
-            else:
-                acc += tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+    # One loop over the window's taps (not unrolled): a thread holds one tap's loads at a time.
+    for t in range(KH * KW):
+        kh = t // KW
+        kw = t % KW
+        ok = (kh >= kh_lo) & (kh < kh_hi) & (kw >= kw_lo) & (kw < kw_hi)
+        ptrs = x_ptr + (x_win + (_widen(kh, INDEX64) * sxh + _widen(kw, INDEX64) * sxw))[:, None] + x_col[None, :]
+        m = ok[:, None] & mask_c[None, :]
+        if MODE == 0:
+            v = tl.load(ptrs, mask=m, other=float("-inf")).to(tl.float32)
+            # v != v: a NaN is taken and then kept (nothing compares greater).
+            acc = tl.where((v > acc) | (v != v), v, acc)
+        else:
+            acc += tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
 
     if MODE != 0:
-        if MODE == 1 and not COUNT_INCLUDE_PAD:
-            h0 = tl.maximum(h0, 0)
-            w0 = tl.maximum(w0, 0)
-            h1 = tl.minimum(h1, H)
-            w1 = tl.minimum(w1, W)
-        acc = acc / ((h1 - h0) * (w1 - w0)).to(tl.float32)[:, None]
+        acc = acc / count[:, None]
 
-    o_ptrs = out_ptr + (nb.to(tl.int64) * son + oh * soh + ow * sow)[:, None] + ((out_c_offset + offs_c) * soc)[None, :]
+    o_ptrs = out_ptr + o_row[:, None] + ((out_c_offset + offs_c) * soc)[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
@@ -141,7 +156,10 @@ def _tile(rows: int, channels: int) -> tuple[int, int]:
     return 2048 // block_c, block_c
 
 
-_NUM_WARPS = 4
+# 8 warps: where the channels do not vectorise (a channel count or pixel stride not a multiple of 16
+# bytes), lanes run along the channels and a thread holds BLOCK_P / (warps along the pixels) rows, each
+# with its window state and offsets; at 4 warps (16 rows a thread) the 64-bit-index variants spilled.
+_NUM_WARPS = 8
 
 
 def _index64(rows: int, block_rows: int, *tensors) -> bool:
@@ -156,6 +174,9 @@ def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=F
     if p * c == 0:
         return out
     block_p, block_c = _tile(p, c)
+    if oh * ow + block_p > INT32_MAX:
+        raise ValueError(f"pooling: an output image of {oh} x {ow} pixels is too large for the Triton kernel, "
+                         f"which indexes the pixels of one image in int32 (at most {INT32_MAX - block_p})")
     if cdiv(c, block_c) > MAX_GRID_Y:
         # Channel blocks are the grid's second axis: launches over channel slices (views).
         step = MAX_GRID_Y * block_c

@@ -378,8 +378,9 @@ def test_gpu_opcheck_and_inductor_trace_the_triton_op():
 
 
 def test_autotune_prunes_tiles_larger_than_the_problem():
-    # The GPU autotuner's candidate list (not run on CPU): tiles wider than the layer are dropped,
-    # and at least one tile always survives.
+    # The GPU autotuner's candidate list (not run on CPU): tiles wider than the layer are dropped, and
+    # tiles past the register budget (`tile_fits_registers`: the flattened K loop gathers A and the weight
+    # element by element), and at least one tile always survives.
     import triton
 
     from fastbone.kernels import conv as kc
@@ -391,5 +392,35 @@ def test_autotune_prunes_tiles_larger_than_the_problem():
     wide = kc._prune_tiles(configs, dict(C_OUT_G=512, C_IN_G=512), KH=1, KW=1, FLAT_K=False)
     assert len(wide) == len(configs)
     stem = kc._prune_tiles(configs, dict(C_OUT_G=64, C_IN_G=3), KH=7, KW=7, FLAT_K=True)
-    assert stem and all(c.kwargs["BLOCK_N"] <= 64 for c in stem) and any(c.kwargs["BLOCK_K"] == 64 for c in stem)
+    assert stem and all(c.kwargs["BLOCK_N"] <= 64 for c in stem)
+    assert all(kc.tile_fits_registers(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, 2,
+                                      vector_a=False) for c in stem)
+    assert len(stem) < len([c for c in configs if c.kwargs["BLOCK_N"] <= 64])  # the budget dropped some
     assert kc._prune_tiles(configs, dict(C_OUT_G=1, C_IN_G=1), KH=1, KW=1, FLAT_K=False)
+
+
+def test_register_budget_shapes_the_fixed_tile():
+    # The fixed GPU config shrinks a tile until `tile_fits_registers` holds: a residual, unaligned rows
+    # (element-by-element access) and 64-bit indices each cost registers, and the result stays a tile of at
+    # least 64 rows that a tensor-core dot takes.
+    from fastbone.kernels import conv as kc
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(kc, "INTERPRETED", False)  # the GPU branch (uncached: __wrapped__)
+    try:
+        def tile(*flags):  # ResNet-50's 3x3 at batch 32, float16: (has_res, vector_a, vector_out, index64)
+            return dict(kc._block_config.__wrapped__(32 * 56 * 56, 64, 64, 9, 2, False, 1, False, *flags))
+
+        def fits(cfg, has_res, vector_a, vector_out, index64):
+            return kc.tile_fits_registers(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], 2,
+                                          has_res=has_res, vector_a=vector_a, vector_out=vector_out, index64=index64)
+
+        plain = tile(False, True, True, False)
+        for flags in ((True, True, True, False), (False, False, False, False), (True, True, True, True)):
+            cfg = tile(*flags)
+            assert fits(cfg, *flags) and cfg["BLOCK_M"] >= 64 and cfg["BLOCK_N"] >= 16 and cfg["BLOCK_K"] >= 16, flags
+            assert cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * cfg["num_warps"]) <= \
+                plain["BLOCK_M"] * plain["BLOCK_N"] * plain["BLOCK_K"] // (32 * plain["num_warps"]), flags
+        assert not fits(plain, True, True, True, True)  # 64-bit indices with a residual: the plain tile would spill
+    finally:
+        monkeypatch.undo()

@@ -287,11 +287,15 @@ def test_autotuner_sizes_the_fused_launch_by_its_widest_segment():
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
                for bm, bn, bk, w, s in triton_conv.GPU_TILES]
     narrow = triton_conv._prune_tiles(configs, dict(C_OUT_G=32, C_IN_G=64), KH=1, KW=1, FLAT_K=False, SEGMENTS=1)
+    # (Channel counts that are multiples of 16: others store element by element, within a smaller register budget.)
     fused = triton_conv._prune_tiles(configs, dict(C_OUT_G=32, C_IN_G=64), KH=1, KW=1, FLAT_K=False, SEGMENTS=3,
-                                     c_out_1=200, c_out_2=8)
+                                     c_out_1=208, c_out_2=16)
     assert max(c.kwargs["BLOCK_N"] for c in narrow) == 32
     assert max(c.kwargs["BLOCK_N"] for c in fused) == 128
     assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128 for c in fused)
+    unaligned = triton_conv._prune_tiles(configs, dict(C_OUT_G=32, C_IN_G=64), KH=1, KW=1, FLAT_K=False, SEGMENTS=3,
+                                         c_out_1=200, c_out_2=8)
+    assert unaligned and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 16 * 32 * c.num_warps for c in unaligned)
 
 
 def test_64bit_indices_and_batch_split_give_the_same_numbers(monkeypatch):

@@ -132,6 +132,14 @@ NHWC_DIVISIBLE = ("sxn", "sxh", "sxw", "swo", "swh", "sww", "srn", "srh", "srw",
                   "C_OUT_G", "out_c_offset")
 
 
+def nhwc_divisible(c_in: int, c_out: int) -> tuple:
+    """The conv's int arguments Triton's launcher marks divisible by 16 for contiguous NHWC tensors: x's and the
+    weight's strides with C_in a multiple of 16, the output's and the residual's with C_out one."""
+    ins = ("sxn", "sxh", "sxw", "swo", "swh", "sww", "C_IN_G") if c_in % 16 == 0 else ()
+    outs = ("srn", "srh", "srw", "son", "soh", "sow", "C_OUT_G", "out_c_offset") if c_out % 16 == 0 else ()
+    return ins + outs
+
+
 # The epilogue as a model runs it: conv bias and BatchNorm (gamma, beta, running statistics), the
 # per-channel tensors in the model's dtype.
 BN_FLAGS = dict(HAS_BIAS=True, HAS_BN=True, HAS_GAMMA=True, HAS_BETA=True)
@@ -152,7 +160,10 @@ def conv_cases():
         for m, c_out, c_in, k in problems:
             acts = ACTIVATIONS.values() if (dtype == torch.float16 and k == 3 and c_in == 64) else [1]
             for act in acts:
-                cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8))
+                # The fixed config as the launcher asks for it: a residual, rows vectorisable where the
+                # channel counts are multiples of 16 (kernels/conv.py: rows_vectorizable).
+                cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8, False, 1, False, True,
+                                            c_in % 16 == 0, c_out % 16 == 0, False))
                 launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 precision = "tf32" if dtype == torch.float32 else "ieee"
                 cases.append((f"conv {dtype} M={m} Cout={c_out} Cin={c_in} k={k} act={act}", kc._conv_bn_act_kernel,
@@ -161,12 +172,13 @@ def conv_cases():
                                    constexprs=dict(KH=k, KW=k, ACT=act, HAS_RES=True, INPUT_PRECISION=precision,
                                                    HAS_IN_SCALE=False,  # scaled: EfficientNet's model cases
                                                    **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg, INDEX64=False),
-                                   floats=("eps", "slope"), divisible_by_16=NHWC_DIVISIBLE if c_in % 16 == 0 else (),
+                                   floats=("eps", "slope"), divisible_by_16=nhwc_divisible(c_in, c_out),
                                    **launch)))
     # The max pool in the epilogue (VGG's and DarkNet's conv closing a stage: 2x2 / 2): both K loops.
     for dtype in (torch.float32, torch.float16):
         for m, c_out, c_in, k in ((32 * 56 * 56, 128, 128, 3), (32 * 112 * 112, 32, 3, 3)):
-            cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8))
+            cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8, False, 1, False, False,
+                                        c_in % 16 == 0, c_out % 16 == 0, False))
             launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
             cases.append((f"pooled conv {dtype} M={m} Cout={c_out} Cin={c_in} k={k}", kc._conv_bn_act_kernel,
                           dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype,
@@ -174,12 +186,13 @@ def conv_cases():
                                constexprs=dict(KH=k, KW=k, ACT=1, HAS_RES=False, HAS_IN_SCALE=False, POOL=2,
                                                INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                                                **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg, INDEX64=False),
-                               floats=("eps", "slope"), divisible_by_16=NHWC_DIVISIBLE if c_in % 16 == 0 else (),
+                               floats=("eps", "slope"), divisible_by_16=nhwc_divisible(c_in, c_out),
                                **launch)))
     # The 64-bit index variant (tensors past 2^31 elements, N*OH*OW past 2^31): both K loops.
     for dtype in (torch.float32, torch.float16):
         for m, c_out, c_in, k in problems[:2]:
-            cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8))
+            cfg = dict(kc._block_config(m, c_out, c_in, k * k, torch.finfo(dtype).bits // 8, False, 1, False, True,
+                                        c_in % 16 == 0, c_out % 16 == 0, True))
             launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
             cases.append((f"int64-index conv {dtype} Cout={c_out} Cin={c_in} k={k}", kc._conv_bn_act_kernel,
                           dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype, scale_ptr=torch.float32,
@@ -187,11 +200,17 @@ def conv_cases():
                                constexprs=dict(KH=k, KW=k, ACT=1, HAS_RES=True, HAS_IN_SCALE=False,
                                                INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                                                **BN_FLAGS, **NHWC_UNIT_STRIDES, **cfg, INDEX64=True),
-                               floats=("eps", "slope"), **launch)))
-    # Every autotuner tile, on a shape none of them is pruned for; the autotuner skips tiles that
+                               floats=("eps", "slope"), divisible_by_16=nhwc_divisible(c_in, c_out), **launch)))
+    # Every autotuner tile its pruning keeps for a wide layer (all of them in float16; in float32 the register
+    # budget, kernels/conv.py: tile_fits_registers, drops the 128 x 128 ones); the autotuner skips tiles that
     # do not fit a smaller card, so the bound here is the H100's 227 KiB.
     for dtype in (torch.float32, torch.float16):
-        for bm, bn, bk, warps, stages in kc.GPU_TILES:
+        kept = kc._prune_tiles([triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+                                for bm, bn, bk, w, st in kc.GPU_TILES],
+                               dict(C_OUT_G=256, C_IN_G=256, x_ptr=torch.empty((), dtype=dtype)), KH=3, KW=3,
+                               FLAT_K=False)
+        for bm, bn, bk, warps, stages in [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                           c.num_stages) for c in kept]:
             cases.append((f"conv autotune tile {dtype} {bm}x{bn}x{bk} w{warps} s{stages}", kc._conv_bn_act_kernel,
                           dict(pointers=dict(x_ptr=dtype, w_ptr=dtype, res_ptr=dtype, out_ptr=dtype, scale_ptr=torch.float32,
                                              **bn_pointers(dtype)),
@@ -338,7 +357,7 @@ def depthwise_cases():
             acts = ACTIVATIONS.values() if (dtype == torch.float16 and c_dw == 144) else [0]
             for act in acts:
                 cfg = dict(kd.separable_block_config(m, c_out // groups, c_dw // groups,
-                                                     torch.finfo(dtype).bits // 8, k * k))
+                                                     torch.finfo(dtype).bits // 8, k * k, groups > 1))
                 launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 sep_case(f"separable {dtype} M={m} Cdw={c_dw} Cout={c_out} k={k} g={groups} act={act}", dtype, c_dw,
                          c_out, k, groups, relu6 if act == 0 else act, act, cfg, launch, order=groups > 1)
@@ -425,6 +444,10 @@ MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 EPILOGUE_ONLY = ("ACT", "HAS_BIAS", "HAS_BN", "HAS_GAMMA", "HAS_BETA", "KH", "KW")
 
 
+SPATIAL_ARGS = {"N", "H", "W", "OH", "OW", "M", "P", "TILES", "TILES_W", "pooled_h", "pooled_w", "stride_h", "stride_w", "pad_h", "pad_w",
+                "dil_h", "dil_w"}
+
+
 def structure_key(fn, spec: dict) -> tuple:
     declared = {p.name for p in fn.params if p.is_constexpr}
     flags = []
@@ -433,7 +456,13 @@ def structure_key(fn, spec: dict) -> tuple:
         if name in declared and name.removeprefix("DW_").removeprefix("PW_") not in EPILOGUE_ONLY:
             flags.append((name, repr(value)))
     pointers = tuple(sorted({t for t in spec["signature"].values() if t.startswith("*")}))
-    return fn.__name__, pointers, tuple(sorted(flags)), spec["num_warps"], spec["num_stages"]
+    # Which strides and channel counts the launcher specialised as multiples of 16: an unaligned launch
+    # (channel counts such as mobilenetv1_125's 40 and 80) gets scalar loads and other registers than an
+    # aligned one. Image sizes and conv geometry (SPATIAL_ARGS) only mask rows: not part of the key.
+    divisible = tuple(sorted(name for name in (fn.arg_names[path[0]] for path, attrs in spec["attrs"].items()
+                                               if any(a[0] == "tt.divisibility" for a in attrs))
+                             if spec["signature"].get(name, "").startswith("i") and name not in SPATIAL_ARGS))
+    return fn.__name__, pointers, tuple(sorted(flags)), spec["num_warps"], spec["num_stages"], divisible
 
 
 def _window(fn, spec: dict) -> int:
@@ -478,13 +507,13 @@ def model_cases(arch: int, models=None) -> list:
 
 def case_name(fn, spec: dict) -> str:
     """A model case's name, without where it came from: what KNOWN spill lists in the test match."""
-    name, pointers, flags, warps, stages = structure_key(fn, spec)
+    name, pointers, flags, warps, stages, divisible = structure_key(fn, spec)
     order = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_C", "BLOCK_HW")
     named = dict(flags)
     blocks = "x".join(named[k] for k in order if k in named)
     rest = " ".join(f"{k}={v}" for k, v in flags if not k.startswith("BLOCK"))
     dtype = spec["signature"][fn.arg_names[0]].lstrip("*")
-    return f"model {name.strip('_')} {dtype} {blocks} w{warps} s{stages} {rest}"
+    return f"model {name.strip('_')} {dtype} {blocks} w{warps} s{stages} {rest} div16={len(divisible)}"
 
 
 def hand_spec(fn, *, pointers: dict, constexprs: dict, floats=(), num_warps=4, num_stages=3,
