@@ -275,11 +275,13 @@ _depthwise_autotuned = triton.autotune(
 # with the taps' loop these tiles use 48-75 registers, so larger ones may now fit (not re-tuned).
 POOL_GPU_TILE_PIXELS = 64
 POOL_GPU_TILE_MAX_W = 8
-DEPTHWISE_POOL_GPU_TILES = [(32, 4), (64, 8)]  # (BLOCK_C, warps)
+DEPTHWISE_POOL_GPU_TILES = [(32, 4), (64, 8), (32, 8)]  # (BLOCK_C, warps)
 
 
-def _pool_accumulators_cap(taps: int) -> int:
-    return 16 if taps <= 9 else 8
+def _pool_accumulators_cap(taps: int, aligned: bool = True) -> int:
+    """Accumulators per thread of the pooled kernel; half where rows do not load / store as 16-byte vectors
+    (each element its own access: EfficientNet-B3's 3x3 layers at 64 x 64 on 8 warps spilled 8 bytes)."""
+    return (16 if taps <= 9 else 8) // (1 if aligned else 2)
 
 
 @memoize_for_ints
@@ -295,19 +297,25 @@ def depthwise_pool_tile(oh: int, ow: int, c_out: int, taps: int = 9) -> tuple[in
 
 
 @memoize_for_ints
-def depthwise_pool_block_config(block_p: int, c_out: int, taps: int) -> MappingProxyType:
-    """The pooled kernel's fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) channel block and warps."""
+def depthwise_pool_block_config(block_p: int, c_out: int, taps: int, aligned: bool = True) -> MappingProxyType:
+    """The pooled kernel's fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) channel block and warps: up to 8
+    warps, then a narrower channel block, until the accumulators per thread fit _pool_accumulators_cap."""
     if INTERPRETED:
         return MappingProxyType(dict(BLOCK_C=pow2_clamp(c_out, 1, 256), num_warps=4))
+    cap = _pool_accumulators_cap(taps, aligned)
     block_c = pow2_clamp(c_out, 8, 64)
-    warps = max(4, min(8, block_p * block_c // (32 * _pool_accumulators_cap(taps))))
+    while block_c > 8 and block_p * block_c > cap * 32 * 8:
+        block_c //= 2
+    warps = max(4, min(8, block_p * block_c // (32 * cap)))
     return MappingProxyType(dict(BLOCK_C=block_c, num_warps=warps))
 
 
 def _prune_depthwise_pool(configs, named_args, **kwargs):
     """_prune_depthwise's channel cap, then at most _pool_accumulators_cap accumulators per thread."""
     kept = _prune_depthwise(configs, named_args, **kwargs)
-    cap = _pool_accumulators_cap(kwargs.get("KH", 3) * kwargs.get("KW", 3))
+    aligned = _vector_args(named_args, "x_ptr", ("sxn", "sxh", "sxw"), "sxc", ()) and _vector_args(
+        named_args, "out_ptr", ("son", "soh", "sow"), "soc", ("C_OUT", "out_c_offset"))
+    cap = _pool_accumulators_cap(kwargs.get("KH", 3) * kwargs.get("KW", 3), aligned)
     block_p = kwargs.get("BLOCK_P", POOL_GPU_TILE_PIXELS)
     fits = [c for c in kept if block_p * c.kwargs["BLOCK_C"] <= cap * 32 * c.num_warps]
     return fits or kept[:1]
@@ -320,7 +328,8 @@ def pool_tiles(oh: int, ow: int, tile_h: int, tile_w: int) -> int:
 
 _depthwise_pool_autotuned = triton.autotune(
     configs=[triton.Config(dict(BLOCK_C=bc), num_warps=w) for bc, w in DEPTHWISE_POOL_GPU_TILES],
-    key=["H", "W", "OH", "OW", "C_OUT", "stride_h", "stride_w", "KH", "KW", "MULT", "BLOCK_P", "TILE_W"],
+    key=["H", "W", "OH", "OW", "C_OUT", "stride_h", "stride_w", "KH", "KW", "MULT", "BLOCK_P", "TILE_W", "sxn", "sxh",
+         "sxw", "son", "soh", "sow", "out_c_offset"],  # strides: the pruning's alignment
     prune_configs_by={"early_config_prune": _prune_depthwise_pool},
 )(_depthwise_kernel) if AUTOTUNE else None
 
@@ -442,7 +451,8 @@ def depthwise_conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_
             def grid(meta):
                 return (n * tiles, cdiv(c_out, meta["BLOCK_C"]))
         else:
-            kernel, cfg = _depthwise_kernel, dict(depthwise_pool_block_config(block_p, c_out, kh * kw),
+            aligned = rows_vectorizable(x, c_in) and rows_vectorizable(out, c_out, out_c_offset)
+            kernel, cfg = _depthwise_kernel, dict(depthwise_pool_block_config(block_p, c_out, kh * kw, aligned),
                                                   BLOCK_P=block_p)
             grid = (n * tiles, cdiv(c_out, cfg["BLOCK_C"]))
         cfg.update(POOL=True, TILE_W=tile_w)

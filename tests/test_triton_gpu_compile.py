@@ -92,12 +92,15 @@ def test_known_spills_name_current_cases(sm90):
     assert not stale, "triton_sm90_known_spills.json names cases that are no longer compiled:\n" + "\n".join(stale)
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=f"known register spills on sm_90 "
-                                                                   f"({known['spill_stores']} B stores, "
-                                                                   f"{known['spill_loads']} B loads measured)"))
-    for case, known in KNOWN_SPILLS.items()])
-def test_known_triton_spiller(sm90, case):
-    found = [r for r in sm90["records"] if r["case"] == case]
-    assert found, f"{case}: no longer compiled (see test_known_spills_name_current_cases)"
-    assert not any(_spills(r) for r in found), f"{case}: spills registers"
+# One strict xfail per known spiller; none today (every config compiles spill-free, and
+# test_no_unexpected_triton_spills fails on any spill), so no empty parameter set is collected.
+if KNOWN_SPILLS:
+    @pytest.mark.parametrize("case", [
+        pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=f"known register spills on sm_90 "
+                                                                       f"({known['spill_stores']} B stores, "
+                                                                       f"{known['spill_loads']} B loads measured)"))
+        for case, known in KNOWN_SPILLS.items()])
+    def test_known_triton_spiller(sm90, case):
+        found = [r for r in sm90["records"] if r["case"] == case]
+        assert found, f"{case}: no longer compiled (see test_known_spills_name_current_cases)"
+        assert not any(_spills(r) for r in found), f"{case}: spills registers"
