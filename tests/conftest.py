@@ -14,11 +14,24 @@ import torch  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+# xdist groups that run on one worker for many minutes (the sm_90 compiles of every Triton launch, nvcc's
+# resource reports): collected first, so that pytest-xdist's loadgroup scheduler starts them at once and the
+# other worker takes the rest meanwhile, rather than one of them running alone at the end.
+LONG_GROUPS = ("triton_sm90_compile", "cuda_spills")
+
+
+def _long_group_rank(item) -> int:
+    marker = item.get_closest_marker("xdist_group")
+    name = marker.args[0] if marker and marker.args else marker.kwargs.get("name") if marker else None
+    return 0 if name in LONG_GROUPS else 1
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="no CUDA device on this machine")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+    items.sort(key=_long_group_rank)  # stable: the order within each part is kept
 
 
 @pytest.fixture(autouse=True)
