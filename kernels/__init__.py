@@ -10,6 +10,7 @@ from fastbone import _direct
 
 import contextvars
 import functools
+import inspect
 import threading
 
 import torch
@@ -81,14 +82,78 @@ def memoize_for_ints(fn):
 
 
 _WRAPPED: dict = {}
+_EAGER: dict = {}
+
+try:  # torch >= 2.7: triton_op's eager body runs its launches with wrap_triton's HOP dispatch off
+    from torch._library.triton import is_wrap_triton_enabled as _hop_dispatch_enabled
+    from torch._library.triton import set_wrap_triton_enabled as _set_hop_dispatch
+except ImportError:  # older torch: every launch through wrap_triton
+    def _hop_dispatch_enabled() -> bool:
+        return True
+
+    _set_hop_dispatch = None
+
+
+class _EagerAutotuned:
+    """Eager launches of a `triton.autotune` kernel with the tile it chose remembered here, per key.
+
+    Triton's Autotuner.run rebuilds its key on every call from a dict of all the arguments, testing each
+    against a list of the names (32 us a call on this project's CPU for the conv kernel's ~100 arguments,
+    the key alone). The key here is the same values read by position, plus every tensor argument's dtype
+    (as Triton's); the first call for a key goes through the autotuner (timing, disk cache) and later ones
+    launch the kernel with its `best_config` directly, which is what Autotuner.run does on a cache hit."""
+
+    def __init__(self, autotuner):
+        self._autotuner = autotuner
+        jit = autotuner.fn
+        while not inspect.isfunction(jit.fn):  # through any Heuristics to the JITFunction
+            jit = jit.fn
+        params = inspect.signature(jit.fn).parameters
+        names = list(params)
+        # (name, position, default): a key argument left out of a launch takes its default, as Triton binds it
+        self._key_args = tuple((name, names.index(name), params[name].default) for name in autotuner.keys)
+        self._chosen: dict = {}
+
+    def __getitem__(self, grid):
+        return functools.partial(self._run, grid)
+
+    def _run(self, grid, *args, **kwargs):
+        given = len(args)
+        key = tuple(kwargs[name] if name in kwargs else args[i] if i < given else default
+                    for name, i, default in self._key_args)
+        key += tuple(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        config = self._chosen.get(key)
+        if config is not None:
+            return self._autotuner.fn[grid](*args, **kwargs, **config)
+        result = self._autotuner[grid](*args, **kwargs)
+        best = getattr(self._autotuner, "best_config", None)
+        if best is not None and best.pre_hook is None:
+            self._chosen[key] = best.all_kwargs()
+        return result
+
+
+def _eager_launcher(kernel):
+    """The kernel as launched in eager mode with regular tensors: Triton's own launch (an autotuned
+    kernel through `_EagerAutotuned`)."""
+    launcher = _EAGER.get(kernel)
+    if launcher is None:
+        from triton.runtime.autotuner import Autotuner
+        launcher = _EAGER[kernel] = _EagerAutotuned(kernel) if isinstance(kernel, Autotuner) else kernel
+    return launcher
 
 
 def launchable(kernel):
-    """wrap_triton makes a launch traceable by torch.compile; interpreted kernels
-    (and older torch that rejects them) are launched directly, one at a time in the
-    process (INTERPRETER_LOCK), and not at all while a `kernel_op` fake impl computes
-    output shapes (the interpreter reads storage)."""
+    """How a kernel is launched here. On the GPU: through torch.library.wrap_triton while a tracer
+    (torch.compile, export, make_fx) may be watching, so the launch is traceable; else directly
+    (`_eager_launcher`) - wrap_triton's HOP dispatch costs about a millisecond per eager launch, and its
+    wrapper runs inspect.signature on every `kernel[grid]` of an autotuned kernel. triton_op's eager body
+    and fastbone's direct calls (`kernel_op`) switch it off, as torch does for regular tensors.
+    Interpreted kernels (and older torch that rejects them) are launched directly, one at a time in the
+    process (INTERPRETER_LOCK), and not at all while a `kernel_op` fake impl computes output shapes
+    (the interpreter reads storage)."""
     if not INTERPRETED:
+        if not _hop_dispatch_enabled():
+            return _eager_launcher(kernel)
         wrapped = _WRAPPED.get(kernel)
         if wrapped is None:  # one wrapper per kernel, not one per launch
             wrapped = _WRAPPED[kernel] = torch.library.wrap_triton(kernel)
@@ -96,6 +161,20 @@ def launchable(kernel):
     if _shape_only.get():
         return _NoLaunch()
     return _Serialised(kernel)
+
+
+def _without_hop_dispatch(fn):
+    """`fn` as torch.library.triton_op's eager kernel runs it: wrap_triton's HOP dispatch off (regular
+    tensors, no tracer), so its launches go straight to Triton. fastbone's direct calls (_direct.py) run
+    this, under the same conditions in which the dispatcher would have reached triton_op's kernel."""
+    if _set_hop_dispatch is None:
+        return fn
+
+    @functools.wraps(fn)
+    def eager(*args, **kwargs):
+        with _set_hop_dispatch(False):
+            return fn(*args, **kwargs)
+    return eager
 
 
 def kernel_op(name: str, *, mutates_args):
@@ -107,9 +186,11 @@ def kernel_op(name: str, *, mutates_args):
     (they copy the tensors' storage), so under the interpreter it is an opaque
     `custom_op` whose fake impl runs `fn` with the launches skipped."""
     def deco(fn):
-        _direct.register(name, fn, mutates_args)  # plain eager calls skip the dispatcher (_direct.call)
         if not INTERPRETED:
+            # plain eager calls skip the dispatcher (_direct.call) and land where triton_op's kernel would
+            _direct.register(name, _without_hop_dispatch(fn), mutates_args)
             return torch.library.triton_op(name, fn, mutates_args=mutates_args)
+        _direct.register(name, fn, mutates_args)
         op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
 
         def shape_only(*args, **kwargs):
