@@ -26,7 +26,8 @@ from torch import Tensor
 from torch.nn import Parameter
 
 ENABLED = os.environ.get("FASTBONE_DIRECT_CALLS", "1") != "0"
-_PLAIN_TENSOR_TYPES = (Tensor, Parameter)
+_PLAIN_TENSOR_TYPES = frozenset((Tensor, Parameter))
+_SCALAR_TYPES = frozenset((int, float, bool, str, type(None)))
 # operator name without the namespace -> (its Python implementation, positions of mutated arguments)
 _IMPLS: dict[str, tuple[Callable, tuple[int, ...]]] = {}
 
@@ -54,9 +55,19 @@ def direct_call_allowed(args) -> bool:
             or torch._C._is_tracing()):
         return False
     grad = torch.is_grad_enabled()
-    for a in _flat_tensors(args):
-        if type(a) not in _PLAIN_TENSOR_TYPES or (grad and a.requires_grad):
+    for a in args:  # asked on every call: a plain loop, list arguments (Tensor[] in the schema) opened
+        kind = type(a)
+        if kind in _PLAIN_TENSOR_TYPES:
+            if grad and a.requires_grad:
+                return False
+        elif kind in _SCALAR_TYPES:
+            continue
+        elif isinstance(a, Tensor):  # a subclass
             return False
+        elif isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, Tensor) and (type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad)):
+                    return False
     return True
 
 

@@ -119,9 +119,11 @@ class _EagerAutotuned:
 
     def _run(self, grid, *args, **kwargs):
         given = len(args)
-        key = tuple(kwargs[name] if name in kwargs else args[i] if i < given else default
-                    for name, i, default in self._key_args)
-        key += tuple(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        key = [kwargs[name] if name in kwargs else args[i] if i < given else default
+               for name, i, default in self._key_args]
+        key += [a.dtype for a in args if isinstance(a, torch.Tensor)]
+        key += [a.dtype for a in kwargs.values() if isinstance(a, torch.Tensor)]
+        key = tuple(key)
         config = self._chosen.get(key)
         if config is not None:
             return self._autotuner.fn[grid](*args, **kwargs, **config)

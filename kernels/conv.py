@@ -499,8 +499,9 @@ def rows_vectorizable(t, channels: int, channel_offset: int = 0) -> bool:
     fake tensors work). A None tensor does not constrain."""
     if t is None:
         return True
-    return (t.stride(1) == 1 and channels % 16 == 0 and channel_offset % 16 == 0
-            and t.storage_offset() * t.element_size() % 16 == 0 and all(t.stride(d) % 16 == 0 for d in (0, 2, 3)))
+    sn, sc, sh, sw = t.stride()
+    return (sc == 1 and channels % 16 == 0 and channel_offset % 16 == 0 and sn % 16 == 0 and sh % 16 == 0
+            and sw % 16 == 0 and t.storage_offset() * t.element_size() % 16 == 0)
 
 
 # With a channel map the gathered A tile and the scattered output tile are loaded / stored element by element
@@ -636,13 +637,34 @@ def max_element_offset(t) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def offsets_fit_int32(t) -> bool:
+    """Whether every element offset a kernel forms into `t` fits int32 (None: yes). Asked on every launch, so
+    a real tensor is answered from its storage's size: torch keeps every view inside its storage, so a storage
+    of at most INT32_MAX elements bounds its offsets. Meta and fake tensors (whose views may pass their
+    storage), and views of larger storage, from their sizes and strides (`max_element_offset`)."""
+    if t is None:
+        return True
+    if type(t) in _PLAIN_TENSORS and not t.is_meta and \
+            t.untyped_storage().nbytes() <= INT32_MAX * t.element_size():
+        return True
+    return max_element_offset(t) <= INT32_MAX
+
+
 def needs_int64_indices(m: int, *tensors) -> bool:
     """Whether the conv / pool kernels must index in int64 (INDEX64): the output pixel count plus a
     block, or some tensor's largest element offset, reaches 2^31. Else every index and offset the
     kernels form for an element they touch fits int32 (each offset product is at most its tensor's
     largest offset, and sums of them are taken onto an int64 base or a pointer), so the common case
     keeps 32-bit arithmetic."""
-    return m + MAX_BLOCK_M > INT32_MAX or any(max_element_offset(t) > INT32_MAX for t in tensors)
+    if m + MAX_BLOCK_M > INT32_MAX:
+        return True
+    for t in tensors:
+        if not offsets_fit_int32(t):
+            return True
+    return False
 
 
 # The input pool's modes (IN_POOL): 0 none, 1 max, 2 average (count_include_pad=False); odd windows 3..7.

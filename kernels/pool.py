@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED, cdiv, launchable, pow2_clamp
-from .conv import INT32_MAX, MAX_GRID_X, MAX_GRID_Y, _widen, max_element_offset
+from .conv import INT32_MAX, MAX_GRID_X, MAX_GRID_Y, _widen, offsets_fit_int32
 
 # The kernel's MODE (compared as literals inside the kernel).
 MAX, AVG, ADAPTIVE_AVG = 0, 1, 2
@@ -164,7 +164,7 @@ _NUM_WARPS = 8
 
 def _index64(rows: int, block_rows: int, *tensors) -> bool:
     """INDEX64: the row index (+ a block) or some tensor's largest element offset reaches 2^31."""
-    return rows + block_rows > INT32_MAX or any(max_element_offset(t) > INT32_MAX for t in tensors)
+    return rows + block_rows > INT32_MAX or not all(offsets_fit_int32(t) for t in tensors)
 
 
 def _window_pool_into(x, out, kernel, stride, padding, mode, count_include_pad=False, out_c_offset=0):

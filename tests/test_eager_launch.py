@@ -115,3 +115,28 @@ def test_eager_launcher_is_one_object_per_kernel(tuner):
     assert kernels._eager_launcher(tuner) is kernels._eager_launcher(tuner)
     assert isinstance(kernels._eager_launcher(tuner), _EagerAutotuned)
     assert kernels._eager_launcher(_fill_block) is _fill_block
+
+
+def test_models_launch_on_the_gpu_path_without_hop_dispatch(tmp_path):
+    """The whole eager forward of models on the GPU's launch path (TRITON_INTERPRET=0, meta tensors, Triton's
+    launcher stubbed: bench_host_overhead.py --device meta): every fastbone operator call is a direct call, its
+    launches reach Triton's own launcher (the autotuned ones included), none goes through wrap_triton's HOP."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench_host_overhead.py"
+    out = tmp_path / "meta.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(bench), "--device", "meta", "--backends", "triton", "--runs", "1",
+                           "--models", "mobilenet_v2", "resnet18", "efficientnet_b0", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["mobilenet_v2", "resnet18", "efficientnet_b0"]
+    for row in rows:
+        assert row["hop_dispatches"] == 0, row
+        # each operator call launches at least one kernel (ResNet-18's stem conv + pool: maybe two)
+        assert row["triton_launches"] >= row["fastbone_calls"] > 10, row

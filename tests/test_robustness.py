@@ -504,6 +504,23 @@ def test_int64_index_choice_at_the_boundary():
     assert needs_int64_indices(2048 * 1024 * 1024)
 
 
+def test_int32_offsets_of_real_tensors_are_answered_from_their_storage(monkeypatch):
+    """offsets_fit_int32 answers a real tensor from its storage size (a view stays inside it) and anything
+    else from sizes and strides: on real views both answers agree, and the storage answer is the one taken."""
+    from fastbone.kernels import conv as kconv
+    base = torch.randn(4 * 6 * 5 * 7)
+    views = [base.view(4, 6, 5, 7), base.view(4, 6, 5, 7).permute(0, 3, 1, 2), base[10:].as_strided((2, 3, 4, 5), (60, 1, 15, 3)),
+             base.view(4, 6, 5, 7)[:, 2:5], torch.nn.Parameter(torch.randn(3, 3, 3, 3))]
+    exact = kconv.max_element_offset
+    calls = []
+    monkeypatch.setattr(kconv, "max_element_offset", lambda t: calls.append(t) or exact(t))
+    for view in views:
+        assert kconv.offsets_fit_int32(view) and exact(view) <= 2**31 - 1
+    assert calls == []  # storage-size answers only
+    meta = torch.empty(0, device="meta").as_strided((2, 1), (2**31, 1))  # a meta view past its storage
+    assert not kconv.offsets_fit_int32(meta) and calls == [meta]
+
+
 _HUGE_VIEWS = """
     import resource, torch, torch.nn.functional as F, fastbone
     from fastbone.ops import conv_bias_act, max_pool2d, avg_pool2d, adaptive_avg_pool2d, global_avg_pool
