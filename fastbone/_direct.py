@@ -14,6 +14,9 @@ own Python implementation directly when that is provably the same thing:
   - no tensor argument needs a gradient (autograd must record the op).
 A mutated argument (`out` of the `_into` operators, each tensor of a mutated list) gets its autograd
 version counter bumped, as the dispatcher's ADInplaceOrView would. FASTBONE_DIRECT_CALLS=0 turns the shortcut off.
+On the GPU a Triton operator's implementation is registered here as triton_op's own eager kernel runs it,
+with wrap_triton's HOP dispatch off (kernels.kernel_op): through the HOP an eager launch costs about a
+millisecond of host time (bench_host_overhead.py --device meta measures that path on the CPU).
 """
 from __future__ import annotations
 
