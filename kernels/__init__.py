@@ -75,10 +75,13 @@ def memoize_for_ints(fn):
 
     @functools.wraps(fn)
     def wrapper(*args):
-        if all(type(a) is int or type(a) is bool for a in args):
+        if _PLAIN_INT_TYPES.issuperset(map(type, args)):
             return cached(*args)
         return fn(*args)
     return wrapper
+
+
+_PLAIN_INT_TYPES = frozenset((int, bool))
 
 
 _WRAPPED: dict = {}

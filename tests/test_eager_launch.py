@@ -140,3 +140,19 @@ def test_models_launch_on_the_gpu_path_without_hop_dispatch(tmp_path):
         assert row["hop_dispatches"] == 0, row
         # each operator call launches at least one kernel (ResNet-18's stem conv + pool: maybe two)
         assert row["triton_launches"] >= row["fastbone_calls"] > 10, row
+
+
+def test_tile_choice_memo_caches_plain_ints_only():
+    """memoize_for_ints: plain int / bool arguments are answered from the cache; anything else (torch.compile's
+    symbolic sizes; here a float and a 0-d tensor) is computed every time, never stored."""
+    calls = []
+
+    @kernels.memoize_for_ints
+    def choose(*args):
+        calls.append(args)
+        return sum(int(a) for a in args)
+    assert choose(3, 4, True) == 8 and choose(3, 4, True) == 8 and len(calls) == 1
+    assert choose(3, 4, False) == 7 and len(calls) == 2
+    assert choose(3, 4.0) == 7 and choose(3, 4.0) == 7 and len(calls) == 4
+    size = torch.tensor(4)
+    assert choose(3, size) == 7 and choose(3, size) == 7 and len(calls) == 6
