@@ -758,3 +758,14 @@ def test_gpu_stem_and_pools(dtype, gpu_runtime):
     assert rel_err(_cuda(adaptive_avg_pool2d, y, (7, 6)), F.adaptive_avg_pool2d(y.double(), (7, 6))) < TOL[dtype]
     z = torch.randn(16, 2048, 7, 7, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     assert rel_err(_cuda(global_avg_pool, z), z.double().mean((2, 3), keepdim=True)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_launch_on_the_current_stream():
+    """The raw stream handle the CUDA C++ ops launch on is torch's current stream, on a side stream too."""
+    x = torch.empty(1, device="cuda")
+    assert cuda_ops._stream(x) == torch.cuda.current_stream().cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert cuda_ops._stream(x) == side.cuda_stream != torch.cuda.default_stream().cuda_stream
+    assert cuda_ops._stream(torch.empty(1)) == 0  # the emulator's

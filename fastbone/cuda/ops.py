@@ -550,8 +550,19 @@ def _runtime(x: Tensor):
     return runtime_for(x.device)
 
 
+try:  # the current stream's handle without a torch.cuda.Stream object (as Inductor's launchers read it)
+    from torch._C import _cuda_getCurrentRawStream as _current_raw_stream
+except ImportError:  # a torch built without CUDA
+    _current_raw_stream = None
+
+
 def _stream(x: Tensor) -> int:
-    return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+    """The handle of the stream the kernels launch on: x's device's current stream (0 for the emulator)."""
+    if not x.is_cuda:
+        return 0
+    if _current_raw_stream is not None:
+        return _current_raw_stream(x.get_device())
+    return torch.cuda.current_stream(x.device).cuda_stream
 
 
 def _device_guard(x: Tensor):
