@@ -149,3 +149,14 @@ def test_session_plugin_skips_what_the_deadline_leaves_no_time_for(tmp_path):
     proc, result = _run_plugin(tmp_path, FASTBONE_SESSION_DEADLINE="1")  # long past
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert result["skipped"] == result["skipped_for_time"] == result["collected"] == 4, result
+
+
+def test_model_steps_run_the_issue_targets_first():
+    """The GPU session's model steps take the open issues' target models first, then every other model once."""
+    import fastbone
+    registered = fastbone.list_models()
+    ordered = gpu_session.models_in_session_order(registered)
+    assert sorted(ordered) == sorted(registered)
+    assert set(gpu_session.TARGET_MODELS_FIRST) <= set(registered)  # a renamed model would silently drop out
+    assert ordered[:len(gpu_session.TARGET_MODELS_FIRST)] == list(gpu_session.TARGET_MODELS_FIRST)
+    assert gpu_session.models_in_session_order(["resnet18", "mobilenet_v2"]) == ["mobilenet_v2", "resnet18"]
