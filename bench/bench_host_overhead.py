@@ -13,10 +13,11 @@ that cost directly, per model and backend, with and without the dispatcher short
        launcher included.
   META (--device meta, triton backend): the GPU's launch path without a GPU. Triton's interpreter
        off (TRITON_INTERPRET=0, set here before fastbone is imported), the model on meta tensors, and
-       Triton's launches recorded instead of run (JITFunction.run, Autotuner.run), so the time is
-       everything a GPU launch costs the host but Triton's own launcher and the CUDA allocator. It
-       also counts launches that went through torch's wrap_triton HOP dispatch, which an eager
-       call must never do (about a millisecond each).
+       each launch stopped where Triton's JITFunction.run would look its compiled kernel up: Triton's
+       own argument binding and specialisation and its cache key are computed (for an sm_90 target),
+       the compiled-kernel lookup, its C launcher and the CUDA allocator are not. It also counts
+       launches that went through torch's wrap_triton HOP dispatch, which an eager call must never do
+       (about a millisecond each).
 
   python bench/bench_host_overhead.py                       # CPU, a few models, both backends
   python bench/bench_host_overhead.py --device meta --backends triton
@@ -100,13 +101,32 @@ def recorded_gpu_launches():
     if kernels.INTERPRETED:
         raise RuntimeError("--device meta needs TRITON_INTERPRET=0 before fastbone is imported")
     record = RecordedLaunches()
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver as triton_driver
+    from triton.runtime.jit import compute_cache_key
+
+    class Sm90:
+        """What JITFunction.run asks the driver for before its launcher: the target, device and stream."""
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
 
     def jit_run(self, *args, grid=None, warmup=False, **kwargs):
+        # Triton's host work before the kernel lookup (its 3.x JITFunction.run): binding, specialisation, key
+        kwargs["debug"] = kwargs.get("debug", False)
+        _, key_cache, _, _, binder = self.device_caches[triton_driver.active.get_current_device()]
+        _, specialization, options = binder(*args, **kwargs)
+        compute_cache_key(key_cache, specialization, options)
         record.launches += 1
 
-    def autotuner_run(self, *args, grid=None, warmup=False, **kwargs):
+    def autotuner_run(self, *args, grid=None, warmup=False, **kwargs):  # a key's first launch: no timing
         self.best_config = self.configs[0]
-        record.launches += 1
+        jit_run(self.fn, *args, grid=grid, warmup=warmup, **kwargs, **self.best_config.all_kwargs())
 
     hopifier = triton_kernel_wrap.tracing_triton_hopifier_singleton
     hop_call = hopifier.call_triton_kernel
@@ -115,9 +135,11 @@ def recorded_gpu_launches():
         record.hop_dispatches += 1
         return hop_call(*args, **kwargs)
 
+    # (DriverConfig._active: its reset_active would create the CUDA driver, which has no GPU here)
     saved = [(JITFunction, "run", JITFunction.run), (Autotuner, "run", Autotuner.run),
-             (hopifier, "call_triton_kernel", hop_call)]
+             (hopifier, "call_triton_kernel", hop_call), (triton_driver, "_active", triton_driver._active)]
     JITFunction.run, Autotuner.run, hopifier.call_triton_kernel = jit_run, autotuner_run, counted_hop
+    triton_driver.set_active(Sm90())
     try:
         yield record
     finally:
@@ -207,7 +229,7 @@ def main(argv=None) -> int:
                    processor=platform.processor() or platform.machine(), device=args.device,
                    gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
                    launches={"cuda": "real", "cpu": "stubbed (host path only)",
-                             "meta": "GPU path, Triton's launcher stubbed"}[args.device])
+                             "meta": "GPU path up to Triton's kernel lookup (binding, specialisation, key)"}[args.device])
         args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
