@@ -20,14 +20,27 @@ def fx_leaf(fn):
     the reference module path whose output the call computes, the name its node gets (`name_node`)."""
     @functools.wraps(fn)
     def leaf(*args, fx_name: str | None = None, **kwargs):
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.fx.Proxy):
-                proxy = a.tracer.create_proxy("call_function", leaf, args, kwargs)
-                if fx_name is not None:
-                    name_node(a.tracer, proxy.node, fx_name)
-                return proxy
-        return fn(*args, **kwargs)
+        proxy = _first_proxy(args)
+        if proxy is None and kwargs:
+            proxy = _first_proxy(kwargs.values())
+        if proxy is None:  # (`is None`: a Proxy's truth value is a traced operation)
+            return fn(*args, **kwargs)
+        node = proxy.tracer.create_proxy("call_function", leaf, args, kwargs)
+        if fx_name is not None:
+            name_node(proxy.tracer, node.node, fx_name)
+        return node
     return leaf
+
+
+def _first_proxy(values):
+    """The first torch.fx.Proxy among `values`, or None (asked on every call of every leaf)."""
+    for a in values:
+        if isinstance(a, _PROXY):
+            return a
+    return None
+
+
+_PROXY = torch.fx.Proxy
 
 
 def name_node(tracer: torch.fx.Tracer, node: torch.fx.Node, path: str) -> None:

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from fastbone._direct import call as call_op, custom_op as direct_custom_op
 from fastbone.ops._autograd import register_reference_autograd
-from fastbone.ops._checks import check_kernel_dtype, quiet_under_jit_trace
+from fastbone.ops._checks import check_kernel_dtype, in_dtype, quiet_under_jit_trace
 from fastbone.ops._registry import register_impl
 from fastbone.ops.conv import (conv_output, conv_output_size, new_activation, reference_conv_bn_act,
                                reference_conv_bn_act_maxpool)
@@ -608,7 +608,7 @@ def _conv_params(x: Tensor, weight: Tensor, *vectors: Optional[Tensor]) -> tuple
     bn_mean, bn_var = vectors[3], vectors[4]
     if (bn_mean is None) != (bn_var is None):
         raise ValueError("BatchNorm needs both bn_mean and bn_var (or neither, for no BatchNorm)")
-    return weight.to(x.dtype), [None if t is None else t.to(torch.float32).contiguous() for t in vectors]
+    return in_dtype(weight, x.dtype), [None if t is None else in_dtype(t, torch.float32).contiguous() for t in vectors]
 
 
 def _ptr(t: Optional[Tensor]) -> int:

@@ -51,7 +51,7 @@ from fastbone._direct import call as call_op
 from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kernels import)
 from fastbone.kernels import conv as triton_conv, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
-from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_channel_map,
+from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_channel_map, in_dtype,
                       check_kernel_dtype, check_result_args, check_same_device, check_window, pair,
                       quiet_under_jit_trace)
 from .._backend import resolve_backend
@@ -300,7 +300,7 @@ def _triton_impl(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps, stri
         raise RuntimeError("the triton backend got CPU tensors but Triton's interpreter is off "
                            "(a GPU is present); move the tensors to CUDA or use the torch backend")
     vectors = [_channel_vector(t, x) for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
-    args = (x, weight.to(x.dtype), *vectors, float(eps), list(stride), list(padding), list(dilation), groups,
+    args = (x, in_dtype(weight, x.dtype), *vectors, float(eps), list(stride), list(padding), list(dilation), groups,
             act_code, float(slope), residual)
     order = bool(residual_after_act)
     extra = (*(input_pool or (0, 1)), in_channel_map, out_channel_map)
@@ -320,7 +320,7 @@ def _triton_conv_bn_act_maxpool(x, weight, bias, bn_weight, bn_bias, bn_mean, bn
                                 pool_out_hw):
     check_kernel_dtype(x, "triton")
     vectors = [_channel_vector(t, x) for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
-    return call_op("triton_conv_bn_act_maxpool", x, weight.to(x.dtype), *vectors, float(eps), list(stride),
+    return call_op("triton_conv_bn_act_maxpool", x, in_dtype(weight, x.dtype), *vectors, float(eps), list(stride),
                    list(padding), list(dilation), groups, act_code, float(slope), list(pool_kernel),
                    list(pool_stride), list(pool_padding), bool(ceil_mode))
 
@@ -534,14 +534,15 @@ def batchnorm_tensors(bn: nn.Module | None, c_out: int):
         raise TypeError(f"bn must be a BatchNorm module (torch's, or torchvision's FrozenBatchNorm2d) or None, got "
                         f"{type(bn).__name__}; the fused epilogue applies BatchNorm's running statistics (run the "
                         "model in train mode for other norms)")
-    if bn.running_mean is None or bn.running_var is None:
+    mean, var = bn.running_mean, bn.running_var  # each module attribute read costs ~0.8 us: read once
+    if mean is None or var is None:
         raise ValueError(f"{type(bn).__name__}(track_running_stats=False) has no running statistics, so in eval mode "
                          "it normalises with batch statistics, which the fused epilogue does not compute; run the "
                          "model in train mode or build the BatchNorm with track_running_stats=True")
     if bn.num_features != c_out:
         raise ArgumentError(f"{type(bn).__name__} has {bn.num_features} features but the conv has {c_out} output "
                             "channels; accepted: a BatchNorm with num_features == conv.out_channels")
-    return bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.eps)
+    return bn.weight, bn.bias, mean, var, float(bn.eps)
 
 
 @fx_leaf

@@ -30,7 +30,8 @@ from fastbone._direct import call as call_op
 from fastbone._fx import fx_leaf
 from fastbone.kernels import conv as triton_conv, kernel_op
 from ._autograd import REFERENCES, wants_grad
-from ._checks import ArgumentError, ArgumentTypeError, check_activation_tensor, check_kernel_dtype, check_output_tensor
+from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_kernel_dtype, check_output_tensor,
+                      in_dtype)
 from .._backend import resolve_backend
 from ._registry import find_impl, register_impl
 from .activation import DEFAULT_LEAKY_SLOPE, activation_code
@@ -76,7 +77,7 @@ def _triton_conv_bn_act_multi(x, weights, biases, bn_weights, bn_biases, bn_mean
         raise RuntimeError("the triton backend got CPU tensors but Triton's interpreter is off "
                            "(a GPU is present); move the tensors to CUDA or use the torch backend")
     vectors = [[_channel_vector(t, x) for t in ts] for ts in (biases, bn_weights, bn_biases, bn_means, bn_vars)]
-    call_op("triton_conv_bn_act_multi_into", x, [w.to(x.dtype) for w in weights], *vectors,
+    call_op("triton_conv_bn_act_multi_into", x, [in_dtype(w, x.dtype) for w in weights], *vectors,
             [float(e) for e in eps], list(stride), list(padding), list(dilation), int(act_code), float(slope),
             list(outs))
 

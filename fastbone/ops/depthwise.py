@@ -72,7 +72,7 @@ from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kerne
 from fastbone.kernels import depthwise as triton_dw, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
 from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_kernel_dtype, check_result_args,
-                      check_channel_map, check_same_device, quiet_under_jit_trace)
+                      check_channel_map, check_same_device, in_dtype, quiet_under_jit_trace)
 from ._registry import get_impl, register_impl
 from .activation import DEFAULT_LEAKY_SLOPE, activation_code
 from .conv import (_channel_vector, _conv_padding, _input_precision, batchnorm_tensors, conv_output_size,
@@ -388,8 +388,8 @@ def _triton_depthwise_conv_bn_act(x, weight, bias, bn_weight, bn_bias, bn_mean, 
                                   dilation, act_code, slope, residual, out, out_channel_offset):
     _check_triton_input(x)
     vectors = [_channel_vector(t, x) for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
-    args = (x, weight.to(x.dtype), *vectors, float(eps), list(stride), list(padding), list(dilation), int(act_code),
-            float(slope), residual)
+    args = (x, in_dtype(weight, x.dtype), *vectors, float(eps), list(stride), list(padding), list(dilation),
+            int(act_code), float(slope), residual)
     if out is None:
         return call_op("triton_depthwise_conv_bn_act", *args)
     call_op("triton_depthwise_conv_bn_act_into", *args, out, int(out_channel_offset))
@@ -406,7 +406,7 @@ def _triton_depthwise_conv_bn_act_se_sums(x, weight, bias, bn_weight, bn_bias, b
     result = out if out is not None else new_activation(n, c_out, oh, ow, x)
     sums = new_pool_sums(n, triton_dw.pool_tiles(oh, ow, tile_h, tile_w), c_out, x.device)
     vectors = [_channel_vector(t, x) for t in (bias, bn_weight, bn_bias, bn_mean, bn_var)]
-    call_op("triton_depthwise_conv_bn_act_se_sums", x, weight.to(x.dtype), *vectors, float(eps), list(stride),
+    call_op("triton_depthwise_conv_bn_act_se_sums", x, in_dtype(weight, x.dtype), *vectors, float(eps), list(stride),
             list(padding), list(dilation), int(act_code), float(slope), residual, result,
             int(out_channel_offset if out is not None else 0), sums, tile_h, tile_w)
     return result, sums
@@ -420,8 +420,8 @@ def _triton_separable_conv_bn_act(x, dw_weight, dw_bias, dw_bn_weight, dw_bn_bia
     _check_triton_input(x)
     dw_vectors = [_channel_vector(t, x) for t in (dw_bias, dw_bn_weight, dw_bn_bias, dw_bn_mean, dw_bn_var)]
     pw_vectors = [_channel_vector(t, x) for t in (pw_bias, pw_bn_weight, pw_bn_bias, pw_bn_mean, pw_bn_var)]
-    args = (x, dw_weight.to(x.dtype), *dw_vectors, float(dw_eps), list(stride), list(padding), list(dilation),
-            int(dw_act), float(dw_slope), pw_weight.to(x.dtype), *pw_vectors, float(pw_eps), int(pw_groups),
+    args = (x, in_dtype(dw_weight, x.dtype), *dw_vectors, float(dw_eps), list(stride), list(padding), list(dilation),
+            int(dw_act), float(dw_slope), in_dtype(pw_weight, x.dtype), *pw_vectors, float(pw_eps), int(pw_groups),
             int(pw_act), float(pw_slope), None if channel_order is None else channel_order.contiguous(), residual)
     if out is None:
         return call_op("triton_separable_conv_bn_act", *args)
@@ -484,10 +484,10 @@ def depthwise_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None 
     bn_args = batchnorm_tensors(bn, conv.out_channels)
     stride, padding, dilation = tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation)
     code = activation_code(act)
-    _check_depthwise_args(x, conv.weight, conv.bias, *bn_args[:4], stride, padding, dilation, residual, out,
-                          out_channel_offset)
-    args = (x, conv.weight, conv.bias, *bn_args, stride, padding, dilation, code, float(slope), residual)
-    grad_tensors = (x, conv.weight, conv.bias, bn_args[0], bn_args[1], residual)
+    weight, bias = conv.weight, conv.bias  # read once (Module.__getattr__)
+    _check_depthwise_args(x, weight, bias, *bn_args[:4], stride, padding, dilation, residual, out, out_channel_offset)
+    args = (x, weight, bias, *bn_args, stride, padding, dilation, code, float(slope), residual)
+    grad_tensors = (x, weight, bias, bn_args[0], bn_args[1], residual)
     if se_pool:
         return _run_se_sums(x, args, grad_tensors, out, out_channel_offset)
     return _run("depthwise_conv_bn_act", _torch_depthwise_conv_bn_act, x, args, grad_tensors, out,
@@ -525,13 +525,13 @@ def separable_conv_bn_act(x: Tensor, dw_conv: nn.Conv2d, dw_bn: nn.BatchNorm2d |
     pw_bn_args = batchnorm_tensors(pw_bn, pw_conv.out_channels)
     stride, padding, dilation = tuple(dw_conv.stride), _conv_padding(dw_conv), tuple(dw_conv.dilation)
     dw_code, pw_code = activation_code(dw_act), activation_code(pw_act)
-    _check_separable_args(x, dw_conv.weight, dw_conv.bias, dw_bn_args[:4], stride, padding, dilation, pw_conv.weight,
-                          pw_conv.bias, pw_bn_args[:4], pw_conv.groups, channel_order, residual, out,
-                          out_channel_offset)
-    args = (x, dw_conv.weight, dw_conv.bias, *dw_bn_args, stride, padding, dilation, dw_code, float(dw_slope),
-            pw_conv.weight, pw_conv.bias, *pw_bn_args, pw_conv.groups, pw_code, float(pw_slope), channel_order,
-            residual)
-    grad_tensors = (x, dw_conv.weight, dw_conv.bias, dw_bn_args[0], dw_bn_args[1], pw_conv.weight, pw_conv.bias,
-                    pw_bn_args[0], pw_bn_args[1], residual)
+    # module attributes read once (each read of a parameter goes through Module.__getattr__)
+    dw_weight, dw_bias, pw_weight, pw_bias = dw_conv.weight, dw_conv.bias, pw_conv.weight, pw_conv.bias
+    _check_separable_args(x, dw_weight, dw_bias, dw_bn_args[:4], stride, padding, dilation, pw_weight, pw_bias,
+                          pw_bn_args[:4], pw_conv.groups, channel_order, residual, out, out_channel_offset)
+    args = (x, dw_weight, dw_bias, *dw_bn_args, stride, padding, dilation, dw_code, float(dw_slope), pw_weight,
+            pw_bias, *pw_bn_args, pw_conv.groups, pw_code, float(pw_slope), channel_order, residual)
+    grad_tensors = (x, dw_weight, dw_bias, dw_bn_args[0], dw_bn_args[1], pw_weight, pw_bias, pw_bn_args[0],
+                    pw_bn_args[1], residual)
     return _run("separable_conv_bn_act", _torch_separable_conv_bn_act, x, args, grad_tensors, out,
                 out_channel_offset)

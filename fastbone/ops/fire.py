@@ -48,7 +48,7 @@ from fastbone import _triton_env  # noqa: F401  (interpreter set-up before kerne
 from fastbone.kernels import fire as triton_fire, kernel_op
 from ._autograd import register_reference_autograd, wants_grad
 from ._checks import (ArgumentError, ArgumentTypeError, check_activation_tensor, check_kernel_dtype, check_result_args,
-                      check_same_device, quiet_under_jit_trace)
+                      check_same_device, in_dtype, quiet_under_jit_trace)
 from ._registry import get_impl, register_impl
 from .activation import ACTIVATIONS, DEFAULT_LEAKY_SLOPE, activation_code, apply_activation
 from .conv import _channel_vector, _input_precision, new_activation
@@ -175,8 +175,8 @@ def _triton_fire_expand(x, w1, b1, w3, b3, act_code, slope, out, out_channel_off
     if x.device.type == "cpu" and not triton_fire.INTERPRETED:
         raise RuntimeError("the triton backend got CPU tensors but Triton's interpreter is off "
                            "(a GPU is present); move the tensors to CUDA or use the torch backend")
-    args = (x, w1.to(x.dtype), _channel_vector(b1, x), w3.to(x.dtype), _channel_vector(b3, x), int(act_code),
-            float(slope))
+    args = (x, in_dtype(w1, x.dtype), _channel_vector(b1, x), in_dtype(w3, x.dtype), _channel_vector(b3, x),
+            int(act_code), float(slope))
     if out is None:
         return call_op("triton_fire_expand", *args)
     call_op("triton_fire_expand_into", *args, out, int(out_channel_offset))
