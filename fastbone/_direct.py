@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 ENABLED = os.environ.get("FASTBONE_DIRECT_CALLS", "1") != "0"
-_PLAIN_TENSOR_TYPES = frozenset((Tensor, Parameter))
+PLAIN_TENSOR_TYPES = frozenset((Tensor, Parameter))  # not subclasses: a subclass may carry its own dispatch
 _SCALAR_TYPES = frozenset((int, float, bool, str, type(None)))
 # operator name without the namespace -> (its Python implementation, positions of mutated arguments)
 _IMPLS: dict[str, tuple[Callable, tuple[int, ...]]] = {}
@@ -60,7 +60,7 @@ def direct_call_allowed(args) -> bool:
     grad = torch.is_grad_enabled()
     for a in args:  # asked on every call: a plain loop, list arguments (Tensor[] in the schema) opened
         kind = type(a)
-        if kind in _PLAIN_TENSOR_TYPES:
+        if kind in PLAIN_TENSOR_TYPES:
             if grad and a.requires_grad:
                 return False
         elif kind in _SCALAR_TYPES:
@@ -69,7 +69,7 @@ def direct_call_allowed(args) -> bool:
             return False
         elif isinstance(a, (list, tuple)):
             for t in a:
-                if isinstance(t, Tensor) and (type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad)):
+                if isinstance(t, Tensor) and (type(t) not in PLAIN_TENSOR_TYPES or (grad and t.requires_grad)):
                     return False
     return True
 

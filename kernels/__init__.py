@@ -67,6 +67,9 @@ def pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, next_power_of_2(max(int(n), 1))))
 
 
+_PLAIN_INT_TYPES = frozenset((int, bool))
+
+
 def memoize_for_ints(fn):
     """Cache a tile-choice function of plain ints (it is asked on every launch and shapes repeat);
     symbolic sizes (torch.compile's dynamic shapes trace the fake impls) are computed, not cached.
@@ -79,9 +82,6 @@ def memoize_for_ints(fn):
             return cached(*args)
         return fn(*args)
     return wrapper
-
-
-_PLAIN_INT_TYPES = frozenset((int, bool))
 
 
 _WRAPPED: dict = {}

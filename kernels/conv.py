@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastbone import _direct
+
 from . import INTERPRETED, cdiv, launchable, memoize_for_ints, pow2_clamp
 from .activation import apply_activation
 
@@ -637,9 +639,6 @@ def max_element_offset(t) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
 def offsets_fit_int32(t) -> bool:
     """Whether every element offset a kernel forms into `t` fits int32 (None: yes). Asked on every launch, so
     a real tensor is answered from its storage's size: torch keeps every view inside its storage, so a storage
@@ -647,7 +646,7 @@ def offsets_fit_int32(t) -> bool:
     storage), and views of larger storage, from their sizes and strides (`max_element_offset`)."""
     if t is None:
         return True
-    if type(t) in _PLAIN_TENSORS and not t.is_meta and \
+    if type(t) in _direct.PLAIN_TENSOR_TYPES and not t.is_meta and \
             t.untyped_storage().nbytes() <= INT32_MAX * t.element_size():
         return True
     return max_element_offset(t) <= INT32_MAX

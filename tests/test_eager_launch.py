@@ -12,10 +12,6 @@ from fastbone import _direct
 from fastbone import kernels
 from fastbone.kernels import _EagerAutotuned, launchable
 
-pytestmark = pytest.mark.skipif(kernels._set_hop_dispatch is None,
-                                reason="torch without set_wrap_triton_enabled: every launch goes through wrap_triton")
-
-
 @triton.jit
 def _fill_block(out_ptr, SEL, BLOCK: tl.constexpr, EXTRA=0):
     """out[0] = BLOCK + EXTRA: which config the launch ran with."""
