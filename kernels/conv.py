@@ -29,7 +29,8 @@ import triton.language as tl
 
 from fastbone import _direct
 
-from . import INTERPRETED, cdiv, launchable, memoize_for_ints, pow2_clamp
+from . import (INTERPRETED, INTERPRETED_GEMM_BLOCK, INTERPRETED_GEMM_BLOCK_K, INTERPRETED_TILE_ELEMENTS, cdiv,
+               launchable, memoize_for_ints, pow2_clamp)
 from .activation import apply_activation
 
 
@@ -388,9 +389,10 @@ def _block_config(m: int, c_out_g: int, c_in_g: int, k_area: int, elem_bytes: in
     flat_k = c_in_g < FLAT_K_MAX_CHANNELS
     k_extent = c_in_g * k_area if flat_k else c_in_g
     if INTERPRETED:
-        return MappingProxyType(dict(BLOCK_M=pow2_clamp(m, 16, 256), BLOCK_N=pow2_clamp(c_out_g, 16, 256),
-                                     BLOCK_K=pow2_clamp(k_extent, 16, 256), GROUP_M=8, FLAT_K=flat_k,
-                                     num_warps=4, num_stages=1))
+        return MappingProxyType(dict(BLOCK_M=pow2_clamp(m, 16, INTERPRETED_GEMM_BLOCK),
+                                     BLOCK_N=pow2_clamp(c_out_g, 16, INTERPRETED_GEMM_BLOCK),
+                                     BLOCK_K=pow2_clamp(k_extent, 16, INTERPRETED_GEMM_BLOCK_K), GROUP_M=8,
+                                     FLAT_K=flat_k, num_warps=4, num_stages=1))
     if in_pool_k > 1:
         # Every tap of the pool is its own pipelined A load, so tiles are smaller than the plain conv's:
         # shrink rows to 64, the K block to 16, rows to 32 (not the flattened loop, whose per-element
@@ -622,9 +624,10 @@ _conv_bn_act_autotuned = triton.autotune(
 MAX_GRID_Y = 65535
 MAX_GRID_X = 2**31 - 1
 INT32_MAX = 2**31 - 1
-# The largest BLOCK_M any config uses (the interpreter's clamp; GPU tiles and autotuner <= 256):
-# with N*OH*OW + this below 2^31, every row index the kernel forms fits int32.
-MAX_BLOCK_M = 256
+# The largest pixel block any config uses: the interpreter's (a depthwise or pool tile of one channel
+# holds INTERPRETED_TILE_ELEMENTS pixels; GPU tiles and the autotuner's <= 256). With N*OH*OW + this
+# below 2^31, every pixel (row) index the kernels form fits int32.
+MAX_BLOCK_M = INTERPRETED_TILE_ELEMENTS
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

@@ -37,7 +37,8 @@ from types import MappingProxyType
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, cdiv, launchable, memoize_for_ints, pow2_clamp
+from . import (INTERPRETED, INTERPRETED_CHANNEL_BLOCK, INTERPRETED_GEMM_BLOCK, INTERPRETED_GEMM_BLOCK_K,
+               INTERPRETED_TILE_ELEMENTS, cdiv, launchable, memoize_for_ints, pow2_clamp)
 from .activation import apply_activation
 from .conv import INT32_MAX, MAX_BLOCK_M, _bias_batchnorm, _vector_args, _widen, needs_int64_indices, rows_vectorizable
 
@@ -229,18 +230,15 @@ def _separable_kernel(
 # --- configs --------------------------------------------------------------------------------
 
 
-# Under the interpreter each program instance costs milliseconds while a numpy op on a tile of
-# this many elements costs microseconds, so tiles are big and there is no autotuning.
-_INTERPRETED_TILE = 16384
 AUTOTUNE = not INTERPRETED and os.environ.get("FASTBONE_TRITON_AUTOTUNE", "1") != "0"
 
 
 @memoize_for_ints
 def depthwise_block_config(p: int, c_out: int) -> MappingProxyType:
     """The fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) config of the depthwise kernel."""
-    if INTERPRETED:
-        block_c = pow2_clamp(c_out, 1, 256)
-        return MappingProxyType(dict(BLOCK_P=pow2_clamp(p, 1, _INTERPRETED_TILE // block_c), BLOCK_C=block_c,
+    if INTERPRETED:  # tiles as big as the problem (kernels.INTERPRETED_TILE_ELEMENTS), no autotuning
+        block_c = pow2_clamp(c_out, 1, INTERPRETED_CHANNEL_BLOCK)
+        return MappingProxyType(dict(BLOCK_P=pow2_clamp(p, 1, INTERPRETED_TILE_ELEMENTS // block_c), BLOCK_C=block_c,
                                      num_warps=4))
     block_c = pow2_clamp(c_out, 8, 64)
     return MappingProxyType(dict(BLOCK_P=2048 // block_c, BLOCK_C=block_c, num_warps=4))
@@ -287,9 +285,9 @@ def _pool_accumulators_cap(taps: int, aligned: bool = True) -> int:
 @memoize_for_ints
 def depthwise_pool_tile(oh: int, ow: int, c_out: int, taps: int = 9) -> tuple[int, int]:
     """(tile_h, tile_w) of the pooled depthwise kernel: powers of two; under the interpreter as much of
-    the image as _INTERPRETED_TILE elements allow (one tile per image where it fits)."""
+    the image as INTERPRETED_TILE_ELEMENTS allow (one tile per image where it fits)."""
     if INTERPRETED:
-        budget = max(1, _INTERPRETED_TILE // pow2_clamp(c_out, 1, 256))
+        budget = max(1, INTERPRETED_TILE_ELEMENTS // pow2_clamp(c_out, 1, INTERPRETED_CHANNEL_BLOCK))
         tile_w = min(pow2_clamp(ow, 1, 1 << 30), budget)
         return min(pow2_clamp(oh, 1, 1 << 30), max(1, budget // tile_w)), tile_w
     tile_w = min(POOL_GPU_TILE_MAX_W, pow2_clamp(ow, 1, 1 << 30))
@@ -301,7 +299,7 @@ def depthwise_pool_block_config(block_p: int, c_out: int, taps: int, aligned: bo
     """The pooled kernel's fixed (interpreter, or FASTBONE_TRITON_AUTOTUNE=0) channel block and warps: up to 8
     warps, then a narrower channel block, until the accumulators per thread fit _pool_accumulators_cap."""
     if INTERPRETED:
-        return MappingProxyType(dict(BLOCK_C=pow2_clamp(c_out, 1, 256), num_warps=4))
+        return MappingProxyType(dict(BLOCK_C=pow2_clamp(c_out, 1, INTERPRETED_CHANNEL_BLOCK), num_warps=4))
     cap = _pool_accumulators_cap(taps, aligned)
     block_c = pow2_clamp(c_out, 8, 64)
     while block_c > 8 and block_p * block_c > cap * 32 * 8:
@@ -362,8 +360,9 @@ def separable_block_config(m: int, c_out_g: int, k_g: int, elem_bytes: int = 2, 
     inside it is not software-pipelined by Triton 3.8; the pointwise weight block is loaded before the
     taps instead, which hides its latency."""
     if INTERPRETED:
-        return MappingProxyType(dict(BLOCK_M=pow2_clamp(m, 16, 256), BLOCK_N=pow2_clamp(c_out_g, 16, 256),
-                                     BLOCK_K=pow2_clamp(k_g, 16, 128), num_warps=4, num_stages=1))
+        return MappingProxyType(dict(BLOCK_M=pow2_clamp(m, 16, INTERPRETED_GEMM_BLOCK),
+                                     BLOCK_N=pow2_clamp(c_out_g, 16, INTERPRETED_GEMM_BLOCK),
+                                     BLOCK_K=pow2_clamp(k_g, 16, INTERPRETED_GEMM_BLOCK_K), num_warps=4, num_stages=1))
     block_n, block_k = pow2_clamp(c_out_g, 16, 64 if gathered else 128), pow2_clamp(k_g, 16, 32)
     warps = 4
     while not separable_fits_registers(64, block_n, warps, elem_bytes, gathered):
@@ -438,6 +437,9 @@ def depthwise_conv_bn_act_into(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_
     p = n * oh * ow
     if p == 0 or c_out == 0:
         return out
+    if p + MAX_BLOCK_M > INT32_MAX:
+        raise ValueError(f"depthwise conv: {n} x {oh} x {ow} = {p} output pixels is too many for the Triton kernel, "
+                         f"which indexes pixels in int32 (at most {INT32_MAX - MAX_BLOCK_M}); split the batch")
     pool = sums is not None
     tiles = tiles_w = 1
     if pool:

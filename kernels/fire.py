@@ -22,7 +22,7 @@ import os
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, cdiv, launchable, pow2_clamp
+from . import INTERPRETED, INTERPRETED_GEMM_BLOCK, INTERPRETED_GEMM_BLOCK_K, cdiv, launchable, pow2_clamp
 from .activation import apply_activation
 from .conv import MAX_GRID_X, _bias_batchnorm, _widen, needs_int64_indices
 
@@ -124,8 +124,8 @@ def fire_block_config(m: int, e: int, s: int) -> dict:
     program and loop step costs milliseconds whatever the tile, so tiles are as big as the problem.
     On the GPU two accumulators and two B tiles share the registers / shared memory one conv uses."""
     if INTERPRETED:
-        return dict(BLOCK_M=pow2_clamp(m, 16, 256), BLOCK_N=pow2_clamp(e, 16, 256),
-                    BLOCK_K=pow2_clamp(s, 16, 64), GROUP_M=8, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=pow2_clamp(m, 16, INTERPRETED_GEMM_BLOCK), BLOCK_N=pow2_clamp(e, 16, INTERPRETED_GEMM_BLOCK),
+                    BLOCK_K=pow2_clamp(s, 16, INTERPRETED_GEMM_BLOCK_K), GROUP_M=8, num_warps=4, num_stages=1)
     # Unpipelined (1 stage): a pipeline stage holds all nine taps' A tiles and ten B tiles in shared memory
     # (9 BM BK + 10 BK BN elements), which at 2 stages outgrows sm_86 / sm_89's 99 KiB in float32.
     return dict(BLOCK_M=64, BLOCK_N=pow2_clamp(e, 16, 64), BLOCK_K=pow2_clamp(s, 16, 32), GROUP_M=8, num_warps=4,

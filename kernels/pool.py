@@ -24,7 +24,7 @@ Sums are in float32; results are stored in the output's dtype.
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, cdiv, launchable, pow2_clamp
+from . import INTERPRETED, INTERPRETED_CHANNEL_BLOCK, INTERPRETED_TILE_ELEMENTS, cdiv, launchable, pow2_clamp
 from .conv import INT32_MAX, MAX_GRID_X, MAX_GRID_Y, _widen, offsets_fit_int32
 
 # The kernel's MODE (compared as literals inside the kernel).
@@ -142,16 +142,12 @@ def _global_avg_pool_kernel(
 
 
 
-# Under the interpreter each program instance costs milliseconds while a numpy op
-# on a tile of this many elements costs microseconds, so tiles are big.
-_INTERPRETED_TILE = 16384
-
-
 def _tile(rows: int, channels: int) -> tuple[int, int]:
-    """One fixed (rows, channels) block per shape; channels are the contiguous axis."""
+    """One fixed (rows, channels) block per shape; channels are the contiguous axis. Under the
+    interpreter as big as the problem (kernels.INTERPRETED_TILE_ELEMENTS)."""
     if INTERPRETED:
-        block_c = pow2_clamp(channels, 1, 256)
-        return pow2_clamp(rows, 1, _INTERPRETED_TILE // block_c), block_c
+        block_c = pow2_clamp(channels, 1, INTERPRETED_CHANNEL_BLOCK)
+        return pow2_clamp(rows, 1, INTERPRETED_TILE_ELEMENTS // block_c), block_c
     block_c = pow2_clamp(channels, 8, 64)
     return 2048 // block_c, block_c
 

@@ -17,7 +17,7 @@ widened to float32 as they are loaded; x is addressed through its strides (NCHW 
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, launchable, pow2_clamp
+from . import INTERPRETED, INTERPRETED_CHANNEL_BLOCK, INTERPRETED_TILE_ELEMENTS, launchable, pow2_clamp
 from .activation import apply_activation
 
 GATE_SIGMOID = 0
@@ -84,7 +84,10 @@ def se_block_config(c: int, hw: int, s: int, max_block_hw: int = 64) -> dict:
     weights spilled 8 bytes on sm_90 at 32 and 64; there are few rows, one per depthwise tile)."""
     block_s = pow2_clamp(s, 2, 1 << 20)
     if INTERPRETED:
-        return dict(BLOCK_C=pow2_clamp(c, 16, 256), BLOCK_HW=pow2_clamp(hw, 16, 1024), BLOCK_S=block_s, num_warps=4)
+        # The fc tiles are BLOCK_S x BLOCK_C, the pool's BLOCK_HW x BLOCK_C: both within the tile budget.
+        block_c = pow2_clamp(c, 16, min(INTERPRETED_CHANNEL_BLOCK, max(16, INTERPRETED_TILE_ELEMENTS // block_s)))
+        return dict(BLOCK_C=block_c, BLOCK_HW=pow2_clamp(hw, 16, max(16, INTERPRETED_TILE_ELEMENTS // block_c)),
+                    BLOCK_S=block_s, num_warps=4)
     # At most 64 channels a step: 128 spilled 4 bytes in the pool sums' path of an unaligned (EfficientNetV2-L) gate.
     block_c = max(16, min(64, 8192 // block_s))
     return dict(BLOCK_C=block_c, BLOCK_HW=max(16, min(max_block_hw, 4096 // block_c)), BLOCK_S=block_s, num_warps=4)

@@ -20,15 +20,16 @@ from helpers import poisoned_like, rel_err
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups): non-square,
-# sizes that are no multiple of any block, C_in and C_out over one block, M over one block.
+# sizes that are no multiple of any block, C_in and C_out over one GPU block, M over one
+# (test_triton_small_blocks_cover_every_loop_and_mask runs them at 16-wide blocks).
 SHAPES = [
     (1, 3, 17, 13, 10, (7, 7), 2, 3, 1, 1),        # stem-like, 3 input channels
     (2, 5, 9, 11, 7, (3, 3), 1, 1, 1, 1),
-    (2, 24, 19, 15, 40, (1, 1), 1, 0, 1, 1),       # 1x1, M = 570 spans several row blocks
+    (2, 24, 19, 15, 40, (1, 1), 1, 0, 1, 1),       # 1x1, M = 570
     (2, 12, 11, 9, 18, (3, 3), 2, 1, 1, 3),        # grouped
     (1, 6, 12, 10, 6, (3, 3), 1, 2, 2, 6),         # depthwise, dilated
     (2, 19, 8, 9, 33, (1, 3), (2, 1), (0, 1), 1, 1),  # rectangular kernel, per-axis stride/padding
-    (1, 130, 6, 5, 150, (3, 3), 1, 1, 1, 1),       # C_in and C_out over one block each
+    (1, 130, 6, 5, 150, (3, 3), 1, 1, 1, 1),       # C_in and C_out over 128
 ]
 
 
@@ -64,6 +65,26 @@ def test_triton_conv_matches_float64(shape, dtype):
     assert out.shape == ref.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("flat_k", [True, False], ids=["flat_k", "tap_loop"])
+def test_triton_small_blocks_cover_every_loop_and_mask(flat_k, monkeypatch):
+    # The interpreter's blocks hold most test problems whole (kernels.INTERPRETED_GEMM_BLOCK); force 16-wide
+    # ones with GROUP_M 2, so that several row, column and K blocks, partial ones and the grouped launch
+    # order run as on a GPU, through both K loops (taps x channels flattened; taps, then channel blocks).
+    from types import MappingProxyType
+
+    from fastbone.kernels import conv as kc
+
+    small = MappingProxyType(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, FLAT_K=flat_k, num_warps=4,
+                                  num_stages=1))
+    monkeypatch.setattr(kc, "_block_config", lambda *args: small)
+    for shape in SHAPES[:-1]:  # the last one's K loop (1170 = 130 x 9) would add 80 steps a program
+        x, weight, bias, kw = _random_conv(shape, torch.float32)
+        residual = torch.randn(_reference(x, weight, bias, kw).shape)
+        with fastbone.backend("triton"):
+            out = conv_bias_act(x, weight, bias, act="relu", residual=residual, **kw)
+        assert rel_err(out, _reference(x, weight, bias, kw, "relu", residual)) < TOL[torch.float32], shape
 
 
 @pytest.mark.parametrize("act", list(ACTIVATIONS))

@@ -63,6 +63,21 @@ def test_matches_float64_reference(backend, shape):
     assert rel_err(out, _reference(x, c1, c3)) < TOL[torch.float32]
 
 
+def test_triton_small_blocks_cover_every_loop_and_mask(monkeypatch):
+    # The interpreter's blocks hold a test's whole problem (kernels.INTERPRETED_GEMM_BLOCK); force 16-wide
+    # ones with GROUP_M 2, so that several row, expand-channel and squeeze-channel (K) blocks, partial ones,
+    # run as on a GPU.
+    from fastbone.kernels import fire as kf
+
+    monkeypatch.setattr(kf, "fire_block_config", lambda m, e, s: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2,
+                                                                         num_warps=4, num_stages=1))
+    c1, c3 = _convs(37, 33, 18)
+    x = _input(2, 37, 5, 7)
+    with torch.no_grad(), fastbone.backend("triton"):
+        out = fire_expand(x, c1, c3)
+    assert rel_err(out, _reference(x, c1, c3)) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channel_slice_output_leaves_other_channels_untouched(backend):
     n, s, h, w, e1, e3 = 2, 6, 5, 7, 5, 9

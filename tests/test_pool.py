@@ -112,18 +112,24 @@ def test_adaptive_avg_pool2d(shape, output_size, dtype, layout):
     check_adaptive_avg_pool(make_input(shape, dtype, layout), output_size)
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """The interpreter's tiles hold a test's whole problem (kernels.INTERPRETED_TILE_ELEMENTS): 16 rows x 64
+    channels instead, so that several channel blocks (the last one partial) and row blocks run, as on a GPU."""
+    monkeypatch.setattr(triton_pool, "_tile", lambda rows, channels: (16, 64))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_global_avg_pool_many_channels(layout):
-    # More channels than one interpreter channel block (256) and more positions
-    # than one row block, so both the channel grid and the H*W loop are exercised.
+def test_global_avg_pool_many_channels(layout, small_tiles):
+    # Five channel blocks and more positions than one row block: the channel grid and the H*W loop.
     x = make_input((2, 300, 13, 17), torch.float32, layout)
     with fastbone.backend("triton"):
         out = pool.global_avg_pool(x)
     assert_pooled(out, F.adaptive_avg_pool2d(x.double(), 1), AVG_TOL[torch.float32])
 
 
-def test_window_pools_many_channels():
-    # Two channel blocks (300 > 256) in the windowed kernel.
+def test_window_pools_many_channels(small_tiles):
+    # Five channel blocks and two row blocks in the windowed kernel.
     x = make_input((1, 300, 9, 11), torch.float32, "channels_last")
     check_max_pool(x, 3, 2, 1, True)
     check_avg_pool(x, 3, 2, 1, True, False)

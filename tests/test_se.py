@@ -74,6 +74,22 @@ def test_gate_matches_float64_reference(backend, shape, poisoned_gates):
     assert rel_err(g, _gate_reference(x, se)) < TOL[torch.float32]
 
 
+def test_triton_gate_small_blocks_cover_every_loop(monkeypatch, poisoned_gates):
+    # The interpreter's blocks hold a test's whole problem (kernels.INTERPRETED_CHANNEL_BLOCK); force 16
+    # channels and 16 pixels a step, so that both channel loops (the last chunk partial) and the pixel loop
+    # take several steps, as on a GPU.
+    import fastbone.kernels.se as triton_se
+
+    config = triton_se.se_block_config
+    monkeypatch.setattr(triton_se, "se_block_config",
+                        lambda c, hw, s, max_block_hw=64: dict(config(c, hw, s, max_block_hw), BLOCK_C=16, BLOCK_HW=16))
+    se = _se(37, 9)
+    x = _input(2, 37, 6, 5)
+    with torch.no_grad(), fastbone.backend("triton"):
+        g = se_gate(x, se.fc1, se.fc2)
+    assert rel_err(g, _gate_reference(x, se)) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gate_mobilenet_v3_style_and_no_bias(backend, poisoned_gates):
     # MobileNetV3's placement: ReLU hidden activation, hardsigmoid gate; and fc convs without bias.

@@ -115,10 +115,14 @@ def test_partial_sums_match_float64(backend, dtype, shape, poisoned):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("tile", [(4, 8), (2, 1), (16, 2)], ids=lambda t: f"{t[0]}x{t[1]}")
-def test_triton_tiles_within_images(tile, dtype):
+@pytest.mark.parametrize("tile, block_c", [((4, 8), 4), ((2, 1), 8), ((16, 2), 8)],
+                         ids=lambda t: f"{t[0]}x{t[1]}" if isinstance(t, tuple) else f"c{t}")
+def test_triton_tiles_within_images(tile, block_c, dtype, monkeypatch):
     # The Triton kernel at tiles smaller than the image (as on a GPU): partial tiles at the bottom and
-    # right edges, never spanning two images; a residual and a channel-slice output.
+    # right edges, never spanning two images; at block_c 4 two channel blocks, the last partial (the
+    # interpreter's own block holds all six channels); a residual and a channel-slice output.
+    monkeypatch.setattr(dw_ops.triton_dw, "depthwise_pool_block_config",
+                        lambda *args: dict(BLOCK_C=block_c, num_warps=4))
     conv, bn = _dw(6, 1, 3, 1, dtype)
     x = _input(2, 6, 13, 11, dtype)
     residual = _input(2, 6, 13, 11, dtype)
