@@ -10,7 +10,8 @@ triton_sm90_known_spills.json (each an xfail(strict=True) here: one that stops s
 until its entry is removed; one that starts spilling fails test_no_unexpected_triton_spills).
 
 The script runs once per session (~15 minutes of CPU from a cold Triton cache: about 1,100 compiles, launches that differ in 16-byte alignment compiled apart), on one xdist worker
-(xdist_group; pytest.ini distributes with --dist loadgroup)."""
+(xdist_group: the Makefile's test command distributes with --dist loadgroup, and tests/conftest.py fails
+the group's tests where that grouping has no effect, rather than let a second worker wait on the lock)."""
 import fcntl
 import json
 import os
