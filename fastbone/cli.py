@@ -96,7 +96,7 @@ def cmd_verify(args) -> int:
     for name in tqdm(names, desc="verify", unit="model", file=sys.stderr, disable=args.quiet):
         results.append(verify_model(name, backend=args.backend, device=args.device, size=size,
                                     batch=args.batch, dtype=args.dtype, seed=args.seed))
-    rows = [[r.model, r.backend, r.dtype, f"{r.max_abs_err:.3g}", f"{r.rel_err:.3g}", f"{r.tolerance:.0e}",
+    rows = [[r.model, r.backend, r.dtype, f"{r.max_abs_err:.3g}", f"{r.rel_err:.3g}", f"{r.tolerance:.1e}",
              "pass" if r.passed else "FAIL", f"{r.seconds:.2f}s"] for r in results]
     print(_table(["model", "backend", "dtype", "max abs err", "rel err", "tolerance", "result", "time"], rows))
     for r in results:

@@ -41,8 +41,19 @@ def test_verify_passes_and_prints_the_table(capsys):
     assert "1 passed, 0 failed" in out
 
 
+@pytest.mark.slow
+def test_verify_default_set_passes(capsys):
+    # The README's main job (`make verify`): the default set, every family and kernel path, Triton on the CPU.
+    code = main(["verify", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    from fastbone.registry import verify_defaults
+    assert f"{len(verify_defaults())} passed, 0 failed" in out
+
+
 def test_verify_fails_with_nonzero_exit_when_a_model_disagrees(capsys, monkeypatch):
     monkeypatch.setitem(verify.TOLERANCE, torch.float32, 0.0)  # nothing agrees exactly
+    monkeypatch.setattr(verify, "OWN_ERROR_FACTOR", 0.0)
     code = main(["verify", "resnet18", "--backend", "torch", "--device", "cpu", "--size", "32", "--batch", "1",
                  "--quiet"])
     assert code == 1
